@@ -1,0 +1,14 @@
+# The native quantizer is a plain C extension built with the system compiler.
+# -ffp-contract=off: ggml's reference quantizers are built without FMA on x86-64;
+# contracting a*b+c would change rounding and break bit-exactness.
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "gguforge.quantize._native",
+            sources=["gguforge/quantize/_native.c"],
+            extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math"],
+        )
+    ]
+)
