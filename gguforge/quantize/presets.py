@@ -1,0 +1,90 @@
+"""Quantization presets (llama-quantize's TYPE argument) and ggml type-name parsing.
+
+Names, aliases and LLAMA_FTYPE numbers follow tools/quantize/quantize.cpp and llama.h;
+see /work/shared/reference/quant-spec.md §0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf import GGMLQuantizationType as T
+from gguf import LlamaFileType as FT
+
+from gguforge.errors import UserError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str              # canonical upper-case name, e.g. "Q4_K_M"
+    file_type: FT          # written as general.file_type
+    default_type: T        # ggml type most tensors get (llama_ftype_get_default_type)
+
+    @property
+    def is_float(self) -> bool:
+        # Float presets skip the whole mixture logic (no rules, no --tensor-type, no fallback).
+        return self.default_type in (T.F32, T.F16, T.BF16)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("Q4_K_S", FT.MOSTLY_Q4_K_S, T.Q4_K),
+        Preset("Q4_K_M", FT.MOSTLY_Q4_K_M, T.Q4_K),
+        Preset("Q5_K_S", FT.MOSTLY_Q5_K_S, T.Q5_K),
+        Preset("Q5_K_M", FT.MOSTLY_Q5_K_M, T.Q5_K),
+        Preset("Q6_K", FT.MOSTLY_Q6_K, T.Q6_K),
+        Preset("Q8_0", FT.MOSTLY_Q8_0, T.Q8_0),
+        Preset("F16", FT.MOSTLY_F16, T.F16),
+        Preset("BF16", FT.MOSTLY_BF16, T.BF16),
+        Preset("F32", FT.ALL_F32, T.F32),
+    )
+}
+
+ALIASES: dict[str, str] = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+
+
+def preset_names() -> list[str]:
+    return [*PRESETS, *ALIASES]
+
+
+def parse_preset(name: str | Preset) -> Preset:
+    """Case-insensitive preset lookup; also accepts the numeric LLAMA_FTYPE like llama-quantize does."""
+    if isinstance(name, Preset):
+        return name
+    key = name.strip().upper()
+    key = ALIASES.get(key, key)
+    if key in PRESETS:
+        return PRESETS[key]
+    if key.isdigit():
+        for preset in PRESETS.values():
+            if preset.file_type == int(key):
+                return preset
+    raise UserError(
+        f"unknown quantization type {name!r}",
+        hint="valid types: " + ", ".join(preset_names()),
+    )
+
+
+def parse_ggml_type(name: str) -> T:
+    """A ggml type by name, case-insensitive ('q8_0', 'Q6_K', 'f16', ...), as --tensor-type etc. accept."""
+    key = name.strip().upper()
+    try:
+        return T[key]
+    except KeyError:
+        raise UserError(
+            f"unknown ggml type {name!r}",
+            hint="valid types: " + ", ".join(t.name for t in T),
+        ) from None
+
+
+def parse_tensor_type_option(option: str) -> tuple[str, T]:
+    """Parse one --tensor-type 'REGEX=TYPE'. llama-quantize lower-cases the pattern, so we do too."""
+    pattern, sep, type_name = option.partition("=")
+    if not sep:
+        raise UserError(f"malformed --tensor-type {option!r}", hint="expected REGEX=TYPE, e.g. attn_v=q8_0")
+    if not pattern:
+        raise UserError(f"--tensor-type {option!r} is missing the tensor name pattern")
+    if not type_name:
+        raise UserError(f"--tensor-type {option!r} is missing the quantization type")
+    return pattern.lower(), parse_ggml_type(type_name)
