@@ -1,0 +1,67 @@
+"""Architecture registry.
+
+Classes register the Hugging Face architecture names they convert with
+@register(...). Built-in modules are imported on first lookup; third-party
+packages add theirs through the entry-point group "gguforge.archs".
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from ..errors import UserError
+
+BUILTIN_MODULES = ("qwen2moe", "qwen3next", "qwen35")
+ENTRY_POINT_GROUP = "gguforge.archs"
+
+_registry: dict[str, type] = {}
+_loaded = False
+
+
+def register(*hf_architectures: str):
+    def add(cls):
+        for name in hf_architectures:
+            _registry[name] = cls
+        cls.hf_architectures = tuple(dict.fromkeys(getattr(cls, "hf_architectures", ()) + hf_architectures))
+        return cls
+    return add
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in BUILTIN_MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{module}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{module}":
+                raise
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()  # importing the plugin runs its @register decorators
+
+
+def registered() -> dict[str, type]:
+    _load_all()
+    return dict(sorted(_registry.items()))
+
+
+def architecture_name(config: dict) -> str:
+    """architectures[0], unless a nested text config names its own architecture."""
+    from ..convert.read import text_config
+    text_archs = text_config(config).get("architectures")
+    archs = text_archs if isinstance(text_archs, list) and text_archs else config.get("architectures")
+    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+        raise UserError("config.json has no 'architectures' list",
+                        hint="supported: " + ", ".join(registered()))
+    return archs[0]
+
+
+def lookup(config: dict) -> type:
+    name = architecture_name(config)
+    classes = registered()
+    if name not in classes:
+        raise UserError(f"architecture {name!r} is not supported; supported: {', '.join(classes)}")
+    return classes[name]

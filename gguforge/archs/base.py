@@ -1,0 +1,171 @@
+"""The generic decoder-only transformer every architecture builds on.
+
+It knows the tensors almost every HF decoder has (embedding, output head, final
+norm, attention q/k/v/o with biases and q/k norms, dense FFN, layer norms) and
+the GGUF metadata keys llama.cpp reads for all of them. Subclasses add only what
+differs and chain to this class with super().
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+from gguf import GGUFValueType
+
+from ..convert.options import ConvertOptions
+from ..convert.transform import Lazy
+from ..convert.write import Metadata
+from ..errors import UserError
+
+Emitted = Iterator[tuple[str, Lazy]]
+
+LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# Tensors of multimodal towers and old RoPE buffers that a text GGUF never carries.
+DROPPED_PARTS = ("visual.", "vision_tower.", "vision_model.", "audio_tower.", "multi_modal_projector.",
+                 "mm_projector.", "merger.", ".rotary_emb.inv_freq", ".attention.masked_bias")
+
+
+class UnmappedTensor(Exception):
+    """Raised by transform() for a tensor no rule consumed; the planner collects and reports them all."""
+
+
+class DecoderArch:
+    gguf_arch: str = ""
+    hf_architectures: tuple[str, ...] = ()
+    # Optional fusions this architecture's llama.cpp loader accepts ("gate_up_exps", "qkv").
+    fusions: frozenset[str] = frozenset()
+
+    def __init__(self, hparams: dict, options: ConvertOptions | None = None, tensor_names=()):
+        self.hparams = hparams
+        self.options = options or ConvertOptions()
+        self.hf_names = list(tensor_names)
+
+    # -- config access ------------------------------------------------------
+    def hp(self, *keys: str, default=...):
+        """First of `keys` present in the config; without a default a missing key is a user error."""
+        for key in keys:
+            if self.hparams.get(key) is not None:
+                return self.hparams[key]
+        if default is ...:
+            raise UserError(f"config.json has no {' / '.join(keys)} (needed for {self.gguf_arch})")
+        return default
+
+    @property
+    def n_layers(self) -> int:
+        """Trunk layers in the checkpoint."""
+        return int(self.hp("num_hidden_layers", "n_layers", "n_layer", "num_layers"))
+
+    @property
+    def block_count(self) -> int:
+        """Blocks in the GGUF (subclasses add extra blocks such as MTP heads)."""
+        return self.n_layers
+
+    @property
+    def rope_parameters(self) -> dict:
+        params = self.hparams.get("rope_parameters") or self.hparams.get("rope_scaling") or {}
+        params = dict(params.get("full_attention", params))
+        for key in ("rope_theta", "partial_rotary_factor"):
+            if key not in params and self.hparams.get(key) is not None:
+                params[key] = self.hparams[key]
+        return params
+
+    # -- tensor names ---------------------------------------------------------
+    def rename(self, name: str) -> str | None:
+        """Normalise a checkpoint name, or None to skip the tensor (multimodal towers, buffers)."""
+        if any(part in name for part in DROPPED_PARTS):
+            return None
+        return name.replace("language_model.", "")
+
+    def global_names(self) -> dict[str, str]:
+        return {
+            "model.embed_tokens.weight": "token_embd.weight",
+            "lm_head.weight": "output.weight",
+            "model.norm.weight": "output_norm.weight",
+        }
+
+    def block_names(self) -> dict[str, str]:
+        """HF name after 'model.layers.N.' -> GGUF name after 'blk.N.'."""
+        names = {
+            "input_layernorm.weight": "attn_norm.weight",
+            "post_attention_layernorm.weight": "ffn_norm.weight",
+            "self_attn.o_proj.weight": "attn_output.weight",
+            "self_attn.q_norm.weight": "attn_q_norm.weight",
+            "self_attn.k_norm.weight": "attn_k_norm.weight",
+            "mlp.gate_proj.weight": "ffn_gate.weight",
+            "mlp.up_proj.weight": "ffn_up.weight",
+            "mlp.down_proj.weight": "ffn_down.weight",
+        }
+        for x in "qkv":
+            names[f"self_attn.{x}_proj.weight"] = f"attn_{x}.weight"
+            names[f"self_attn.{x}_proj.bias"] = f"attn_{x}.bias"
+        return names
+
+    def gguf_name(self, name: str) -> str:
+        if name in (table := self.global_names()):
+            return table[name]
+        m = LAYER_NAME.match(name)
+        if m and m.group(2) in (table := self.block_names()) and int(m.group(1)) < self.block_count:
+            return f"blk.{m.group(1)}.{table[m.group(2)]}"
+        raise UnmappedTensor(name)
+
+    # -- the transform generator ---------------------------------------------
+    def transform(self, name: str, tensor: Lazy) -> Emitted:
+        """(checkpoint name, tensor) in, zero or more (GGUF name, tensor) out."""
+        yield self.gguf_name(name), tensor
+
+    def finish(self) -> Emitted:
+        """Called after the last tensor: emit or complain about anything still buffered."""
+        return iter(())
+
+    # -- dtype policy -----------------------------------------------------------
+    def keep_f32(self, gguf_name: str) -> bool:
+        """Tensors llama.cpp wants in F32 whatever the output type (beyond 1-D tensors and norms)."""
+        return gguf_name.endswith(".bias") or not gguf_name.endswith(".weight")
+
+    # -- metadata ----------------------------------------------------------------
+    def add_metadata(self, md: Metadata) -> None:
+        """Architecture hyper-parameters, in the order llama.cpp's converter writes them."""
+        a = self.gguf_arch
+        md.u32(f"{a}.block_count", self.block_count)
+        if (n_ctx := self.hp("max_position_embeddings", "n_ctx", "n_positions", "max_length",
+                             "max_sequence_length", "model_max_length", default=None)) is not None:
+            md.u32(f"{a}.context_length", n_ctx)
+        md.u32(f"{a}.embedding_length", self.hp("hidden_size", "n_embd", "dim"))
+        if (n_ff := self.hp("intermediate_size", "n_inner", "hidden_dim", default=None)) is not None:
+            md.u32(f"{a}.feed_forward_length", n_ff)
+        md.u32(f"{a}.attention.head_count", self.hp("num_attention_heads", "n_head", "n_heads"))
+        if (n_kv := self.hp("num_key_value_heads", "n_kv_heads", default=None)) is not None:
+            md.u32(f"{a}.attention.head_count_kv", n_kv)
+        if self.hparams.get("is_causal") is False:
+            md.bool(f"{a}.attention.causal", False)
+        self.add_rope_metadata(md)
+        md.f32(f"{a}.attention.layer_norm_rms_epsilon", self.hp("rms_norm_eps", "norm_eps"))
+        if (n_exp := self.hp("num_local_experts", "num_experts", "n_routed_experts", default=None)):
+            md.u32(f"{a}.expert_count", n_exp)
+        if (n_used := self.hp("num_experts_per_tok", "num_experts_per_token", "top_k_experts", default=None)):
+            md.u32(f"{a}.expert_used_count", n_used)
+        if self.hparams.get("head_dim") is not None:
+            md.u32(f"{a}.attention.key_length", self.hparams["head_dim"])
+            md.u32(f"{a}.attention.value_length", self.hparams["head_dim"])
+
+    def add_rope_metadata(self, md: Metadata) -> None:
+        a, rope = self.gguf_arch, self.rope_parameters
+        kind, factor = rope.get("rope_type", rope.get("type")), rope.get("factor")
+        if kind == "linear" and factor:
+            md.str(f"{a}.rope.scaling.type", "linear")
+            md.f32(f"{a}.rope.scaling.factor", factor)
+        elif kind == "yarn" and factor:
+            md.str(f"{a}.rope.scaling.type", "yarn")
+            md.f32(f"{a}.rope.scaling.factor", factor)
+            md.u32(f"{a}.rope.scaling.original_context_length", rope["original_max_position_embeddings"])
+        if "mrope_section" in rope:
+            sections = (list(rope["mrope_section"]) + [0, 0, 0, 0])[:4]
+            md.array(f"{a}.rope.dimension_sections", sections, GGUFValueType.INT32)
+        if rope.get("rope_theta") is not None:
+            md.f32(f"{a}.rope.freq_base", rope["rope_theta"])
+
+
+def layer_of(name: str) -> int | None:
+    m = LAYER_NAME.match(name)
+    return int(m.group(1)) if m else None

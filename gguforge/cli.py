@@ -1,0 +1,155 @@
+"""The `gguforge` command line.
+
+Heavy modules (numpy, gguf, torch) are imported inside the commands so that
+`gguforge --help` starts instantly. A UserError prints one line (and a hint)
+on stderr and exits with EXIT_BAD_INPUT; a bug prints a traceback only with
+--verbose.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Convert Hugging Face checkpoints to GGUF and quantize them.")
+_state = {"verbose": False}
+
+EMBEDDED_MODEL = "tiny-qwen2moe"
+
+
+def embedded_model_dir() -> Path:
+    from importlib.resources import files
+    return Path(str(files("gguforge") / "data" / EMBEDDED_MODEL))
+
+
+def _say(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _list_archs() -> None:
+    from .archs import registered
+    for hf_name, cls in registered().items():
+        typer.echo(f"{hf_name:45s} -> {cls.gguf_arch}")
+
+
+@app.command("convert-hf")
+def convert_hf_cmd(
+    model: Optional[str] = typer.Argument(None, help="HF model directory or hub id (default: the built-in tiny model)"),
+    outfile: Optional[str] = typer.Option(None, "--outfile", help="output file, directory, or template with {ftype}"),
+    outtype: str = typer.Option("auto", "--outtype", help="f32, f16, bf16, q8_0 or auto"),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="general.name (and the file name)"),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help="JSON file of GGUF metadata overrides"),
+    pre_tokenizer: Optional[str] = typer.Option(None, "--pre-tokenizer", help="name the pre-tokenizer by hand"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, write nothing"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="worker threads (default: all cores)"),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="convert weights containing NaN/Inf"),
+    vocab_only: bool = typer.Option(False, "--vocab-only", help="write metadata and vocabulary only"),
+    list_archs: bool = typer.Option(False, "--list-archs", help="list supported architectures and exit"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="tracebacks for internal errors"),
+):
+    """Convert a Hugging Face checkpoint to GGUF."""
+    _state["verbose"] = verbose
+    if list_archs:
+        _list_archs()
+        return
+    from .convert.options import ConvertOptions
+    from .convert.pipeline import convert_hf
+    from .progress import progress_factory
+
+    overrides = {}
+    if metadata is not None:
+        try:
+            overrides = json.loads(metadata.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"--metadata {metadata}: {e}") from None
+        if not isinstance(overrides, dict):
+            raise UserError(f"--metadata {metadata}: expected a JSON object of key: value")
+    options = ConvertOptions(outtype=outtype, model_name=model_name, pre_tokenizer=pre_tokenizer,
+                             metadata_overrides=overrides, threads=threads, allow_nonfinite=allow_nonfinite,
+                             vocab_only=vocab_only)
+    source = model or str(embedded_model_dir())
+    if model is None and not quiet:
+        _say(f"no model given: converting the built-in tiny model ({EMBEDDED_MODEL})")
+    plan, target = convert_hf(source, outfile, options, force=force, dry_run=dry_run,
+                              progress_factory=progress_factory(quiet),
+                              display_name=EMBEDDED_MODEL if model is None else None)
+    if dry_run:
+        _print_plan(plan, target)
+    elif not quiet:
+        _say(f"wrote {target} ({plan.nbytes / 1e6:.1f} MB, {len(plan.tensors)} tensors, {plan.arch.gguf_arch})")
+
+
+def _print_plan(plan, target) -> None:
+    for t in plan.tensors:
+        shape = "x".join(str(d) for d in reversed(t.shape))
+        typer.echo(f"{t.name:40s} {shape:>22s} {t.ggml_type.name:>5s} {t.nbytes:>12,d}  <- {', '.join(t.sources[:2])}"
+                   + (f" (+{len(t.sources) - 2})" if len(t.sources) > 2 else ""))
+    n, size = plan.n_params, plan.nbytes
+    typer.echo(f"{len(plan.tensors)} tensors, {n:,d} parameters, {size:,d} bytes, "
+               f"{8 * size / max(n, 1):.2f} bits per weight -> {target} (dry run: nothing written)")
+
+
+@app.command("verify")
+def verify_cmd(
+    hf_dir: Path = typer.Argument(..., help="the original HF model directory"),
+    gguf_file: Path = typer.Argument(..., help="the converted GGUF file"),
+    max_nmse: Optional[float] = typer.Option(None, "--max-nmse", help="exit non-zero above this NMSE"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Run the HF model (transformers) and the GGUF (llama.cpp) on the same tokens and compare."""
+    _state["verbose"] = verbose
+    try:
+        from .verify import verify
+    except ImportError as e:
+        raise UserError(f"verify needs the optional dependencies ({e.name} is missing)",
+                        hint='pip install "gguforge[verify]" (install torch==2.13.0 first)') from None
+    report = verify(hf_dir, gguf_file)
+    typer.echo(report.format())
+    if max_nmse is not None and not report.nmse <= max_nmse:
+        raise UserError(f"NMSE {report.nmse:.3e} is above --max-nmse {max_nmse:.3e}")
+    if getattr(report, "tokenizer_mismatches", None):
+        raise UserError(f"tokenizer parity failed on {len(report.tokenizer_mismatches)} text(s)")
+
+
+def main(argv: List[str] | None = None) -> int:
+    import click
+
+    try:
+        result = app(args=argv, standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except UserError as e:
+        _say(f"error: {e.message}")
+        if e.hint:
+            _say(f"hint: {e.hint}")
+        return EXIT_BAD_INPUT
+    except click.exceptions.Abort:
+        _say("interrupted")
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return EXIT_INTERRUPTED
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except Exception as e:  # a bug: say so plainly
+        if _state["verbose"]:
+            raise
+        _say(f"internal error: {type(e).__name__}: {e} (run with --verbose for a traceback)")
+        return EXIT_INTERNAL
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

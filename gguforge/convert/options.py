@@ -1,0 +1,20 @@
+"""Options that steer a conversion (filled from the CLI, or by tests directly)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ConvertOptions:
+    outtype: str = "auto"  # f32, f16, bf16, q8_0, auto, or a quantize preset such as Q4_K_M
+    no_mtp: bool = False  # drop multi-token-prediction tensors
+    mtp_only: bool = False  # write only the draft (MTP) head
+    fuse_gate_up_exps: bool = False
+    fuse_qkv: bool = False
+    pre_tokenizer: str | None = None  # name the pre-tokenizer by hand
+    model_name: str | None = None
+    metadata_overrides: dict = field(default_factory=dict)
+    allow_nonfinite: bool = False
+    threads: int | None = None
+    vocab_only: bool = False

@@ -1,0 +1,115 @@
+"""convert-hf end to end: read -> plan -> (transform + quantize in parallel) -> write."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from ..errors import UserError
+from ..quantize.encode import encode
+from .options import ConvertOptions
+from .plan import Plan, PlannedTensor, output_path, plan_conversion
+from .read import open_checkpoint, resolve_model
+from .write import write_gguf
+
+CHUNK_BYTES = 16 << 20  # float32 bytes of source rows handled per job
+RAW_COPY = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16}
+
+
+def row_chunks(t: PlannedTensor) -> Iterator[tuple[int, int]]:
+    lazy = t.tensor
+    step = max(1, CHUNK_BYTES // max(1, lazy.row_elems * 4))
+    for start in range(0, lazy.n_rows, step):
+        yield start, min(lazy.n_rows, start + step)
+
+
+def encode_chunk(t: PlannedTensor, start: int, stop: int, check_finite: bool):
+    lazy = t.tensor
+    if lazy.source is not None and RAW_COPY.get(lazy.source.dtype) == t.ggml_type:
+        raw = lazy.source.raw_rows(start, stop)  # same type on both sides: copy the mapped bytes
+        if check_finite and lazy.source.dtype != "BF16" and not np.isfinite(raw).all():
+            raise _nonfinite(t)
+        if check_finite and lazy.source.dtype == "BF16" and ((raw & 0x7F80) == 0x7F80).any():
+            raise _nonfinite(t)
+        return raw
+    rows = lazy.rows(start, stop)
+    if check_finite and rows.dtype.kind == "f" and not np.isfinite(rows).all():
+        raise _nonfinite(t)
+    return encode(rows, t.ggml_type)
+
+
+def _nonfinite(t: PlannedTensor) -> UserError:
+    return UserError(f"tensor {t.name} (from {', '.join(t.sources[:2])}) contains NaN or Inf values",
+                     hint="the checkpoint is damaged; pass --allow-nonfinite to convert it anyway")
+
+
+def ordered_parallel(jobs, fn: Callable, threads: int, ahead: int) -> Iterator:
+    """fn(*job) for each job on a thread pool, results in job order, at most `ahead` in flight."""
+    if threads <= 1:
+        for job in jobs:
+            yield job, fn(*job)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque = deque()
+        try:
+            for job in jobs:
+                pending.append((job, pool.submit(fn, *job)))
+                if len(pending) >= ahead:
+                    job0, fut = pending.popleft()
+                    yield job0, fut.result()
+            while pending:
+                job0, fut = pending.popleft()
+                yield job0, fut.result()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
+def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None) -> None:
+    threads = options.threads or os.cpu_count() or 1
+    check = not options.allow_nonfinite
+
+    def jobs():
+        for i, t in enumerate(plan.tensors):
+            for start, stop in row_chunks(t):
+                yield i, t, start, stop
+
+    def chunks():
+        for (i, *_), data in ordered_parallel(jobs(), lambda i, t, s, e: encode_chunk(t, s, e, check),
+                                              threads, ahead=2 * threads):
+            yield i, data
+
+    write_gguf(target, plan.metadata, plan.tensors, chunks, progress)
+
+
+def check_output(target: Path, model_dir: Path, force: bool) -> None:
+    if target.exists():
+        if target.resolve().parent == model_dir.resolve() and target.suffix != ".gguf":
+            raise UserError(f"refusing to overwrite {target}: it is part of the input checkpoint")
+        if not force:
+            raise UserError(f"{target} already exists", hint="pass --force to overwrite it")
+
+
+def convert_hf(model: str, outfile: str | None, options: ConvertOptions, *, force: bool = False,
+               dry_run: bool = False, progress_factory=None, display_name: str | None = None):
+    root = resolve_model(model)
+    checkpoint = open_checkpoint(root)
+    if display_name is None and not Path(model).exists() and "/" in model:
+        display_name = model.rsplit("/", 1)[-1]
+    plan = plan_conversion(checkpoint, options, display_name)
+    target = output_path(plan, outfile)
+    if dry_run:
+        return plan, target
+    check_output(target, root, force)
+    if progress_factory is None:
+        write_plan(plan, target, options)
+    else:
+        with progress_factory(plan.nbytes, f"writing {target.name}") as advance:
+            write_plan(plan, target, options, advance)
+    return plan, target

@@ -1,0 +1,194 @@
+"""Plan step: every output tensor (name, shape, type) and all metadata, from headers alone.
+
+Runs the architecture's transform generator over the checkpoint's tensors as
+lazy expressions, applies the dtype policy, and builds the GGUF metadata. No
+tensor data is read here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType
+from gguf.utility import naming_convention, size_label
+
+from ..archs import lookup
+from ..archs.base import DecoderArch, UnmappedTensor
+from ..errors import UserError
+from .options import ConvertOptions
+from .read import Checkpoint
+from .transform import Lazy
+from .vocab import add_vocab_metadata, load_vocab
+from .write import Metadata, TensorEntry
+
+FLOAT_OUTTYPES = {
+    "f32": (T.F32, LlamaFileType.ALL_F32),
+    "f16": (T.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (T.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (T.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+}
+QUANT_VERSION = 2
+
+
+@dataclass
+class PlannedTensor(TensorEntry):
+    tensor: Lazy = field(default=None, repr=False)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return self.tensor.sources
+
+
+@dataclass
+class Plan:
+    arch: DecoderArch
+    metadata: Metadata
+    tensors: list[PlannedTensor]
+    file_type: LlamaFileType
+    type_label: str  # upper-case output type for file names: F16, BF16, Q8_0, Q4_K_M ...
+    name: str
+    size_label: str
+
+    @property
+    def n_params(self) -> int:
+        return sum(prod(t.shape) for t in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def default_filename(self) -> str:
+        return naming_convention(self.name, None, None, None, self.size_label, self.type_label) + ".gguf"
+
+
+def map_tensors(checkpoint: Checkpoint, arch: DecoderArch) -> list[tuple[str, Lazy]]:
+    """Run the architecture's transform generator over every checkpoint tensor, in file order."""
+    outputs: dict[str, Lazy] = {}
+    unmapped: list[str] = []
+
+    def add(emitted):
+        for gguf_name, tensor in emitted:
+            if gguf_name in outputs:
+                raise UserError(f"two checkpoint tensors map to {gguf_name}")
+            outputs[gguf_name] = tensor
+
+    for name, source in checkpoint.tensors.items():
+        renamed = arch.rename(name)
+        if renamed is None:
+            continue
+        try:
+            add(arch.transform(renamed, Lazy.from_source(source)))
+        except UnmappedTensor as e:
+            unmapped.append(name if str(e) == renamed else str(e))
+    add(arch.finish())
+    if unmapped:
+        more = f" (and {len(unmapped) - 1} more: {', '.join(unmapped[1:4])}{', ...' if len(unmapped) > 4 else ''})"
+        raise UserError(f"no {arch.gguf_arch} rule for tensor {unmapped[0]}" + (more if len(unmapped) > 1 else ""),
+                        hint="the checkpoint does not match its config.json architecture, or holds extra tensors")
+    return list(outputs.items())
+
+
+def resolve_outtype(outtype: str, checkpoint: Checkpoint) -> str:
+    """'auto' follows the checkpoint: bf16 for bf16 weights, else f16 (as llama.cpp's converter)."""
+    if outtype != "auto":
+        return outtype
+    for t in checkpoint.tensors.values():
+        if len(t.shape) >= 2:
+            return "bf16" if t.dtype == "BF16" else "f16"
+    return "f16"
+
+
+def float_type(gguf_name: str, tensor: Lazy, outtype: T, arch: DecoderArch) -> T:
+    """Dtype policy: 1-D tensors, norms and a few arch-specific tensors stay F32."""
+    if tensor.ndim <= 1 or gguf_name.endswith("_norm.weight") or arch.keep_f32(gguf_name):
+        return T.F32
+    if outtype in (T.F32, T.F16, T.BF16):
+        return outtype
+    block, _ = GGML_QUANT_SIZES[outtype]
+    if tensor.shape[-1] % block:
+        return T.F16  # as llama.cpp's converter: rows that do not fill whole blocks stay F16
+    return outtype
+
+
+def count_params(tensors: list[PlannedTensor]) -> tuple[int, int, int, int]:
+    """(total, shared, per-expert, expert count) as GGUF size labels are computed."""
+    total = shared = expert = expert_sum = n_expert_tensors = 0
+    for t in tensors:
+        size = prod(t.shape)
+        total += size
+        if "_exps." in t.name and len(t.shape) >= 3:
+            count = t.shape[-2] if ".bias" in t.name else t.shape[0]
+            expert += size // count
+            expert_sum += count
+            n_expert_tensors += 1
+        else:
+            shared += size
+    return total, shared, expert, (expert_sum // n_expert_tensors if n_expert_tensors else 0)
+
+
+def default_model_name(checkpoint: Checkpoint, display_name: str | None) -> str:
+    if display_name:
+        return display_name
+    root = checkpoint.root.resolve()
+    if root.parent.name == "snapshots":  # a hub cache folder: models--Org--Name/snapshots/<hash>
+        return root.parent.parent.name.split("--")[-1]
+    return root.name
+
+
+def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_name: str | None = None) -> Plan:
+    hparams = checkpoint.hparams
+    arch = lookup(checkpoint.config)(hparams, options, list(checkpoint.tensors))
+    outtype = resolve_outtype(options.outtype.lower(), checkpoint)
+    if outtype not in FLOAT_OUTTYPES:
+        raise UserError(f"unknown output type {options.outtype!r}",
+                        hint="choose one of: " + ", ".join([*FLOAT_OUTTYPES, "auto"]))
+    ggml_out, file_type = FLOAT_OUTTYPES[outtype]
+
+    mapped = [] if options.vocab_only else map_tensors(checkpoint, arch)
+    tensors = [PlannedTensor(name, t.shape, float_type(name, t, ggml_out, arch), t) for name, t in mapped]
+
+    name = options.model_name or default_model_name(checkpoint, display_name)
+    label = size_label(*count_params(tensors)) if tensors else None
+    md = Metadata()
+    md.str("general.architecture", arch.gguf_arch)
+    md.str("general.type", "model")
+    md.str("general.name", name)
+    if label:
+        md.str("general.size_label", label)
+    arch.add_metadata(md)
+    md.u32("general.file_type", int(file_type))
+    md.u32("general.quantization_version", QUANT_VERSION)
+    add_vocab_metadata(md, load_vocab(checkpoint.root, hparams, options.pre_tokenizer))
+    for key, value in options.metadata_overrides.items():
+        _override(md, key, value)
+    return Plan(arch, md, tensors, file_type, outtype.upper(), name, label)
+
+
+def _override(md: Metadata, key: str, value) -> None:
+    if isinstance(value, bool):
+        md.bool(key, value)
+    elif isinstance(value, int):
+        md.u32(key, value) if value >= 0 else md.i32(key, value)
+    elif isinstance(value, float):
+        md.f32(key, value)
+    elif isinstance(value, str):
+        md.str(key, value)
+    else:
+        raise UserError(f"metadata override {key!r}: unsupported value {value!r}")
+
+
+def output_path(plan: Plan, outfile: str | None) -> Path:
+    """--outfile may be a directory, a file name, or a template with {ftype}/{outtype}/{FTYPE}/{OUTTYPE}."""
+    if not outfile:
+        return Path(plan.default_filename())
+    path = Path(outfile)
+    if path.is_dir():
+        return path / plan.default_filename()
+    lower, upper = plan.type_label.lower(), plan.type_label
+    text = str(outfile)
+    for key, value in (("{ftype}", lower), ("{outtype}", lower), ("{FTYPE}", upper), ("{OUTTYPE}", upper),
+                       ("{}", lower)):
+        text = text.replace(key, value)
+    return Path(text)

@@ -1,0 +1,282 @@
+"""Read step: a Hugging Face checkpoint opened lazily.
+
+Only safetensors headers are parsed up front; tensor data is memory-mapped and
+touched when a tensor is written. bf16 is widened to float32 exactly (a 16-bit
+shift), so no torch is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+
+# safetensors dtype -> (numpy storage dtype, bytes per element)
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),  # raw bits; widened on read
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@dataclass
+class SourceTensor:
+    """One tensor inside a safetensors file: header facts plus lazy access to its bytes."""
+
+    name: str
+    dtype: str  # safetensors dtype string
+    shape: tuple[int, ...]
+    path: Path
+    start: int  # absolute byte offset in the file
+    end: int
+    _shard: "Shard" = field(repr=False, default=None)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        """dtype transforms run in: f16 and f32 stay, everything else (bf16) becomes f32, like the reference."""
+        return np.dtype(np.float16) if self.dtype == "F16" else np.dtype(np.float32)
+
+    def raw_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) along axis 0 in the stored dtype (a view into the memory map)."""
+        storage = SAFETENSORS_DTYPES[self.dtype]
+        row_elems = int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 1
+        mm = self._shard.mmap()
+        first = self.start + start * row_elems * storage.itemsize
+        count = (stop - start) * row_elems
+        flat = np.frombuffer(mm, dtype=storage, count=count, offset=first)
+        if not self.shape:
+            return flat.reshape(())
+        return flat.reshape((stop - start,) + tuple(self.shape[1:]))
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) converted to the compute dtype."""
+        if self.dtype not in FLOAT_DTYPES:
+            raise UserError(f"tensor {self.name!r} has dtype {self.dtype}, which cannot be converted",
+                            hint="only F32, F16 and BF16 weights are supported")
+        raw = self.raw_rows(start, stop)
+        if self.dtype == "BF16":
+            return bf16_bits_to_f32(raw)
+        return raw
+
+
+class Shard:
+    """One safetensors file: parsed and validated header, mmap opened on first use."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._mmap = None
+        self.tensors: dict[str, SourceTensor] = {}
+        self._parse_header()
+
+    def _parse_header(self) -> None:
+        path = self.path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise UserError(f"{path}: not a safetensors file (only {size} bytes)")
+                (n,) = struct.unpack("<Q", head)
+                if n > MAX_HEADER_BYTES or 8 + n > size:
+                    raise UserError(f"{path}: safetensors header length {n} runs past the end of the "
+                                    f"file ({size} bytes); the file is truncated or not safetensors")
+                raw = f.read(n)
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: safetensors header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise UserError(f"{path}: safetensors header is not a JSON object")
+        data_start = 8 + n
+        data_size = size - data_start
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            self.tensors[name] = self._tensor_from_header(name, info, data_start, data_size)
+
+    def _tensor_from_header(self, name, info, data_start, data_size) -> SourceTensor:
+        where = f"{self.path.name}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise UserError(f"{where}: header entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise UserError(f"{where}: unsupported dtype {dtype!r}",
+                            hint="supported: " + ", ".join(SAFETENSORS_DTYPES))
+        if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                   for d in shape)):
+            raise UserError(f"{where}: invalid shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise UserError(f"{where}: invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        expected = int(np.prod(shape, dtype=np.int64)) * SAFETENSORS_DTYPES[dtype].itemsize
+        if not 0 <= begin <= end:
+            raise UserError(f"{where}: invalid data_offsets {offsets!r}")
+        if end > data_size:
+            raise UserError(f"{where}: data runs past the end of the file (ends at byte {end} of "
+                            f"{data_size} data bytes); the file is truncated")
+        if end - begin != expected:
+            raise UserError(f"{where}: {end - begin} data bytes do not match dtype {dtype} and "
+                            f"shape {shape} ({expected} bytes)")
+        return SourceTensor(name, dtype, tuple(shape), self.path, data_start + begin, data_start + end, self)
+
+    def mmap(self):
+        if self._mmap is None:
+            if self.path.stat().st_size == 0:
+                self._mmap = b""
+            else:
+                self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return self._mmap
+
+
+@dataclass
+class Checkpoint:
+    root: Path
+    config: dict  # config.json as written
+    tensors: dict[str, SourceTensor]  # in file order: shards sorted, header order within a shard
+
+    @property
+    def hparams(self) -> dict:
+        """Top-level config with a nested text_config merged over it (wrapper checkpoints)."""
+        text = text_config(self.config)
+        return {**self.config, **text} if text else dict(self.config)
+
+    def file(self, name: str) -> Path | None:
+        p = self.root / name
+        return p if p.is_file() else None
+
+
+TEXT_CONFIG_KEYS = ("text_config", "llm_config", "lm_config", "language_config")
+
+
+def text_config(config: dict) -> dict:
+    for key in TEXT_CONFIG_KEYS:
+        sub = config.get(key)
+        if isinstance(sub, dict):
+            return sub
+    return {}
+
+
+def load_config(root: Path) -> dict:
+    path = root / "config.json"
+    if not path.is_file():
+        raise UserError(f"{root}: no config.json found", hint="pass a Hugging Face model directory or hub id")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return config
+
+
+def _index_shards(root: Path) -> list[tuple[Path, set[str] | None]]:
+    """Safetensors files to read and, when an index exists, the names each must hold."""
+    index_path = root / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{index_path}: not a valid safetensors index (needs a 'weight_map' object)") from None
+        by_file: dict[str, set[str]] = {}
+        for name, fname in weight_map.items():
+            by_file.setdefault(str(fname), set()).add(name)
+        missing = [f for f in sorted(by_file) if not (root / f).is_file()]
+        if missing:
+            raise UserError(f"{root}: shard {missing[0]} named in model.safetensors.index.json is missing"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+                            hint="the download is incomplete; fetch the missing files")
+        return [(root / f, by_file[f]) for f in sorted(by_file)]
+    if (root / "model.safetensors").is_file():
+        return [(root / "model.safetensors", None)]
+    parts = sorted(p for p in root.glob("*.safetensors") if p.is_file())
+    if parts:
+        return [(p, None) for p in parts]
+    if any(root.glob("pytorch_model*.bin")) or any(root.glob("*.pt")):
+        raise UserError(f"{root}: only pickle checkpoints (pytorch_model*.bin) found",
+                        hint="pickle files can run arbitrary code; convert them to safetensors first")
+    raise UserError(f"{root}: no model.safetensors or safetensors shards found")
+
+
+def open_checkpoint(root: Path) -> Checkpoint:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: not a directory")
+    config = load_config(root)
+    tensors: dict[str, SourceTensor] = {}
+    for path, expected in _index_shards(root):
+        shard = Shard(path)
+        names = shard.tensors
+        if expected is not None:
+            absent = sorted(expected - names.keys())
+            if absent:
+                raise UserError(f"{path.name}: tensor {absent[0]!r} is listed in model.safetensors.index.json "
+                                f"but not stored in this shard"
+                                + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""),
+                                hint="the index and the shards disagree; re-download the checkpoint")
+            extra = sorted(names.keys() - expected)
+            if extra:
+                raise UserError(f"{path.name}: tensor {extra[0]!r} is stored in this shard but the index "
+                                f"does not list it here", hint="the index and the shards disagree")
+        for name, t in names.items():
+            if name in tensors:
+                raise UserError(f"tensor {name!r} is stored twice ({tensors[name].path.name} and {path.name})")
+            tensors[name] = t
+    return Checkpoint(root, config, tensors)
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.*",
+                "vocab.json", "merges.txt", "README.md"]
+
+
+def resolve_model(model: str, revision: str | None = None) -> Path:
+    """A local directory, or a hub id fetched (only the files conversion needs) into the HF cache."""
+    path = Path(model).expanduser()
+    if path.exists() or not HUB_ID.match(model):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub is a core dependency
+        raise UserError(f"{model}: not a directory, and huggingface_hub is not installed") from None
+    try:
+        return Path(snapshot_download(model, revision=revision, allow_patterns=HUB_PATTERNS,
+                                      token=os.environ.get("HF_TOKEN")))
+    except RepositoryNotFoundError:
+        raise UserError(f"{model}: no such model on the Hugging Face hub (or it is private)",
+                        hint="set HF_TOKEN for private or gated models") from None
+    except LocalEntryNotFoundError:
+        raise UserError(f"{model}: not in the local Hugging Face cache and the hub cannot be reached",
+                        hint="check the network, or unset HF_HUB_OFFLINE") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise UserError(f"{model}: download failed: {e}") from None

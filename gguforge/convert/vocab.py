@@ -1,0 +1,215 @@
+"""Vocabulary: tokenizer.json (byte-level BPE) to GGUF tokenizer metadata.
+
+The pre-tokenizer name is read off the tokenizer's own pre-tokenizer definition
+(the split regex and its settings) instead of hashing the token ids of a test
+string against a table of known models, so a fine-tune with a known tokenizer
+never needs a table update.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from gguf import GGUFValueType, TokenType
+
+from ..errors import UserError
+from .write import Metadata
+
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen3.5 adds combining marks (\p{M}) to the letter classes.
+QWEN35_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+                r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# split regex (as written in tokenizer.json) -> llama.cpp pre-tokenizer name
+KNOWN_SPLIT_REGEXES = {QWEN2_REGEX: "qwen2", QWEN35_REGEX: "qwen35", LLAMA3_REGEX: "llama-bpe"}
+
+SPECIAL_TOKEN_KINDS = {  # tokenizer_config key prefix -> GGUF key
+    "bos": "tokenizer.ggml.bos_token_id",
+    "eos": "tokenizer.ggml.eos_token_id",
+    "unk": "tokenizer.ggml.unknown_token_id",
+    "sep": "tokenizer.ggml.seperator_token_id",  # sic: llama.cpp's spelling
+    "pad": "tokenizer.ggml.padding_token_id",
+    "cls": "tokenizer.ggml.cls_token_id",
+    "mask": "tokenizer.ggml.mask_token_id",
+}
+
+
+@dataclass
+class Vocab:
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str
+    special_ids: dict[str, int]
+    add_flags: dict[str, bool]
+    chat_template: str | None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def _steps(node: dict | None) -> list[dict]:
+    if not node:
+        return []
+    if node.get("type") == "Sequence":
+        return [s for sub in node.get("pretokenizers", []) for s in _steps(sub)]
+    return [node]
+
+
+def detect_pre_tokenizer(tokenizer: dict) -> str:
+    """Name llama.cpp uses for this tokenizer's pre-tokenization, derived from its definition."""
+    steps = _steps(tokenizer.get("pre_tokenizer"))
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
+        return "gpt-2"
+    if kinds == ["Split", "ByteLevel"]:
+        split, byte_level = steps
+        pattern = split.get("pattern", {})
+        regex = pattern.get("Regex", pattern.get("String"))
+        if (split.get("behavior") == "Isolated" and not split.get("invert")
+                and not byte_level.get("use_regex", True) and not byte_level.get("add_prefix_space")
+                and regex in KNOWN_SPLIT_REGEXES):
+            return KNOWN_SPLIT_REGEXES[regex]
+    found = json.dumps(tokenizer.get("pre_tokenizer"), ensure_ascii=False)
+    raise UserError(f"unrecognised pre-tokenizer: {found[:400]}",
+                    hint="if it matches one llama.cpp knows, name it with --pre-tokenizer "
+                         f"(known here: {', '.join(sorted(set(KNOWN_SPLIT_REGEXES.values()) | {'gpt-2'}))})")
+
+
+def looks_special(token: str) -> bool:
+    """Control-like text such as <|im_start|> or <pad>, even when not flagged special."""
+    return ((token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
+            or token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or token.startswith("<unused"))
+
+
+def _merges(model: dict) -> list[str]:
+    merges = model.get("merges") or []
+    out = []
+    for m in merges:
+        if isinstance(m, str):
+            out.append(m)
+        else:  # transformers >= 4.45 writes pairs; a literal space inside a part is byte-level encoded
+            a, b = m
+            out.append(f"{a.replace(' ', chr(0x120))} {b.replace(' ', chr(0x120))}")
+    return out
+
+
+def _token_content(value) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def load_vocab(root: Path, hparams: dict, pre_tokenizer: str | None = None) -> Vocab:
+    path = root / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{root}: no tokenizer.json found",
+                        hint="byte-level BPE tokenizers are read from tokenizer.json")
+    tok = _read_json(path)
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE":
+        raise UserError(f"{path}: tokenizer model {model.get('type')!r} is not supported (only byte-level BPE)")
+    vocab = model.get("vocab") or {}
+    added = {int(t["id"]): t for t in tok.get("added_tokens", [])}
+    max_id = max([*vocab.values(), *added.keys()], default=-1)
+    size = int(hparams.get("vocab_size") or max_id + 1)
+    if max_id >= size:
+        raise UserError(f"tokenizer has token id {max_id} but config vocab_size is {size}")
+
+    by_id: dict[int, str] = {i: t for t, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(size):  # padded to the config's vocab_size, like the embedding matrix
+        if i in added:
+            a = added[i]
+            text = a["content"]
+            if a.get("special") or looks_special(text):
+                types.append(TokenType.CONTROL)
+            else:
+                text = text.replace("\u2581", " ")
+                types.append(TokenType.USER_DEFINED)
+            tokens.append(text)
+        elif i in by_id:
+            tokens.append(by_id[i])
+            types.append(TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+
+    merges = _merges(model)
+    if not merges:
+        raise UserError(f"{path}: BPE model has no merges (llama.cpp cannot load a BPE vocabulary without them)")
+
+    tok_config = _read_json(root / "tokenizer_config.json") if (root / "tokenizer_config.json").is_file() else {}
+    content_ids = {t["content"]: int(t["id"]) for t in tok.get("added_tokens", [])}
+    special_ids: dict[str, int] = {}
+    for kind in SPECIAL_TOKEN_KINDS:
+        content = _token_content(tok_config.get(f"{kind}_token"))
+        if content is not None and content in content_ids:
+            special_ids[kind] = content_ids[content]
+    for kind in SPECIAL_TOKEN_KINDS:  # config ids only fill kinds the tokenizer config left open
+        value = hparams.get(f"{kind}_token_id")
+        if kind not in special_ids and isinstance(value, int) and not isinstance(value, bool) and 0 <= value < size:
+            special_ids[kind] = value
+
+    add_flags: dict[str, bool] = {}
+    post = tok.get("post_processor") or {}
+    post_steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    for step in post_steps:
+        if step.get("type") == "ByteLevel":
+            add_flags.setdefault("bos", False)
+            add_flags.setdefault("eos", False)
+        elif step.get("type") == "TemplateProcessing":
+            single = step.get("single") or []
+            add_flags.setdefault("bos", bool(single) and "SpecialToken" in single[0])
+            add_flags.setdefault("eos", len(single) > 1 and "SpecialToken" in single[-1])
+    for kind in ("bos", "eos", "sep"):
+        if kind not in add_flags and isinstance(tok_config.get(f"add_{kind}_token"), bool):
+            add_flags[kind] = tok_config[f"add_{kind}_token"]
+
+    return Vocab(tokens, [int(t) for t in types], merges,
+                 pre_tokenizer or detect_pre_tokenizer(tok), special_ids, add_flags,
+                 _chat_template(root, tok_config))
+
+
+def _chat_template(root: Path, tok_config: dict) -> str | None:
+    template = tok_config.get("chat_template")
+    if isinstance(template, list):  # named templates: keep the default one
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    if isinstance(template, str):
+        return template
+    if (root / "chat_template.jinja").is_file():
+        return (root / "chat_template.jinja").read_text(encoding="utf-8")
+    if (root / "chat_template.json").is_file():
+        template = _read_json(root / "chat_template.json").get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+def add_vocab_metadata(md: Metadata, vocab: Vocab) -> None:
+    md.str("tokenizer.ggml.model", "gpt2")
+    md.str("tokenizer.ggml.pre", vocab.pre)
+    md.array("tokenizer.ggml.tokens", vocab.tokens, GGUFValueType.STRING)
+    md.array("tokenizer.ggml.token_type", vocab.types, GGUFValueType.INT32)
+    md.array("tokenizer.ggml.merges", vocab.merges, GGUFValueType.STRING)
+    for kind, key in SPECIAL_TOKEN_KINDS.items():
+        if kind in vocab.special_ids:
+            md.u32(key, vocab.special_ids[kind])
+    for kind, flag in vocab.add_flags.items():
+        md.bool(f"tokenizer.ggml.add_{kind}_token", flag)
+    if vocab.chat_template is not None:
+        md.str("tokenizer.chat_template", vocab.chat_template)

@@ -1,0 +1,213 @@
+"""Write step: a streaming GGUF writer.
+
+The header (metadata and every tensor's name, shape, type and offset) is
+written first from the plan; then tensor data is streamed in the same order,
+chunk by chunk. Output goes to a temporary file beside the target that is
+renamed only when complete, so a failure or Ctrl-C never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from ..errors import UserError
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSION = 3
+ALIGNMENT = 32
+
+
+class Metadata:
+    """Ordered GGUF key/value pairs with explicit value types."""
+
+    def __init__(self):
+        self.items: dict[str, tuple[GGUFValueType, Any, GGUFValueType | None]] = {}
+
+    def set(self, key: str, value: Any, vtype: GGUFValueType, item_type: GGUFValueType | None = None):
+        self.items.pop(key, None)  # re-setting moves the key to the end, like llama.cpp
+        self.items[key] = (vtype, value, item_type)
+
+    def u32(self, key, v): self.set(key, int(v), GGUFValueType.UINT32)
+    def u16(self, key, v): self.set(key, int(v), GGUFValueType.UINT16)
+    def i32(self, key, v): self.set(key, int(v), GGUFValueType.INT32)
+    def f32(self, key, v): self.set(key, float(v), GGUFValueType.FLOAT32)
+    def bool(self, key, v): self.set(key, bool(v), GGUFValueType.BOOL)
+    def str(self, key, v): self.set(key, str(v), GGUFValueType.STRING)
+
+    def array(self, key, values, item_type: GGUFValueType):
+        self.set(key, list(values), GGUFValueType.ARRAY, item_type)
+
+    def get(self, key, default=None):
+        return self.items[key][1] if key in self.items else default
+
+    def __contains__(self, key):
+        return key in self.items
+
+    def remove(self, key):
+        self.items.pop(key, None)
+
+
+_SCALAR_FORMATS = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d", GGUFValueType.BOOL: "<?",
+}
+_ARRAY_DTYPES = {
+    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
+    GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
+    GGUFValueType.FLOAT32: "<f4", GGUFValueType.UINT64: "<u8", GGUFValueType.INT64: "<i8",
+    GGUFValueType.FLOAT64: "<f8", GGUFValueType.BOOL: "?",
+}
+
+
+def _pack_string(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def _pack_value(vtype: GGUFValueType, value, item_type=None) -> bytes:
+    if vtype == GGUFValueType.STRING:
+        return _pack_string(value)
+    if vtype == GGUFValueType.ARRAY:
+        head = struct.pack("<IQ", int(item_type), len(value))
+        if item_type == GGUFValueType.STRING:
+            return head + b"".join(_pack_string(v) for v in value)
+        return head + np.asarray(value, dtype=_ARRAY_DTYPES[item_type]).tobytes()
+    return struct.pack(_SCALAR_FORMATS[vtype], value)
+
+
+def tensor_nbytes(shape: tuple[int, ...], ggml_type: GGMLQuantizationType) -> int:
+    block, size = GGML_QUANT_SIZES[ggml_type]
+    n = 1
+    for d in shape:
+        n *= d
+    if shape and shape[-1] % block:
+        raise ValueError(f"row of {shape[-1]} elements is not a multiple of the {ggml_type.name} block ({block})")
+    return n // block * size
+
+
+@dataclass
+class TensorEntry:
+    """What the header says about one tensor. `shape` is numpy order (ggml ne reversed)."""
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: GGMLQuantizationType
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.shape, self.ggml_type)
+
+
+def _pad(n: int) -> int:
+    return (ALIGNMENT - n % ALIGNMENT) % ALIGNMENT
+
+
+def encode_header(metadata: Metadata, tensors: list[TensorEntry]) -> bytes:
+    out = [GGUF_MAGIC, struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(metadata.items))]
+    for key, (vtype, value, item_type) in metadata.items.items():
+        out.append(_pack_string(key) + struct.pack("<I", int(vtype)) + _pack_value(vtype, value, item_type))
+    offset = 0
+    for t in tensors:
+        ne = tuple(reversed(t.shape)) or (1,)
+        out.append(_pack_string(t.name) + struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}Q", *ne)
+                   + struct.pack("<IQ", int(t.ggml_type), offset))
+        offset += t.nbytes + _pad(t.nbytes)
+    header = b"".join(out)
+    return header + b"\0" * _pad(len(header))
+
+
+class _Terminated(BaseException):
+    """Raised from the SIGTERM handler so cleanup runs as for Ctrl-C."""
+
+
+@contextmanager
+def _sigterm_as_exception():
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(_Terminated()))
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def atomic_output(target: Path) -> Iterator[Any]:
+    """A binary file beside `target`, renamed onto it only if the block completes."""
+    target = Path(target)
+    directory = target.parent if str(target.parent) else Path(".")
+    if not directory.is_dir():
+        raise UserError(f"output directory {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=directory)
+    try:
+        with _sigterm_as_exception(), os.fdopen(fd, "wb", buffering=8 << 20) as f:
+            try:
+                yield f
+                os.fsync(f.fileno())
+            except OSError as e:
+                import errno
+                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                    raise UserError(f"cannot write {target}: {e.strerror} (disk full or file size limit)") from None
+                raise
+        os.replace(tmp, target)
+    except _Terminated:
+        _unlink(tmp)
+        raise KeyboardInterrupt from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_gguf(target: Path, metadata: Metadata, tensors: list[TensorEntry],
+               chunks: Callable[[], Iterable[tuple[int, Any]]],
+               progress: Callable[[int], None] | None = None) -> None:
+    """Write a GGUF file atomically.
+
+    `chunks()` yields (tensor index, bytes-like) in tensor order; each tensor's
+    chunks must add up to exactly its planned size.
+    """
+    header = encode_header(metadata, tensors)
+    with atomic_output(target) as f:
+        f.write(header)
+        current, written = 0, 0
+
+        def close_tensor(i, n):
+            if n != tensors[i].nbytes:
+                raise RuntimeError(f"{tensors[i].name}: wrote {n} bytes, planned {tensors[i].nbytes}")
+            f.write(b"\0" * _pad(n))
+
+        for index, data in chunks():
+            while index != current:
+                close_tensor(current, written)
+                current, written = current + 1, 0
+            view = memoryview(data).cast("B")
+            f.write(view)
+            written += len(view)
+            if progress:
+                progress(len(view))
+        if tensors:
+            while True:
+                close_tensor(current, written)
+                if current == len(tensors) - 1:
+                    break
+                current, written = current + 1, 0
