@@ -376,15 +376,15 @@ def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None =
     mtp:   add mtp.* tensors; default True for hub (qwen3next/qwen35/qwen35moe), False otherwise.
     num_experts: routed experts for MoE archs (default 4; 8 triggers llama-quantize's 8-expert rules).
     """
-    import torch
-    from safetensors.torch import load_file, save_file
-
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     if layout not in ("causal", "hub"):
         raise ValueError(f"layout must be 'causal' or 'hub', got {layout!r}")
     if layout == "hub" and arch == "qwen2moe":
         raise ValueError("the hub layout exists for qwen3next/qwen35/qwen35moe only")
+    import torch
+    from safetensors.torch import load_file, save_file
+
     dtype = dtype or ("bfloat16" if layout == "hub" else "float32")
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     mtp = (layout == "hub") if mtp is None else mtp
