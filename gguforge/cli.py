@@ -52,6 +52,8 @@ def convert_hf_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="worker threads (default: all cores)"),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="convert weights containing NaN/Inf"),
     vocab_only: bool = typer.Option(False, "--vocab-only", help="write metadata and vocabulary only"),
+    mtp_only: bool = typer.Option(False, "--mtp", help="write only the multi-token-prediction draft head"),
+    no_mtp: bool = typer.Option(False, "--no-mtp", "--no-nextn", help="drop multi-token-prediction tensors"),
     list_archs: bool = typer.Option(False, "--list-archs", help="list supported architectures and exit"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="tracebacks for internal errors"),
@@ -65,6 +67,8 @@ def convert_hf_cmd(
     from .convert.pipeline import convert_hf
     from .progress import progress_factory
 
+    if mtp_only and no_mtp:
+        raise UserError("--mtp and --no-mtp cannot be combined")
     overrides = {}
     if metadata is not None:
         try:
@@ -75,7 +79,7 @@ def convert_hf_cmd(
             raise UserError(f"--metadata {metadata}: expected a JSON object of key: value")
     options = ConvertOptions(outtype=outtype, model_name=model_name, pre_tokenizer=pre_tokenizer,
                              metadata_overrides=overrides, threads=threads, allow_nonfinite=allow_nonfinite,
-                             vocab_only=vocab_only)
+                             vocab_only=vocab_only, mtp_only=mtp_only, no_mtp=no_mtp)
     source = model or str(embedded_model_dir())
     if model is None and not quiet:
         _say(f"no model given: converting the built-in tiny model ({EMBEDDED_MODEL})")
@@ -96,6 +100,60 @@ def _print_plan(plan, target) -> None:
     n, size = plan.n_params, plan.nbytes
     typer.echo(f"{len(plan.tensors)} tensors, {n:,d} parameters, {size:,d} bytes, "
                f"{8 * size / max(n, 1):.2f} bits per weight -> {target} (dry run: nothing written)")
+
+
+@app.command("quantize")
+def quantize_cmd(
+    source: Path = typer.Argument(..., help="input GGUF file"),
+    target: Path = typer.Argument(..., help="output GGUF file"),
+    qtype: str = typer.Argument(..., metavar="TYPE", help="Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q8_0, F16, BF16, F32"),
+    pure: bool = typer.Option(False, "--pure", help="every quantizable tensor gets TYPE's default type"),
+    output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="type for output.weight"),
+    token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type",
+                                                       help="type for token_embd.weight"),
+    leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor", help="keep output.weight as it is"),
+    tensor_type: List[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE for matching tensors (repeatable)"),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize", help="dequantize quantized tensors and "
+                                          "quantize them again (loses quality)"),
+    no_fallback: bool = typer.Option(False, "--no-fallback", help="refuse instead of falling back to another "
+                                     "type when rows do not fill whole blocks"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the per-tensor plan, write nothing"),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="worker threads (default: all cores)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="tracebacks for internal errors"),
+):
+    """Quantize a GGUF file with llama-quantize's per-tensor type rules."""
+    _state["verbose"] = verbose
+    from .progress import progress_factory
+    from .quantize.presets import parse_ggml_type, parse_preset, parse_tensor_type_option
+    from .quantize.rules import QuantOptions, fallback_summary, size_summary
+    from .quantize.run import format_plan, quantize_gguf
+
+    preset = parse_preset(qtype)
+    options = QuantOptions(
+        pure=pure,
+        output_tensor_type=parse_ggml_type(output_tensor_type) if output_tensor_type else None,
+        token_embedding_type=parse_ggml_type(token_embedding_type) if token_embedding_type else None,
+        leave_output_tensor=leave_output_tensor,
+        tensor_type_overrides=[parse_tensor_type_option(o) for o in tensor_type],
+        allow_requantize=allow_requantize,
+        no_fallback=no_fallback,
+    )
+    result = quantize_gguf(source, target, preset, options, threads=threads, force=force, dry_run=dry_run,
+                           progress_factory=progress_factory(quiet))
+    sizes = size_summary(result.plans)
+    totals = (f"{len(result.plans)} tensors, {sizes.src_bytes / 1e6:.2f} MB -> {sizes.dst_bytes / 1e6:.2f} MB, "
+              f"{sizes.src_bpw:.2f} -> {sizes.dst_bpw:.2f} bits per weight")
+    warning = fallback_summary(result.plans)
+    if dry_run:
+        for line in format_plan(result.plans):
+            typer.echo(line)
+        typer.echo(f"{totals} ({preset.name}; dry run: nothing written)")
+    elif not quiet:
+        _say(f"wrote {target} ({preset.name}): {totals}")
+    if warning and not quiet:
+        _say(f"warning: {warning}")
 
 
 @app.command("verify")

@@ -11,12 +11,17 @@ from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 
+import numpy as np
+
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType
 from gguf.utility import naming_convention, size_label
 
 from ..archs import lookup
 from ..archs.base import DecoderArch, UnmappedTensor
 from ..errors import UserError
+from ..quantize.encode import encode
+from ..quantize.presets import Preset, parse_preset
+from ..quantize.rules import TensorIn, plan_quantization
 from .options import ConvertOptions
 from .read import Checkpoint
 from .transform import Lazy
@@ -27,8 +32,9 @@ FLOAT_OUTTYPES = {
     "f32": (T.F32, LlamaFileType.ALL_F32),
     "f16": (T.F16, LlamaFileType.MOSTLY_F16),
     "bf16": (T.BF16, LlamaFileType.MOSTLY_BF16),
-    "q8_0": (T.Q8_0, LlamaFileType.MOSTLY_Q8_0),
 }
+# Quantized outtypes run llama-quantize's rules during conversion (one pass, no intermediate file).
+PRESET_OUTTYPES = ("q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q4_k", "q5_k")
 QUANT_VERSION = 2
 
 
@@ -141,10 +147,16 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
     hparams = checkpoint.hparams
     arch = lookup(checkpoint.config)(hparams, options, list(checkpoint.tensors))
     outtype = resolve_outtype(options.outtype.lower(), checkpoint)
-    if outtype not in FLOAT_OUTTYPES:
+    preset = parse_preset(outtype) if outtype in PRESET_OUTTYPES else None
+    if preset is not None:
+        # Plan as the float file llama-quantize would be given ('auto': bf16 for a bf16 checkpoint).
+        base = resolve_outtype("auto", checkpoint)
+        ggml_out, file_type, outtype = FLOAT_OUTTYPES[base][0], preset.file_type, preset.name
+    elif outtype in FLOAT_OUTTYPES:
+        ggml_out, file_type = FLOAT_OUTTYPES[outtype]
+    else:
         raise UserError(f"unknown output type {options.outtype!r}",
-                        hint="choose one of: " + ", ".join([*FLOAT_OUTTYPES, "auto"]))
-    ggml_out, file_type = FLOAT_OUTTYPES[outtype]
+                        hint="choose one of: " + ", ".join([*FLOAT_OUTTYPES, "auto", *PRESET_OUTTYPES[:-2]]))
 
     mapped = [] if options.vocab_only else map_tensors(checkpoint, arch)
     tensors = [PlannedTensor(name, t.shape, float_type(name, t, ggml_out, arch), t) for name, t in mapped]
@@ -163,7 +175,40 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
     add_vocab_metadata(md, load_vocab(checkpoint.root, hparams, options.pre_tokenizer))
     for key, value in options.metadata_overrides.items():
         _override(md, key, value)
+    if preset is not None:
+        tensors = apply_preset(tensors, preset, md, ggml_out)
     return Plan(arch, md, tensors, file_type, outtype.upper(), name, label)
+
+
+def apply_preset(tensors: list[PlannedTensor], preset: Preset, md: Metadata, base: T) -> list[PlannedTensor]:
+    """Give each tensor the type llama-quantize would choose from the `base` float file, in its order.
+
+    Quantized tensors are rounded through `base` first, so the bytes equal llama-quantize run on the
+    float GGUF even where a transform computed values in float32.
+    """
+    arch = md.get("general.architecture")
+    plans = plan_quantization([TensorIn(t.name, t.shape, t.ggml_type) for t in tensors], preset, arch=arch,
+                              n_layer_all=int(md.get(f"{arch}.block_count", 0)),
+                              n_expert=int(md.get(f"{arch}.expert_count", 0) or 0))
+    by_name = {t.name: t for t in tensors}
+    out = []
+    for p in plans:
+        t = by_name[p.name]
+        lazy = t.tensor
+        exact = lazy.source is not None and lazy.source.dtype == base.name  # untouched bf16/f16 weights
+        if p.dst_type != t.ggml_type and base in (T.F16, T.BF16) and not exact:
+            lazy = lazy.per_rows(_round_through(base), dtype=np.float32)
+        out.append(PlannedTensor(t.name, t.shape, p.dst_type, lazy))
+    return out
+
+
+def _round_through(base: T):
+    def round_rows(a: np.ndarray) -> np.ndarray:
+        if base == T.F16:
+            return np.asarray(a, dtype=np.float16).astype(np.float32)
+        bits = encode(a, T.BF16)  # round to nearest even, as the bf16 file stores it
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return round_rows
 
 
 def _override(md: Metadata, key: str, value) -> None:

@@ -1,0 +1,277 @@
+"""`gguforge quantize`: GGUF in, GGUF out, with llama-quantize's per-tensor types.
+
+The input is memory-mapped with gguf.GGUFReader; tensors are visited in
+llama-quantize's order (rules.py), converted a block of rows at a time on a
+thread pool, and streamed to write_gguf. Tensors whose type does not change are
+copied byte for byte. The output metadata is laid out as llama-quantize writes
+it (/work/shared/reference/quant-spec.md §7.10).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType
+
+from ..convert.pipeline import CHUNK_BYTES, ordered_parallel
+from ..convert.write import Metadata, TensorEntry, write_gguf
+from ..errors import UserError
+from .encode import encode
+from .presets import Preset, parse_preset
+from .rules import QuantOptions, TensorIn, TensorPlan, ggml_n_dims, plan_quantization
+
+QUANT_VERSION = 2
+SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+FLOAT_SOURCES = (T.F32, T.F16, T.BF16)
+
+try:
+    from . import native as _native
+except ImportError:  # extension not built: numpy paths below
+    _native = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Input
+
+
+@dataclass
+class SourceGGUF:
+    path: Path
+    reader: object  # gguf.GGUFReader
+    arch: str
+    n_layer_all: int | None
+    n_expert: int
+
+    @property
+    def tensors(self):
+        return self.reader.tensors
+
+    def field(self, key: str):
+        f = self.reader.get_field(key)
+        return None if f is None else f.contents()
+
+
+def open_gguf(path: Path) -> SourceGGUF:
+    """Open and validate a GGUF file; every way it can be broken becomes one UserError line."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, TypeError, IndexError, KeyError, OverflowError, struct.error, UnicodeDecodeError,
+            OSError) as e:
+        # GGUFReader reports truncation, bad versions and unknown type ids with assorted exceptions.
+        raise UserError(f"{path} is not a readable GGUF file: {_reader_error(e)}") from None
+    if reader.byte_order == "S":
+        raise UserError(f"{path} is a big-endian GGUF file, which is not supported")
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + int(t.n_bytes) > size:
+            raise UserError(f"{path} is truncated: the data of tensor {t.name} runs past the end of the file")
+
+    def kv(key):
+        f = reader.get_field(key)
+        return None if f is None else f.contents()
+
+    if (kv("split.count") or 1) > 1:
+        raise UserError(f"{path} is one part of a split GGUF, which is not supported",
+                        hint="merge the parts first (llama-gguf-split --merge)")
+    arch = kv("general.architecture")
+    if not isinstance(arch, str):
+        raise UserError(f"{path} has no general.architecture")
+    block_count = kv(f"{arch}.block_count")
+    return SourceGGUF(path, reader, arch, None if block_count is None else int(block_count),
+                      int(kv(f"{arch}.expert_count") or 0))
+
+
+def _reader_error(e: Exception) -> str:
+    text = str(e) or type(e).__name__
+    if "not a valid GGMLQuantizationType" in text:
+        return f"unknown tensor type ({text})"
+    if isinstance(e, (IndexError, struct.error)) or "buffer is too small" in text or "cannot reshape" in text:
+        return f"truncated or corrupt header ({text})"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan
+
+
+def numpy_shape(reader_tensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(reader_tensor.shape.tolist()))
+
+
+def plan_file(source: SourceGGUF, preset: Preset, options: QuantOptions) -> list[TensorPlan]:
+    if source.n_layer_all is None and not preset.is_float:
+        raise UserError(f"{source.path} has no {source.arch}.block_count, which the {preset.name} rules need")
+    tensors = [TensorIn(t.name, numpy_shape(t), t.tensor_type) for t in source.tensors]
+    return plan_quantization(tensors, preset, arch=source.arch, n_layer_all=source.n_layer_all or 0,
+                             n_expert=source.n_expert, options=options)
+
+
+def output_metadata(source: SourceGGUF, preset: Preset) -> Metadata:
+    """Every input KV in input order, split keys dropped, then quantization_version and file_type last."""
+    md = Metadata()
+    for key, f in source.reader.fields.items():
+        if key.startswith("GGUF.") or key in SPLIT_KEYS:
+            continue  # GGUF.* are the reader's pseudo-fields for the header counts
+        if key == "general.alignment" and f.contents() != 32:
+            continue  # the writer always aligns to 32; a copied other value would mislead readers
+        vtype = f.types[0]
+        if vtype == GGUFValueType.ARRAY:
+            item_type = f.types[-1]
+            if len(f.types) != 2:
+                raise UserError(f"{source.path}: metadata key {key} is a nested array, which is not supported")
+            if item_type == GGUFValueType.STRING:
+                md.set(key, f.contents(), vtype, item_type)
+            else:  # numeric: keep it as one numpy array instead of a Python list
+                parts = [f.parts[i] for i in f.data]
+                value = np.concatenate(parts) if parts else np.empty(0, np.uint8)
+                md.set(key, value, vtype, item_type)
+        else:
+            md.set(key, f.contents(), vtype)
+    md.u32("general.quantization_version", QUANT_VERSION)
+    md.u32("general.file_type", int(preset.file_type))
+    return md
+
+
+def output_entry(plan: TensorPlan) -> TensorEntry:
+    """llama-quantize writes ggml_n_dims dimensions: trailing ne=1 (leading in numpy order) dropped."""
+    n_dims = ggml_n_dims(plan.shape)
+    return TensorEntry(plan.name, plan.shape[len(plan.shape) - n_dims:], plan.dst_type)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def raw_rows(reader_tensor) -> np.ndarray:
+    """The tensor's bytes as (rows, bytes per row), a view into the memory map."""
+    ne = [int(d) for d in reader_tensor.shape.tolist()]
+    block, size = GGML_QUANT_SIZES[T(reader_tensor.tensor_type)]
+    data = reader_tensor.data.reshape(-1).view(np.uint8)
+    return data.reshape(prod(ne[1:]), ne[0] // block * size)
+
+
+def to_f32(raw: np.ndarray, src: T, n_per_row: int) -> np.ndarray:
+    """Rows of `src` bytes as float32. F16/BF16 are exact; quantized types are dequantized."""
+    if src == T.F32:
+        return raw.view(np.float32)
+    if src == T.F16:
+        return _native.f16_to_f32(raw.view(np.uint16)) if _native else raw.view(np.float16).astype(np.float32)
+    if src == T.BF16:
+        if _native:
+            return _native.bf16_to_f32(raw.view(np.uint16))
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if _native and _native.supported(src):
+        return _native.dequantize(raw, src, raw.shape[0] * n_per_row)
+    from gguf.quants import dequantize
+    return dequantize(raw, src).reshape(raw.shape[0], n_per_row).astype(np.float32, copy=False)
+
+
+def count_nonfinite(raw: np.ndarray, src: T) -> int:
+    if _native:
+        if src == T.BF16:
+            return _native.count_nonfinite(raw.view(np.uint16), bf16=True)
+        return _native.count_nonfinite(raw.view(np.float32 if src == T.F32 else np.float16))
+    if src == T.BF16:
+        return int(((raw.view(np.uint16) & 0x7F80) == 0x7F80).sum())
+    return int((~np.isfinite(raw.view(np.float32 if src == T.F32 else np.float16))).sum())
+
+
+def row_chunks(n_rows: int, n_per_row: int) -> Iterator[tuple[int, int]]:
+    step = max(1, CHUNK_BYTES // max(1, 4 * n_per_row))
+    for start in range(0, n_rows, step):
+        yield start, min(n_rows, start + step)
+
+
+def convert_chunk(plan: TensorPlan, rows: np.ndarray):
+    """Output bytes for a block of input rows (llama-quantize: validate, to f32, quantize)."""
+    if plan.src_type in FLOAT_SOURCES and count_nonfinite(rows, plan.src_type):
+        raise UserError(f"tensor {plan.name} has invalid data (NaN or Inf values)")
+    if not plan.converts:
+        return rows  # same type: the mapped bytes as they are
+    return encode(to_f32(rows, plan.src_type, plan.shape[-1]), plan.dst_type)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+@dataclass
+class QuantizeResult:
+    plans: list[TensorPlan]
+    target: Path
+    preset: Preset
+
+
+def same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def quantize_gguf(source_path, target_path, preset: str | Preset, options: QuantOptions | None = None, *,
+                  threads: int | None = None, force: bool = False, dry_run: bool = False,
+                  progress_factory=None) -> QuantizeResult:
+    preset = parse_preset(preset)
+    options = options or QuantOptions()
+    source_path, target = Path(source_path), Path(target_path)
+    if same_file(source_path, target):
+        raise UserError(f"the output {target} is the input file", hint="choose another output file name")
+    source = open_gguf(source_path)
+    plans = plan_file(source, preset, options)
+    result = QuantizeResult(plans, target, preset)
+    if dry_run:
+        return result
+    if target.exists() and not force:
+        raise UserError(f"{target} already exists", hint="pass --force to overwrite it")
+
+    metadata = output_metadata(source, preset)
+    entries = [output_entry(p) for p in plans]
+    by_name = {t.name: t for t in source.tensors}
+    threads = threads or os.cpu_count() or 1
+
+    def jobs():
+        for i, plan in enumerate(plans):
+            raw = raw_rows(by_name[plan.name])
+            for start, stop in row_chunks(raw.shape[0], plan.shape[-1]):
+                yield i, plan, raw[start:stop]
+
+    def chunks():
+        for (i, *_), data in ordered_parallel(jobs(), lambda i, plan, rows: convert_chunk(plan, rows),
+                                              threads, ahead=2 * threads):
+            yield i, data
+
+    total = sum(e.nbytes for e in entries)
+    if progress_factory is None:
+        write_gguf(target, metadata, entries, chunks)
+    else:
+        with progress_factory(total, f"writing {target.name}") as advance:
+            write_gguf(target, metadata, entries, chunks, advance)
+    return result
+
+
+def format_plan(plans: list[TensorPlan]) -> list[str]:
+    """One line per tensor (name, shape in ggml order, src -> dst, bytes, reason)."""
+    lines = []
+    for p in plans:
+        shape = "x".join(str(d) for d in reversed(p.shape))
+        lines.append(f"{p.name:40s} {shape:>20s} {p.src_type.name:>5s} -> {p.dst_type.name:<5s} "
+                     f"{p.dst_nbytes:>13,d}  {p.reason}")
+    return lines
