@@ -321,3 +321,28 @@ def test_cli_builds_a_mock(tmp_path):
     pytest.importorskip("torch")
     assert make_mocks.main(["qwen2moe", str(tmp_path / "m"), "--seed", "1"]) == 0
     assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "tokenizer.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: convert with gguforge, verify against transformers through llama.cpp
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,layout", [(a, "causal") for a in ARCHS] + [(a, "hub") for a in HYBRID])
+def test_convert_then_verify(arch, layout, mock_model, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("llama_cpp")
+    import subprocess
+    import sys
+
+    src = mock_model(arch, layout=layout)
+    out = tmp_path / "m.gguf"
+    r = subprocess.run([sys.executable, "-m", "gguforge.cli", "convert-hf", str(src), "--outfile", str(out),
+                        "--outtype", "f32", "--quiet"], capture_output=True, text=True)
+    if "not supported" in r.stdout + r.stderr:
+        pytest.skip(f"converter does not support {arch} yet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = V.verify(src, out)
+    assert report.n_tokens >= 48 and report.n_vocab == 512
+    assert report.tokenizer_ok, report.format()
+    assert report.nmse < 1e-8 and report.top1_agreement >= 0.98, report.format()
