@@ -174,8 +174,8 @@ def verify_cmd(
     typer.echo(report.format())
     if max_nmse is not None and not report.nmse <= max_nmse:
         raise UserError(f"NMSE {report.nmse:.3e} is above --max-nmse {max_nmse:.3e}")
-    if getattr(report, "tokenizer_mismatches", None):
-        raise UserError(f"tokenizer parity failed on {len(report.tokenizer_mismatches)} text(s)")
+    if not report.tokenizer_ok:
+        raise UserError(f"tokenizer parity failed on {len(report.token_mismatches)} text(s)")
 
 
 def main(argv: List[str] | None = None) -> int:
