@@ -152,6 +152,7 @@ def atomic_output(target: Path) -> Iterator[Any]:
     if not directory.is_dir():
         raise UserError(f"output directory {directory} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=directory)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any new file
     try:
         with _sigterm_as_exception(), os.fdopen(fd, "wb", buffering=8 << 20) as f:
             try:
@@ -169,6 +170,12 @@ def atomic_output(target: Path) -> Iterator[Any]:
     except BaseException:
         _unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _unlink(path: str) -> None:
