@@ -8,7 +8,7 @@ setup(
         Extension(
             "gguforge.quantize._native",
             sources=["gguforge/quantize/_native.c"],
-            extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math"],
+            extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi"],
         )
     ]
 )

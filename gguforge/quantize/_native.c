@@ -1,5 +1,887 @@
-/* placeholder: replaced by the native quantizer */
+/*
+ * gguforge native quantizer.
+ *
+ * Produces the same bytes as ggml's reference quantizers (quantize_row_*_ref) for
+ * Q8_0, Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1, plus exact F16/BF16 converters.
+ * Facts (layouts, algorithms, rounding traps) come from shared/reference/quant-spec.md.
+ *
+ * Bit-exactness rules followed everywhere:
+ *   - float32 only, every accumulation sequential in index order;
+ *   - no FMA (built with -ffp-contract=off), products associate as in the spec;
+ *   - true division where the spec divides, reciprocal where it multiplies.
+ *
+ * Two implementations of the K-quant search exist:
+ *   - "scalar": one block at a time, a direct restatement of the spec;
+ *   - "vector": the same per-block float sequence, but VW sub-blocks processed in
+ *     lockstep, one per SIMD lane (GCC vector extensions). Compiled three times
+ *     (baseline SSE2, AVX2, AVX-512F) and chosen at run time. Lanes never mix, so
+ *     every lane performs exactly the scalar IEEE operations.
+ */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, NULL};
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <float.h>
+
+#define QK_K 256
+#define GROUP_MAX_EPS 1e-15f
+
+enum { T_F32 = 0, T_F16 = 1, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
+       T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30 };
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* ===================================================================== */
+/* primitives                                                            */
+/* ===================================================================== */
+
+ALWAYS_INLINE uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+ALWAYS_INLINE float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* Round to nearest, ties to even, via the 1.5*2^23 trick (literal formula, so
+ * out-of-range arguments wrap exactly like ggml's). */
+ALWAYS_INLINE int nearest_int(float f) {
+    float v = f + 12582912.0f;
+    return (int)(f2u(v) & 0x007FFFFF) - 0x00400000;
+}
+
+/* IEEE binary32 -> binary16, round to nearest even, subnormals kept,
+ * overflow -> inf, NaN -> 0x7E00|sign (what ggml's portable converter does). */
+ALWAYS_INLINE uint16_t fp32_to_fp16(float f) {
+    uint32_t x = f2u(f);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    uint32_t ax = x & 0x7FFFFFFFu;
+    if (ax > 0x7F800000u) return (uint16_t)(sign | 0x7E00u);           /* NaN */
+    if (ax >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);          /* >= 65520 rounds to inf */
+    if (ax < 0x38800000u) {
+        /* below 2^-14: result is subnormal (or zero). Adding 0.5f puts the value's
+         * 2^-24 units in the low mantissa bits, and the FPU rounds them RNE. */
+        float v = u2f(ax) + 0.5f;
+        return (uint16_t)(sign | (f2u(v) - 0x3F000000u));
+    }
+    /* normal: rebias exponent (127 -> 15), round the 13 dropped bits RNE;
+     * a carry into the exponent is the correct result. */
+    uint32_t r = ax - (112u << 23);
+    r += 0x0FFFu + ((r >> 13) & 1u);
+    return (uint16_t)(sign | (r >> 13));
+}
+
+ALWAYS_INLINE float fp16_to_fp32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0) {                      /* zero / subnormal: m * 2^-24, exact */
+        float v = (float)m * 5.9604644775390625e-8f;
+        return u2f(f2u(v) | sign);
+    }
+    if (e == 31) return u2f(sign | 0x7F800000u | (m << 13));
+    return u2f(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+/* BF16: round to nearest even on the upper 16 bits; NaN forced quiet. */
+ALWAYS_INLINE uint16_t fp32_to_bf16(float f) {
+    uint32_t x = f2u(f);
+    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((x >> 16) | 0x40u);
+    return (uint16_t)((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+}
+
+ALWAYS_INLINE void put_u16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
+ALWAYS_INLINE uint16_t get_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+/* C's MAX/MIN as ggml defines them (matters only for ordering of equal/NaN). */
+#define MAXF(a, b) ((a) > (b) ? (a) : (b))
+#define MINI(a, b) ((a) < (b) ? (a) : (b))
+#define MAXI(a, b) ((a) > (b) ? (a) : (b))
+
+/* ===================================================================== */
+/* 32-element types (scalar; they are cheap)                             */
+/* ===================================================================== */
+
+/* Q8_0: d = amax/127, quantize with the float reciprocal 1/d and roundf. */
+static void q8_0_block(const float *x, uint8_t *y) {
+    float amax = 0.0f;
+    for (int j = 0; j < 32; j++) amax = MAXF(amax, fabsf(x[j]));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    put_u16(y, fp32_to_fp16(d));
+    for (int j = 0; j < 32; j++) y[2 + j] = (uint8_t)(int8_t)(int)roundf(x[j] * id);
+}
+
+static void q5_pack(const uint8_t *v, uint8_t *qh, uint8_t *qs) {
+    uint32_t h = 0;
+    for (int j = 0; j < 16; j++) {
+        qs[j] = (uint8_t)((v[j] & 15) | ((v[j + 16] & 15) << 4));
+        h |= (uint32_t)((v[j] >> 4) & 1) << j;
+        h |= (uint32_t)((v[j + 16] >> 4) & 1) << (j + 16);
+    }
+    qh[0] = (uint8_t)h; qh[1] = (uint8_t)(h >> 8); qh[2] = (uint8_t)(h >> 16); qh[3] = (uint8_t)(h >> 24);
+}
+
+/* Q5_0: signed max (first of the largest |x|), d = max/-16, truncation via int8. */
+static void q5_0_block(const float *x, uint8_t *y) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < 32; j++)
+        if (amax < fabsf(x[j])) { amax = fabsf(x[j]); max = x[j]; }
+    const float d = max / -16.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    put_u16(y, fp32_to_fp16(d));
+    uint8_t v[32];
+    for (int j = 0; j < 32; j++) {
+        int8_t t = (int8_t)(int)(x[j] * id + 16.5f);
+        v[j] = (uint8_t)MINI(31, t);
+    }
+    q5_pack(v, y + 2, y + 6);
+}
+
+/* Q5_1: min/max from +-FLT_MAX, d = (max-min)/31, truncation, no clamp. */
+static void q5_1_block(const float *x, uint8_t *y) {
+    float min = FLT_MAX, max = -FLT_MAX;
+    for (int j = 0; j < 32; j++) {
+        if (x[j] < min) min = x[j];
+        if (x[j] > max) max = x[j];
+    }
+    const float d = (max - min) / 31.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    put_u16(y, fp32_to_fp16(d));
+    put_u16(y + 2, fp32_to_fp16(min));
+    uint8_t v[32];
+    for (int j = 0; j < 32; j++) v[j] = (uint8_t)(int)((x[j] - min) * id + 0.5f);
+    q5_pack(v, y + 4, y + 8);
+}
+
+/* ===================================================================== */
+/* K-quants: scalar reference path                                       */
+/* ===================================================================== */
+
+/* Asymmetric fit x ~ scale*L + min (spec 3.2), including the drifting `min`. */
+static float make_qkx2_quants(int n, int nmax, const float *x, const float *w, uint8_t *L,
+                              float *the_min, float rmin, float rdelta, int nstep) {
+    uint8_t Laux[32];
+    float min = x[0], max = x[0];
+    float sum_w = w[0], sum_x = sum_w * x[0];
+    for (int i = 1; i < n; i++) {
+        if (x[i] < min) min = x[i];
+        if (x[i] > max) max = x[i];
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    if (min > 0) min = 0;
+    if (max == min) {
+        for (int i = 0; i < n; i++) L[i] = 0;
+        *the_min = -min;
+        return 0.0f;
+    }
+    float iscale = (float)nmax / (max - min);
+    float scale = 1.0f / iscale;
+    float best_error = 0.0f;
+    for (int i = 0; i < n; i++) {
+        int l = nearest_int(iscale * (x[i] - min));
+        L[i] = (uint8_t)MAXI(0, MINI(nmax, l));
+        float diff = scale * (float)L[i] + min - x[i];
+        best_error += w[i] * (diff * diff);
+    }
+    for (int is = 0; is <= nstep; is++) {
+        iscale = (rmin + rdelta * (float)is + (float)nmax) / (max - min);
+        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+        for (int i = 0; i < n; i++) {
+            int l = nearest_int(iscale * (x[i] - min));
+            l = MAXI(0, MINI(nmax, l));
+            Laux[i] = (uint8_t)l;
+            float wl = w[i] * (float)l;
+            sum_l += wl;
+            sum_l2 += wl * (float)l;
+            sum_xl += wl * x[i];
+        }
+        float D = sum_w * sum_l2 - sum_l * sum_l;
+        if (D > 0) {
+            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+            if (this_min > 0) {
+                this_min = 0;
+                this_scale = sum_xl / sum_l2;
+            }
+            float cur_error = 0;
+            for (int i = 0; i < n; i++) {
+                float diff = this_scale * (float)Laux[i] + this_min - x[i];
+                cur_error += w[i] * (diff * diff);
+            }
+            if (cur_error < best_error) {
+                memcpy(L, Laux, (size_t)n);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;   /* the quirk: later steps use this new min */
+            }
+        }
+    }
+    *the_min = -min;
+    return scale;
+}
+
+/* Steps 2-5 of Q4_K/Q5_K (spec 3.3/3.4): 6-bit scales, fp16 d/dmin, re-quantize
+ * with the decoded values (skipping dj == 0), pack. Shared by both paths. */
+ALWAYS_INLINE void kq45_finish(const float *x, const float *scales, const float *mins,
+                               uint8_t *L, int nmax, uint8_t *y) {
+    float max_scale = 0, max_min = 0;
+    for (int j = 0; j < 8; j++) {
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
+    const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
+    uint8_t sc[8], mn[8];
+    for (int j = 0; j < 8; j++) {
+        uint8_t ls = (uint8_t)nearest_int(inv_scale * scales[j]);
+        uint8_t lm = (uint8_t)nearest_int(inv_min * mins[j]);
+        sc[j] = MINI(63, ls);
+        mn[j] = MINI(63, lm);
+    }
+    uint8_t *s = y + 4;
+    for (int k = 0; k < 4; k++) {
+        s[k] = (uint8_t)(sc[k] | ((sc[k + 4] >> 4) << 6));
+        s[k + 4] = (uint8_t)(mn[k] | ((mn[k + 4] >> 4) << 6));
+        s[k + 8] = (uint8_t)((sc[k + 4] & 15) | ((mn[k + 4] & 15) << 4));
+    }
+    const uint16_t dh = fp32_to_fp16(max_scale / 63.0f), mh = fp32_to_fp16(max_min / 63.0f);
+    put_u16(y, dh);
+    put_u16(y + 2, mh);
+    const float df = fp16_to_fp32(dh), mf = fp16_to_fp32(mh);
+    for (int j = 0; j < 8; j++) {
+        /* the packed indices equal sc/mn (already clamped to 6 bits) */
+        const float dj = df * (float)sc[j];
+        if (dj == 0) continue;   /* keep the search's L for this sub-block */
+        const float dmj = mf * (float)mn[j];
+        const float *xs = x + 32 * j;
+        uint8_t *Ls = L + 32 * j;
+        for (int i = 0; i < 32; i++) {
+            int l = nearest_int((xs[i] + dmj) / dj);
+            Ls[i] = (uint8_t)MAXI(0, MINI(nmax, l));
+        }
+    }
+    if (nmax == 15) {
+        uint8_t *q = y + 16;
+        for (int p = 0; p < 4; p++)
+            for (int l = 0; l < 32; l++)
+                q[32 * p + l] = (uint8_t)(L[64 * p + l] | (L[64 * p + 32 + l] << 4));
+    } else {
+        uint8_t *qh = y + 16, *qs = y + 48;
+        memset(qh, 0, 32);
+        for (int p = 0; p < 4; p++)
+            for (int l = 0; l < 32; l++) {
+                uint8_t a = L[64 * p + l], b = L[64 * p + 32 + l];
+                qs[32 * p + l] = (uint8_t)((a & 15) | ((b & 15) << 4));
+                qh[l] |= (uint8_t)(((a >> 4) << (2 * p)) | ((b >> 4) << (2 * p + 1)));
+            }
+    }
+}
+
+/* Per-sub-block weights av_x + |x| with av_x = sqrtf(sum x^2 / 32). */
+static void kq45_block_scalar(const float *x, uint8_t *y, int nmax) {
+    uint8_t L[QK_K];
+    float w[32], scales[8], mins[8];
+    const float rmin = nmax == 15 ? -1.0f : -0.5f;
+    const int nstep = nmax == 15 ? 20 : 15;
+    for (int j = 0; j < 8; j++) {
+        const float *xs = x + 32 * j;
+        float sum_x2 = 0;
+        for (int l = 0; l < 32; l++) sum_x2 += xs[l] * xs[l];
+        const float av_x = sqrtf(sum_x2 / 32.0f);
+        for (int l = 0; l < 32; l++) w[l] = av_x + fabsf(xs[l]);
+        scales[j] = make_qkx2_quants(32, nmax, xs, w, L + 32 * j, &mins[j], rmin, 0.1f, nstep);
+    }
+    kq45_finish(x, scales, mins, L, nmax, y);
+}
+
+/* Symmetric fit for Q6_K (spec 3.5): n=16, nmax=32, weights x^2. */
+static float make_qx_quants16(const float *x, int8_t *L) {
+    const int nmax = 32;
+    float max = 0, amax = 0;
+    for (int i = 0; i < 16; i++) {
+        float ax = fabsf(x[i]);
+        if (ax > amax) { amax = ax; max = x[i]; }
+    }
+    if (amax < GROUP_MAX_EPS) {
+        for (int i = 0; i < 16; i++) L[i] = 0;
+        return 0.0f;
+    }
+    float iscale = (float)(-nmax) / max;
+    float sumlx = 0, suml2 = 0;
+    for (int i = 0; i < 16; i++) {
+        int l = nearest_int(iscale * x[i]);
+        l = MAXI(-nmax, MINI(nmax - 1, l));
+        L[i] = (int8_t)(l + nmax);
+        float w = x[i] * x[i];
+        sumlx += w * x[i] * (float)l;
+        suml2 += w * (float)l * (float)l;
+    }
+    float scale = suml2 != 0 ? sumlx / suml2 : 0.0f;
+    float best = scale * sumlx;
+    for (int is = -9; is <= 9; is++) {
+        if (is == 0) continue;
+        iscale = -((float)nmax + 0.1f * (float)is) / max;
+        sumlx = suml2 = 0;
+        for (int i = 0; i < 16; i++) {
+            int l = nearest_int(iscale * x[i]);
+            l = MAXI(-nmax, MINI(nmax - 1, l));
+            float w = x[i] * x[i];
+            sumlx += w * x[i] * (float)l;
+            suml2 += w * (float)l * (float)l;
+        }
+        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+            for (int i = 0; i < 16; i++) {
+                int l = nearest_int(iscale * x[i]);
+                L[i] = (int8_t)(nmax + MAXI(-nmax, MINI(nmax - 1, l)));
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    return scale;
+}
+
+/* Q6_K steps 2-6 (spec 3.6). Shared by both paths. */
+ALWAYS_INLINE void q6k_finish(const float *x, const float *scales, int8_t *L, uint8_t *y) {
+    float max_scale = 0, max_abs_scale = 0;
+    for (int ib = 0; ib < 16; ib++) {
+        const float a = fabsf(scales[ib]);
+        if (a > max_abs_scale) { max_abs_scale = a; max_scale = scales[ib]; }
+    }
+    if (max_abs_scale < GROUP_MAX_EPS) {   /* whole block is zero */
+        memset(y, 0, 210);
+        return;
+    }
+    const float iscale = -128.0f / max_scale;
+    const uint16_t dh = fp32_to_fp16(1.0f / iscale);
+    int8_t sc[16];
+    for (int ib = 0; ib < 16; ib++) sc[ib] = (int8_t)MINI(127, nearest_int(iscale * scales[ib]));
+    const float df = fp16_to_fp32(dh);
+    for (int j = 0; j < 16; j++) {
+        const float dj = df * (float)sc[j];
+        if (dj == 0) continue;   /* keep the search's L (0 for tiny sub-blocks) */
+        const float *xs = x + 16 * j;
+        int8_t *Ls = L + 16 * j;
+        for (int i = 0; i < 16; i++) {
+            int l = nearest_int(xs[i] / dj);
+            Ls[i] = (int8_t)(MAXI(-32, MINI(31, l)) + 32);
+        }
+    }
+    uint8_t *ql = y, *qh = y + 128;
+    for (int h = 0; h < 2; h++) {
+        const int8_t *e = L + 128 * h;
+        for (int l = 0; l < 32; l++) {
+            ql[64 * h + l] = (uint8_t)((e[l] & 15) | ((e[l + 64] & 15) << 4));
+            ql[64 * h + 32 + l] = (uint8_t)((e[l + 32] & 15) | ((e[l + 96] & 15) << 4));
+            qh[32 * h + l] = (uint8_t)((e[l] >> 4) | ((e[l + 32] >> 4) << 2) |
+                                       ((e[l + 64] >> 4) << 4) | ((e[l + 96] >> 4) << 6));
+        }
+    }
+    memcpy(y + 192, sc, 16);
+    put_u16(y + 208, dh);
+}
+
+static void q6k_block_scalar(const float *x, uint8_t *y) {
+    int8_t L[QK_K];
+    float scales[16];
+    for (int ib = 0; ib < 16; ib++) scales[ib] = make_qx_quants16(x + 16 * ib, L + 16 * ib);
+    q6k_finish(x, scales, L, y);
+}
+
+/* ===================================================================== */
+/* K-quants: vector path (one sub-block per lane)                        */
+/* ===================================================================== */
+
+#define VW 16   /* lanes: 2 Q4_K/Q5_K super-blocks or 1 Q6_K super-block per batch */
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+ALWAYS_INLINE vf vsel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
+ALWAYS_INLINE vi vseli(vi m, vi a, vi b) { return (m & a) | (~m & b); }
+ALWAYS_INLINE vf vabs(vf a) { return (vf)((vi)a & 0x7FFFFFFF); }
+ALWAYS_INLINE vi vnearest(vf f) {
+    vf v = f + 12582912.0f;
+    return ((vi)v & 0x007FFFFF) - 0x00400000;
+}
+ALWAYS_INLINE vi vclamp(vi l, int lo, int hi) {
+    l = vseli(l < lo, (vi){} + lo, l);
+    return vseli(l > hi, (vi){} + hi, l);
+}
+ALWAYS_INLINE vf vtof(vi a) { return __builtin_convertvector(a, vf); }
+
+/* make_qkx2_quants for n = 32 on VW sub-blocks at once. xt[i][lane], w[i][lane].
+ * Lb receives the chosen L (as floats), scale/the_min per lane. */
+ALWAYS_INLINE void make_qkx2_vec(int nmax, const vf *xt, const vf *w, vf *Lb, vf *scale_out,
+                                 vf *the_min_out, float rmin, float rdelta, int nstep) {
+    vf Laux[32];
+    vf min = xt[0], max = xt[0];
+    vf sum_w = w[0], sum_x = sum_w * xt[0];
+    for (int i = 1; i < 32; i++) {
+        min = vsel(xt[i] < min, xt[i], min);
+        max = vsel(xt[i] > max, xt[i], max);
+        sum_w += w[i];
+        sum_x += w[i] * xt[i];
+    }
+    min = vsel(min > 0, (vf){}, min);
+    const vi degen = max == min;
+    vf iscale = (float)nmax / (max - min);
+    vf scale = 1.0f / iscale;
+    vf best_error = (vf){};
+    for (int i = 0; i < 32; i++) {
+        vf l = vtof(vclamp(vnearest(iscale * (xt[i] - min)), 0, nmax));
+        Lb[i] = l;
+        vf diff = scale * l + min - xt[i];
+        best_error += w[i] * (diff * diff);
+    }
+    for (int is = 0; is <= nstep; is++) {
+        const float c = rmin + rdelta * (float)is + (float)nmax;
+        /* (max - min) uses the current (drifted) min, like the reference */
+        iscale = c / (max - min);
+        vf sum_l = (vf){}, sum_l2 = (vf){}, sum_xl = (vf){};
+        for (int i = 0; i < 32; i++) {
+            vf l = vtof(vclamp(vnearest(iscale * (xt[i] - min)), 0, nmax));
+            Laux[i] = l;
+            vf wl = w[i] * l;
+            sum_l += wl;
+            sum_l2 += wl * l;
+            sum_xl += wl * xt[i];
+        }
+        vf D = sum_w * sum_l2 - sum_l * sum_l;
+        vi ok = (D > 0) & ~degen;
+        vf this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+        vf this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+        vi pos = this_min > 0;
+        this_min = vsel(pos, (vf){}, this_min);
+        this_scale = vsel(pos, sum_xl / sum_l2, this_scale);
+        vf cur_error = (vf){};
+        for (int i = 0; i < 32; i++) {
+            vf diff = this_scale * Laux[i] + this_min - xt[i];
+            cur_error += w[i] * (diff * diff);
+        }
+        vi acc = ok & (cur_error < best_error);
+        for (int i = 0; i < 32; i++) Lb[i] = vsel(acc, Laux[i], Lb[i]);
+        best_error = vsel(acc, cur_error, best_error);
+        scale = vsel(acc, this_scale, scale);
+        min = vsel(acc, this_min, min);
+    }
+    for (int i = 0; i < 32; i++) Lb[i] = vsel(degen, (vf){}, Lb[i]);
+    *scale_out = vsel(degen, (vf){}, scale);
+    *the_min_out = -min;
+}
+
+/* Q4_K / Q5_K: VW/8 super-blocks per batch; lane k = sub-block k%8 of super-block k/8. */
+ALWAYS_INLINE void kq45_rows_vec(const float *x, uint8_t *y, int64_t nsb, int nmax) {
+    const int bytes = nmax == 15 ? 144 : 176;
+    const float rmin = nmax == 15 ? -1.0f : -0.5f;
+    const int nstep = nmax == 15 ? 20 : 15;
+    for (int64_t b = 0; b < nsb; b += VW / 8) {
+        const int nb = (int)(nsb - b < VW / 8 ? nsb - b : VW / 8);
+        vf xt[32], w[32], Lb[32], scale, the_min;
+        for (int k = 0; k < VW; k++) {
+            const int sb = k / 8;
+            const float *src = x + (b + sb) * QK_K + 32 * (k % 8);
+            for (int l = 0; l < 32; l++) xt[l][k] = sb < nb ? src[l] : 0.0f;  /* pad lanes: zeros */
+        }
+        vf s2 = (vf){};
+        for (int l = 0; l < 32; l++) s2 += xt[l] * xt[l];
+        vf av;
+        for (int k = 0; k < VW; k++) av[k] = sqrtf(s2[k] / 32.0f);
+        for (int l = 0; l < 32; l++) w[l] = av + vabs(xt[l]);
+        make_qkx2_vec(nmax, xt, w, Lb, &scale, &the_min, rmin, 0.1f, nstep);
+        for (int sb = 0; sb < nb; sb++) {
+            float scales[8], mins[8];
+            uint8_t L[QK_K];
+            for (int j = 0; j < 8; j++) {
+                const int k = sb * 8 + j;
+                scales[j] = scale[k];
+                mins[j] = the_min[k];
+                for (int l = 0; l < 32; l++) L[32 * j + l] = (uint8_t)(int)Lb[l][k];
+            }
+            kq45_finish(x + (b + sb) * QK_K, scales, mins, L, nmax, y + (b + sb) * bytes);
+        }
+    }
+}
+
+/* make_qx_quants(16, 32, rmse_type=1) on VW sub-blocks at once; Lb gets L (0..63) as floats. */
+ALWAYS_INLINE void make_qx_vec(const vf *xt, vf *Lb, vf *scale_out) {
+    vf w[16], wx[16], Lc[16];
+    vf max = (vf){}, amax = (vf){};
+    for (int i = 0; i < 16; i++) {
+        vf ax = vabs(xt[i]);
+        vi m = ax > amax;
+        amax = vsel(m, ax, amax);
+        max = vsel(m, xt[i], max);
+        w[i] = xt[i] * xt[i];
+        wx[i] = w[i] * xt[i];            /* (w*x)*l: the w*x product is the same every pass */
+    }
+    const vi tiny = amax < GROUP_MAX_EPS;
+    vf iscale = -32.0f / max;
+    vf sumlx = (vf){}, suml2 = (vf){};
+    for (int i = 0; i < 16; i++) {
+        vf l = vtof(vclamp(vnearest(iscale * xt[i]), -32, 31));
+        Lb[i] = l + 32.0f;
+        sumlx += wx[i] * l;
+        suml2 += (w[i] * l) * l;
+    }
+    vf scale = vsel(suml2 != 0, sumlx / suml2, (vf){});
+    vf best = scale * sumlx;
+    for (int is = -9; is <= 9; is++) {
+        if (is == 0) continue;
+        const float c = -(32.0f + 0.1f * (float)is);
+        iscale = c / max;
+        sumlx = suml2 = (vf){};
+        for (int i = 0; i < 16; i++) {
+            vf l = vtof(vclamp(vnearest(iscale * xt[i]), -32, 31));
+            Lc[i] = l;
+            sumlx += wx[i] * l;
+            suml2 += (w[i] * l) * l;
+        }
+        vi acc = (suml2 > 0) & (sumlx * sumlx > best * suml2);
+        vf ns = sumlx / suml2;
+        vf nb = ns * sumlx;
+        for (int i = 0; i < 16; i++) Lb[i] = vsel(acc, Lc[i] + 32.0f, Lb[i]);
+        scale = vsel(acc, ns, scale);
+        best = vsel(acc, nb, best);
+    }
+    for (int i = 0; i < 16; i++) Lb[i] = vsel(tiny, (vf){}, Lb[i]);
+    *scale_out = vsel(tiny, (vf){}, scale);
+}
+
+/* Q6_K: VW/16 super-blocks per batch; lane k = sub-block k%16 of super-block k/16. */
+ALWAYS_INLINE void q6k_rows_vec(const float *x, uint8_t *y, int64_t nsb) {
+    for (int64_t b = 0; b < nsb; b += VW / 16) {
+        const int nb = (int)(nsb - b < VW / 16 ? nsb - b : VW / 16);
+        vf xt[16], Lb[16], scale;
+        for (int k = 0; k < VW; k++) {
+            const int sb = k / 16;
+            const float *src = x + (b + sb) * QK_K + 16 * (k % 16);
+            for (int l = 0; l < 16; l++) xt[l][k] = sb < nb ? src[l] : 0.0f;
+        }
+        make_qx_vec(xt, Lb, &scale);
+        for (int sb = 0; sb < nb; sb++) {
+            float scales[16];
+            int8_t L[QK_K];
+            for (int j = 0; j < 16; j++) {
+                const int k = sb * 16 + j;
+                scales[j] = scale[k];
+                for (int l = 0; l < 16; l++) L[16 * j + l] = (int8_t)(int)Lb[l][k];
+            }
+            q6k_finish(x + (b + sb) * QK_K, scales, L, y + (b + sb) * 210);
+        }
+    }
+}
+
+/* One copy of the vector kernels per instruction set; same source, same IEEE ops. */
+#define DEFINE_VEC_IMPL(sfx, attr)                                                          \
+    attr static void kq45_vec_##sfx(const float *x, uint8_t *y, int64_t nsb, int nmax) {    \
+        kq45_rows_vec(x, y, nsb, nmax);                                                      \
+    }                                                                                        \
+    attr static void q6k_vec_##sfx(const float *x, uint8_t *y, int64_t nsb) {               \
+        q6k_rows_vec(x, y, nsb);                                                             \
+    }
+
+DEFINE_VEC_IMPL(base, )
+#if defined(__x86_64__) && defined(__GNUC__)
+#define HAVE_X86_DISPATCH 1
+DEFINE_VEC_IMPL(avx2, __attribute__((target("avx2"))))
+DEFINE_VEC_IMPL(avx512, __attribute__((target("avx512f"))))
+#endif
+
+enum { IMPL_SCALAR = 0, IMPL_BASE = 1, IMPL_AVX2 = 2, IMPL_AVX512 = 3 };
+
+static int impl_available(int impl) {
+    switch (impl) {
+    case IMPL_SCALAR: case IMPL_BASE: return 1;
+#ifdef HAVE_X86_DISPATCH
+    case IMPL_AVX2: return __builtin_cpu_supports("avx2");
+    case IMPL_AVX512: return __builtin_cpu_supports("avx512f");
+#endif
+    default: return 0;
+    }
+}
+
+static int best_impl(void) {
+    for (int i = IMPL_AVX512; i > IMPL_SCALAR; i--)
+        if (impl_available(i)) return i;
+    return IMPL_SCALAR;
+}
+
+/* ===================================================================== */
+/* dispatch                                                              */
+/* ===================================================================== */
+
+static int block_info(int type, int *blck, int *bytes) {
+    switch (type) {
+    case T_F32: *blck = 1; *bytes = 4; return 1;
+    case T_F16: case T_BF16: *blck = 1; *bytes = 2; return 1;
+    case T_Q8_0: *blck = 32; *bytes = 34; return 1;
+    case T_Q5_0: *blck = 32; *bytes = 22; return 1;
+    case T_Q5_1: *blck = 32; *bytes = 24; return 1;
+    case T_Q4_K: *blck = 256; *bytes = 144; return 1;
+    case T_Q5_K: *blck = 256; *bytes = 176; return 1;
+    case T_Q6_K: *blck = 256; *bytes = 210; return 1;
+    default: return 0;
+    }
+}
+
+static void quantize_blocks(int type, const float *x, uint8_t *y, int64_t nb, int impl) {
+    switch (type) {
+    case T_F32:
+        memcpy(y, x, (size_t)nb * 4);
+        return;
+    case T_F16:
+        for (int64_t i = 0; i < nb; i++) put_u16(y + 2 * i, fp32_to_fp16(x[i]));
+        return;
+    case T_BF16:
+        for (int64_t i = 0; i < nb; i++) put_u16(y + 2 * i, fp32_to_bf16(x[i]));
+        return;
+    case T_Q8_0:
+        for (int64_t i = 0; i < nb; i++) q8_0_block(x + 32 * i, y + 34 * i);
+        return;
+    case T_Q5_0:
+        for (int64_t i = 0; i < nb; i++) q5_0_block(x + 32 * i, y + 22 * i);
+        return;
+    case T_Q5_1:
+        for (int64_t i = 0; i < nb; i++) q5_1_block(x + 32 * i, y + 24 * i);
+        return;
+    case T_Q4_K: case T_Q5_K: {
+        const int nmax = type == T_Q4_K ? 15 : 31, bytes = type == T_Q4_K ? 144 : 176;
+        switch (impl) {
+#ifdef HAVE_X86_DISPATCH
+        case IMPL_AVX512: kq45_vec_avx512(x, y, nb, nmax); return;
+        case IMPL_AVX2: kq45_vec_avx2(x, y, nb, nmax); return;
+#endif
+        case IMPL_BASE: kq45_vec_base(x, y, nb, nmax); return;
+        default:
+            for (int64_t i = 0; i < nb; i++) kq45_block_scalar(x + QK_K * i, y + bytes * i, nmax);
+            return;
+        }
+    }
+    case T_Q6_K:
+        switch (impl) {
+#ifdef HAVE_X86_DISPATCH
+        case IMPL_AVX512: q6k_vec_avx512(x, y, nb); return;
+        case IMPL_AVX2: q6k_vec_avx2(x, y, nb); return;
+#endif
+        case IMPL_BASE: q6k_vec_base(x, y, nb); return;
+        default:
+            for (int64_t i = 0; i < nb; i++) q6k_block_scalar(x + QK_K * i, y + 210 * i);
+            return;
+        }
+    }
+}
+
+/* ===================================================================== */
+/* dequantization (spec 5; each op rounded separately)                    */
+/* ===================================================================== */
+
+ALWAYS_INLINE void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
+    if (j < 4) { *sc = q[j] & 63; *m = q[j + 4] & 63; }
+    else {
+        *sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+static void dequantize_blocks(int type, const uint8_t *x, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++) {
+        switch (type) {
+        case T_F32: memcpy(y + i, x + 4 * i, 4); break;
+        case T_F16: y[i] = fp16_to_fp32(get_u16(x + 2 * i)); break;
+        case T_BF16: y[i] = u2f((uint32_t)get_u16(x + 2 * i) << 16); break;
+        case T_Q8_0: {
+            const uint8_t *b = x + 34 * i;
+            const float d = fp16_to_fp32(get_u16(b));
+            for (int j = 0; j < 32; j++) y[32 * i + j] = (float)(int8_t)b[2 + j] * d;
+            break;
+        }
+        case T_Q5_0: case T_Q5_1: {
+            const int q51 = type == T_Q5_1;
+            const uint8_t *b = x + (q51 ? 24 : 22) * i;
+            const float d = fp16_to_fp32(get_u16(b));
+            const float m = q51 ? fp16_to_fp32(get_u16(b + 2)) : 0.0f;
+            const uint8_t *qhp = b + (q51 ? 4 : 2), *qs = qhp + 4;
+            const uint32_t qh = qhp[0] | (qhp[1] << 8) | (qhp[2] << 16) | ((uint32_t)qhp[3] << 24);
+            for (int j = 0; j < 16; j++) {
+                const int v0 = (qs[j] & 15) | (int)(((qh >> j) & 1) << 4);
+                const int v1 = (qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1) << 4);
+                float *o = y + 32 * i;
+                if (q51) { o[j] = (float)v0 * d + m; o[j + 16] = (float)v1 * d + m; }
+                else { o[j] = (float)(v0 - 16) * d; o[j + 16] = (float)(v1 - 16) * d; }
+            }
+            break;
+        }
+        case T_Q4_K: case T_Q5_K: {
+            const int q5 = type == T_Q5_K;
+            const uint8_t *b = x + (q5 ? 176 : 144) * i;
+            const float d = fp16_to_fp32(get_u16(b)), dmin = fp16_to_fp32(get_u16(b + 2));
+            const uint8_t *qh = b + 16, *qs = b + (q5 ? 48 : 16);
+            for (int j = 0; j < 8; j++) {
+                int sc, m;
+                scale_min_k4(j, b + 4, &sc, &m);
+                const float d1 = d * (float)sc, m1 = dmin * (float)m;
+                const int p = j / 2, hi = j & 1;
+                for (int l = 0; l < 32; l++) {
+                    int q = hi ? qs[32 * p + l] >> 4 : qs[32 * p + l] & 15;
+                    if (q5) q |= ((qh[l] >> j) & 1) << 4;
+                    y[QK_K * i + 32 * j + l] = d1 * (float)q - m1;
+                }
+            }
+            break;
+        }
+        case T_Q6_K: {
+            const uint8_t *b = x + 210 * i;
+            const float d = fp16_to_fp32(get_u16(b + 208));
+            for (int h = 0; h < 2; h++)
+                for (int l = 0; l < 32; l++) {
+                    const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
+                    const int u[4] = {
+                        (ql[l] & 15) | ((qh[l] & 3) << 4),
+                        (ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4),
+                        (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                        (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+                    };
+                    for (int k = 0; k < 4; k++) {
+                        const int e = 128 * h + l + 32 * k;
+                        const float sc = (float)(int8_t)b[192 + e / 16];
+                        y[QK_K * i + e] = (d * sc) * (float)(u[k] - 32);
+                    }
+                }
+            break;
+        }
+        }
+    }
+}
+
+/* ===================================================================== */
+/* Python bindings (buffer protocol; the GIL is released for the work)    */
+/* ===================================================================== */
+
+typedef struct { Py_buffer b; int ok; } buf_t;
+
+static int get_buf(PyObject *o, buf_t *out, int writable) {
+    out->ok = 0;
+    if (PyObject_GetBuffer(o, &out->b, writable ? PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS : PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    out->ok = 1;
+    return 0;
+}
+static void rel_buf(buf_t *b) { if (b->ok) PyBuffer_Release(&b->b); b->ok = 0; }
+
+/* quantize(type, src_f32, dst, impl=-1): src length must be a multiple of the block. */
+static PyObject *py_quantize(PyObject *self, PyObject *args) {
+    int type, impl = -1, blck, bytes;
+    PyObject *so, *dob;
+    if (!PyArg_ParseTuple(args, "iOO|i", &type, &so, &dob, &impl)) return NULL;
+    if (!block_info(type, &blck, &bytes)) return PyErr_Format(PyExc_ValueError, "unsupported type %d", type);
+    if (impl < 0) impl = best_impl();
+    if (!impl_available(impl)) return PyErr_Format(PyExc_ValueError, "implementation %d not available", impl);
+    buf_t s, d;
+    if (get_buf(so, &s, 0) < 0) return NULL;
+    if (get_buf(dob, &d, 1) < 0) { rel_buf(&s); return NULL; }
+    const Py_ssize_t n = s.b.len / 4;
+    if (s.b.len % 4 || n % blck || d.b.len != (n / blck) * bytes) {
+        rel_buf(&s); rel_buf(&d);
+        return PyErr_Format(PyExc_ValueError, "bad sizes: src %zd bytes, dst %zd bytes", s.b.len, d.b.len);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    quantize_blocks(type, (const float *)s.b.buf, (uint8_t *)d.b.buf, n / blck, impl);
+    Py_END_ALLOW_THREADS
+    rel_buf(&s); rel_buf(&d);
+    Py_RETURN_NONE;
+}
+
+/* dequantize(type, src_bytes, dst_f32) */
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    int type, blck, bytes;
+    PyObject *so, *dob;
+    if (!PyArg_ParseTuple(args, "iOO", &type, &so, &dob)) return NULL;
+    if (!block_info(type, &blck, &bytes)) return PyErr_Format(PyExc_ValueError, "unsupported type %d", type);
+    buf_t s, d;
+    if (get_buf(so, &s, 0) < 0) return NULL;
+    if (get_buf(dob, &d, 1) < 0) { rel_buf(&s); return NULL; }
+    const Py_ssize_t nb = s.b.len / bytes;
+    if (s.b.len % bytes || d.b.len != nb * blck * 4) {
+        rel_buf(&s); rel_buf(&d);
+        return PyErr_Format(PyExc_ValueError, "bad sizes: src %zd bytes, dst %zd bytes", s.b.len, d.b.len);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    dequantize_blocks(type, (const uint8_t *)s.b.buf, (float *)d.b.buf, nb);
+    Py_END_ALLOW_THREADS
+    rel_buf(&s); rel_buf(&d);
+    Py_RETURN_NONE;
+}
+
+/* count_nonfinite(src, kind): kind 0 = f32, 1 = f16, 2 = bf16 (raw u16). */
+static PyObject *py_count_nonfinite(PyObject *self, PyObject *args) {
+    int kind = 0;
+    PyObject *so;
+    if (!PyArg_ParseTuple(args, "O|i", &so, &kind)) return NULL;
+    buf_t s;
+    if (get_buf(so, &s, 0) < 0) return NULL;
+    int64_t cnt = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (kind == 0) {
+        const uint32_t *p = (const uint32_t *)s.b.buf;
+        const int64_t n = s.b.len / 4;
+        for (int64_t i = 0; i < n; i++) cnt += (p[i] & 0x7F800000u) == 0x7F800000u;
+    } else {
+        const uint16_t *p = (const uint16_t *)s.b.buf;
+        const int64_t n = s.b.len / 2;
+        const uint16_t e = kind == 1 ? 0x7C00u : 0x7F80u;
+        for (int64_t i = 0; i < n; i++) cnt += (p[i] & e) == e;
+    }
+    Py_END_ALLOW_THREADS
+    rel_buf(&s);
+    return PyLong_FromLongLong(cnt);
+}
+
+/* bf16_to_f32(src_u16, dst_f32) and f16_to_f32(src_u16, dst_f32) */
+static PyObject *widen(PyObject *args, int bf) {
+    PyObject *so, *dob;
+    if (!PyArg_ParseTuple(args, "OO", &so, &dob)) return NULL;
+    buf_t s, d;
+    if (get_buf(so, &s, 0) < 0) return NULL;
+    if (get_buf(dob, &d, 1) < 0) { rel_buf(&s); return NULL; }
+    const int64_t n = s.b.len / 2;
+    if (s.b.len % 2 || d.b.len != n * 4) {
+        rel_buf(&s); rel_buf(&d);
+        return PyErr_Format(PyExc_ValueError, "bad sizes");
+    }
+    const uint16_t *p = (const uint16_t *)s.b.buf;
+    float *o = (float *)d.b.buf;
+    Py_BEGIN_ALLOW_THREADS
+    if (bf) for (int64_t i = 0; i < n; i++) o[i] = u2f((uint32_t)p[i] << 16);
+    else for (int64_t i = 0; i < n; i++) o[i] = fp16_to_fp32(p[i]);
+    Py_END_ALLOW_THREADS
+    rel_buf(&s); rel_buf(&d);
+    Py_RETURN_NONE;
+}
+static PyObject *py_bf16_to_f32(PyObject *self, PyObject *args) { return widen(args, 1); }
+static PyObject *py_f16_to_f32(PyObject *self, PyObject *args) { return widen(args, 0); }
+
+static PyObject *py_impls(PyObject *self, PyObject *noargs) {
+    PyObject *l = PyList_New(0);
+    static const char *names[] = {"scalar", "vec-base", "vec-avx2", "vec-avx512"};
+    for (int i = 0; i < 4; i++)
+        if (impl_available(i)) {
+            PyObject *t = Py_BuildValue("(is)", i, names[i]);
+            if (!t || PyList_Append(l, t) < 0) { Py_XDECREF(t); Py_DECREF(l); return NULL; }
+            Py_DECREF(t);
+        }
+    return l;
+}
+
+static PyObject *py_best_impl(PyObject *self, PyObject *noargs) { return PyLong_FromLong(best_impl()); }
+
+static PyMethodDef methods[] = {
+    {"quantize", py_quantize, METH_VARARGS, "quantize(type, src_f32, dst_u8, impl=-1)"},
+    {"dequantize", py_dequantize, METH_VARARGS, "dequantize(type, src_u8, dst_f32)"},
+    {"count_nonfinite", py_count_nonfinite, METH_VARARGS, "count_nonfinite(src, kind=0)"},
+    {"bf16_to_f32", py_bf16_to_f32, METH_VARARGS, "bf16_to_f32(src_u16, dst_f32)"},
+    {"f16_to_f32", py_f16_to_f32, METH_VARARGS, "f16_to_f32(src_u16, dst_f32)"},
+    {"impls", py_impls, METH_NOARGS, "available implementations as (id, name)"},
+    {"best_impl", py_best_impl, METH_NOARGS, "id of the fastest available implementation"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_native", "gguforge native quantizer", -1, methods};
+
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&mod); }

@@ -1,0 +1,167 @@
+"""Python API of the native quantizer (gguforge/quantize/_native.c).
+
+Output is byte-identical to ggml's reference quantizers (`quantize_row_*_ref`, which is
+what llama-quantize runs without an imatrix). Blocks are independent, so the bytes never
+depend on thread count or chunking.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from . import _native
+
+_BLOCKS = {
+    T.F32: (1, 4),
+    T.F16: (1, 2),
+    T.BF16: (1, 2),
+    T.Q8_0: (32, 34),
+    T.Q5_0: (32, 22),
+    T.Q5_1: (32, 24),
+    T.Q4_K: (256, 144),
+    T.Q5_K: (256, 176),
+    T.Q6_K: (256, 210),
+}
+
+# Implementation ids of the C module: 0 = scalar transcription of the reference,
+# 1.. = one sub-block per SIMD lane (baseline / AVX2 / AVX-512). Same bytes for all.
+IMPLS: dict[int, str] = dict(_native.impls())
+BEST_IMPL: int = _native.best_impl()
+
+# Work unit per task: big enough to amortise the call, small enough to balance threads.
+_MIN_CHUNK_ELEMS = 1 << 16
+
+
+def _qtype(qtype) -> int:
+    try:
+        return int(T(int(qtype)))
+    except ValueError:
+        raise ValueError(f"unknown GGML type {qtype!r}") from None
+
+
+def supported(qtype) -> bool:
+    try:
+        return _qtype(qtype) in _BLOCKS
+    except ValueError:
+        return False
+
+
+def block_info(qtype) -> tuple[int, int]:
+    """(elements per block, bytes per block)."""
+    q = _qtype(qtype)
+    if q not in _BLOCKS:
+        raise ValueError(f"unsupported type {T(q).name}")
+    return _BLOCKS[q]
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    # Reused across calls: a converter quantizes hundreds of tensors.
+    with _pools_lock:
+        p = _pools.get(threads)
+        if p is None:
+            p = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="gguforge-q")
+        return p
+
+
+def quantize(x: np.ndarray, qtype, threads: int | None = None, impl: int | None = None) -> np.ndarray:
+    """Quantize float32 rows (..., n) to uint8 (..., n//block*bytes).
+
+    F32/F16/BF16 are accepted too and return the converted bytes. `impl` selects a C
+    implementation (see IMPLS); default is the fastest one.
+    """
+    q = _qtype(qtype)
+    blck, nbytes = block_info(q)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim == 0:
+        raise ValueError("quantize needs at least one dimension")
+    n = x.shape[-1]
+    if n % blck:
+        raise ValueError(f"row length {n} is not a multiple of the {T(q).name} block size {blck}")
+    out = np.empty(x.shape[:-1] + (n // blck * nbytes,), dtype=np.uint8)
+    impl = BEST_IMPL if impl is None else impl
+    flat, oflat = x.reshape(-1), out.reshape(-1)
+    nblocks = flat.size // blck
+    threads = max(1, threads if threads is not None else (os.cpu_count() or 1))
+    # chunks of whole blocks (an even number, so vector batches stay full)
+    per = max(_MIN_CHUNK_ELEMS // blck, -(-nblocks // (threads * 4)))
+    per += per % 2
+    if threads == 1 or nblocks <= per:
+        _native.quantize(q, flat, oflat, impl)
+        return out
+    spans = [(s, min(s + per, nblocks)) for s in range(0, nblocks, per)]
+    futs = [
+        _pool(threads).submit(_native.quantize, q, flat[a * blck : b * blck], oflat[a * nbytes : b * nbytes], impl)
+        for a, b in spans
+    ]
+    for f in futs:
+        f.result()
+    return out
+
+
+def dequantize(data: np.ndarray, qtype, n: int) -> np.ndarray:
+    """Decode `n` elements. 1-D input gives shape (n,); (..., row_bytes) gives (..., n_per_row)."""
+    q = _qtype(qtype)
+    blck, nbytes = block_info(q)
+    data = np.ascontiguousarray(data).view(np.uint8)
+    if n % blck or data.size != n // blck * nbytes:
+        raise ValueError(f"{data.size} bytes do not hold {n} {T(q).name} elements")
+    out = np.empty(n, dtype=np.float32)
+    _native.dequantize(q, data.reshape(-1), out)
+    if data.ndim > 1:
+        return out.reshape(data.shape[:-1] + (-1,))
+    return out
+
+
+def f32_to_bf16(x) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), round to nearest even; NaN stays a quiet NaN."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty(x.shape, dtype=np.uint16)
+    _native.quantize(int(T.BF16), x.reshape(-1), out.reshape(-1).view(np.uint8), 0)
+    return out
+
+
+def bf16_to_f32(x: np.ndarray) -> np.ndarray:
+    """bf16 bits (uint16) -> float32, exact."""
+    x = np.ascontiguousarray(x).view(np.uint16)
+    out = np.empty(x.shape, dtype=np.float32)
+    _native.bf16_to_f32(x.reshape(-1), out.reshape(-1))
+    return out
+
+
+def f32_to_f16(x) -> np.ndarray:
+    """float32 -> float16, IEEE round to nearest even (same as numpy astype)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty(x.shape, dtype=np.float16)
+    _native.quantize(int(T.F16), x.reshape(-1), out.reshape(-1).view(np.uint8), 0)
+    return out
+
+
+def f16_to_f32(x: np.ndarray) -> np.ndarray:
+    """float16 -> float32, exact."""
+    x = np.ascontiguousarray(x)
+    if x.dtype != np.float16:
+        x = x.view(np.float16) if x.dtype == np.uint16 else x.astype(np.float16)
+    out = np.empty(x.shape, dtype=np.float32)
+    _native.f16_to_f32(x.reshape(-1).view(np.uint16), out.reshape(-1))
+    return out
+
+
+_NONFINITE_KIND = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
+
+
+def count_nonfinite(x: np.ndarray, bf16: bool = False) -> int:
+    """Number of NaN/Inf values in a float32 (or float16) array; bf16=True reads uint16 as bf16."""
+    x = np.ascontiguousarray(x)
+    kind = 2 if bf16 else _NONFINITE_KIND.get(x.dtype)
+    if kind is None:
+        raise TypeError(f"count_nonfinite expects float32/float16, got {x.dtype}")
+    return _native.count_nonfinite(x.reshape(-1).view(np.uint8), kind)
