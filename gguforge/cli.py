@@ -47,6 +47,9 @@ def convert_hf_cmd(
     model_name: Optional[str] = typer.Option(None, "--model-name", help="general.name (and the file name)"),
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="JSON file of GGUF metadata overrides"),
     pre_tokenizer: Optional[str] = typer.Option(None, "--pre-tokenizer", help="name the pre-tokenizer by hand"),
+    fuse_gate_up_exps: bool = typer.Option(False, "--fuse-gate-up-exps",
+                                           help="fuse routed expert gate and up into ffn_gate_up_exps"),
+    fuse_qkv: bool = typer.Option(False, "--fuse-qkv", help="fuse attention Q, K, V into attn_qkv"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, write nothing"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="worker threads (default: all cores)"),
@@ -78,7 +81,8 @@ def convert_hf_cmd(
         if not isinstance(overrides, dict):
             raise UserError(f"--metadata {metadata}: expected a JSON object of key: value")
     options = ConvertOptions(outtype=outtype, model_name=model_name, pre_tokenizer=pre_tokenizer,
-                             metadata_overrides=overrides, threads=threads, allow_nonfinite=allow_nonfinite,
+                             metadata_overrides=overrides, threads=threads,
+                             fuse_gate_up_exps=fuse_gate_up_exps, fuse_qkv=fuse_qkv, allow_nonfinite=allow_nonfinite,
                              vocab_only=vocab_only, mtp_only=mtp_only, no_mtp=no_mtp)
     source = model or str(embedded_model_dir())
     if model is None and not quiet:

@@ -23,6 +23,7 @@ PACKED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up|down)_proj(\
 @register("Qwen2MoeForCausalLM")
 class Qwen2Moe(DecoderArch):
     gguf_arch = "qwen2moe"
+    fusions = frozenset({"qkv"})  # the qwen2moe loader has no fused gate/up experts path
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -42,6 +43,7 @@ class Qwen2Moe(DecoderArch):
         for proj in ("gate", "up", "down"):
             names[f"mlp.shared_expert.{proj}_proj.weight"] = f"ffn_{proj}_shexp.weight"
             names[f"mlp.experts.{proj}_proj.weight"] = f"ffn_{proj}_exps.weight"
+        names["mlp.experts.gate_up_proj.weight"] = "ffn_gate_up_exps.weight"  # only with --fuse-gate-up-exps
         return names
 
     def transform(self, name: str, tensor: Lazy) -> Emitted:
@@ -61,6 +63,10 @@ class Qwen2Moe(DecoderArch):
             return
         if tensor.ndim != 3 or tensor.shape[1] % 2:
             raise UserError(f"{prefix}.gate_up_proj has shape {list(tensor.shape)}; expected [experts, 2*ffn, hidden]")
+        if self.options.fuse_gate_up_exps and "gate_up_exps" in self.fusions:
+            # Already the fused layout [E, gate+up, H]: write it as is, no split and rejoin.
+            yield from super().transform(f"{prefix}.gate_up_proj.weight", tensor)
+            return
         ff = tensor.shape[1] // 2
         yield from super().transform(f"{prefix}.gate_proj.weight", tensor.slice_axis(1, 0, ff))
         yield from super().transform(f"{prefix}.up_proj.weight", tensor.slice_axis(1, ff, 2 * ff))

@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..quantize.encode import encode
 from ..quantize.presets import Preset, parse_preset
 from ..quantize.rules import TensorIn, plan_quantization
+from . import fuse as fusion
 from .options import ConvertOptions
 from .read import Checkpoint
 from .transform import Lazy
@@ -70,29 +71,32 @@ class Plan:
 
 
 def map_tensors(checkpoint: Checkpoint, arch: DecoderArch) -> list[tuple[str, Lazy]]:
-    """Run the architecture's transform generator over every checkpoint tensor, in file order."""
+    """Run the architecture's transform generator, then the fusion stage, over every tensor in file order."""
     outputs: dict[str, Lazy] = {}
     unmapped: list[str] = []
 
-    def add(emitted):
-        for gguf_name, tensor in emitted:
-            if gguf_name in outputs:
-                raise UserError(f"two checkpoint tensors map to {gguf_name}")
-            outputs[gguf_name] = tensor
+    def transformed():
+        for name, source in checkpoint.tensors.items():
+            renamed = arch.rename(name)
+            if renamed is None:
+                continue
+            try:
+                yield from arch.transform(renamed, Lazy.from_source(source))
+            except UnmappedTensor as e:
+                unmapped.append(name if str(e) == renamed else str(e))
+        yield from arch.finish()
 
-    for name, source in checkpoint.tensors.items():
-        renamed = arch.rename(name)
-        if renamed is None:
-            continue
-        try:
-            add(arch.transform(renamed, Lazy.from_source(source)))
-        except UnmappedTensor as e:
-            unmapped.append(name if str(e) == renamed else str(e))
-    add(arch.finish())
+    fusion.check_supported(arch, arch.options)
+    fused: dict[str, int] = {}
+    for gguf_name, tensor in fusion.fuse(transformed(), arch.options, fused):
+        if gguf_name in outputs:
+            raise UserError(f"two checkpoint tensors map to {gguf_name}")
+        outputs[gguf_name] = tensor
     if unmapped:
         more = f" (and {len(unmapped) - 1} more: {', '.join(unmapped[1:4])}{', ...' if len(unmapped) > 4 else ''})"
         raise UserError(f"no {arch.gguf_arch} rule for tensor {unmapped[0]}" + (more if len(unmapped) > 1 else ""),
                         hint="the checkpoint does not match its config.json architecture, or holds extra tensors")
+    fusion.check_something_fused(arch, arch.options, fused)
     return list(outputs.items())
 
 
