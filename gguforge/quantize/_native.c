@@ -17,6 +17,7 @@
  *     (baseline SSE2, AVX2, AVX-512F) and chosen at run time. Lanes never mix, so
  *     every lane performs exactly the scalar IEEE operations.
  */
+#ifndef KERNEL_PASS
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
@@ -386,202 +387,53 @@ static void q6k_block_scalar(const float *x, uint8_t *y) {
 }
 
 /* ===================================================================== */
-/* K-quants: vector path (one sub-block per lane)                        */
+/* K-quants: vector path (one sub-block per SIMD lane)                    */
 /* ===================================================================== */
 
-#define VW 16   /* lanes: 2 Q4_K/Q5_K super-blocks or 1 Q6_K super-block per batch */
-typedef float vf __attribute__((vector_size(VW * 4)));
-typedef int32_t vi __attribute__((vector_size(VW * 4)));
+/* The kernels below the final #else are compiled once per instruction set by
+ * including this file again with a different native lane count VW and target:
+ * the same source, hence the same IEEE operations in every lane. NV45/NV6 native
+ * vectors are processed together (for instruction-level parallelism and because a
+ * batch must hold whole super-blocks: 8 lanes for Q4_K/Q5_K, 16 for Q6_K). */
+#define KERNEL_PASS 1
 
-ALWAYS_INLINE vf vsel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
-ALWAYS_INLINE vi vseli(vi m, vi a, vi b) { return (m & a) | (~m & b); }
-ALWAYS_INLINE vf vabs(vf a) { return (vf)((vi)a & 0x7FFFFFFF); }
-ALWAYS_INLINE vi vnearest(vf f) {
-    vf v = f + 12582912.0f;
-    return ((vi)v & 0x007FFFFF) - 0x00400000;
-}
-ALWAYS_INLINE vi vclamp(vi l, int lo, int hi) {
-    l = vseli(l < lo, (vi){} + lo, l);
-    return vseli(l > hi, (vi){} + hi, l);
-}
-ALWAYS_INLINE vf vtof(vi a) { return __builtin_convertvector(a, vf); }
+#define SFX base
+#define VW 4
+#define NV45 2
+#define NV6 4
+#include "_native.c"
+#undef SFX
+#undef VW
+#undef NV45
+#undef NV6
 
-/* make_qkx2_quants for n = 32 on VW sub-blocks at once. xt[i][lane], w[i][lane].
- * Lb receives the chosen L (as floats), scale/the_min per lane. */
-ALWAYS_INLINE void make_qkx2_vec(int nmax, const vf *xt, const vf *w, vf *Lb, vf *scale_out,
-                                 vf *the_min_out, float rmin, float rdelta, int nstep) {
-    vf Laux[32];
-    vf min = xt[0], max = xt[0];
-    vf sum_w = w[0], sum_x = sum_w * xt[0];
-    for (int i = 1; i < 32; i++) {
-        min = vsel(xt[i] < min, xt[i], min);
-        max = vsel(xt[i] > max, xt[i], max);
-        sum_w += w[i];
-        sum_x += w[i] * xt[i];
-    }
-    min = vsel(min > 0, (vf){}, min);
-    const vi degen = max == min;
-    vf iscale = (float)nmax / (max - min);
-    vf scale = 1.0f / iscale;
-    vf best_error = (vf){};
-    for (int i = 0; i < 32; i++) {
-        vf l = vtof(vclamp(vnearest(iscale * (xt[i] - min)), 0, nmax));
-        Lb[i] = l;
-        vf diff = scale * l + min - xt[i];
-        best_error += w[i] * (diff * diff);
-    }
-    for (int is = 0; is <= nstep; is++) {
-        const float c = rmin + rdelta * (float)is + (float)nmax;
-        /* (max - min) uses the current (drifted) min, like the reference */
-        iscale = c / (max - min);
-        vf sum_l = (vf){}, sum_l2 = (vf){}, sum_xl = (vf){};
-        for (int i = 0; i < 32; i++) {
-            vf l = vtof(vclamp(vnearest(iscale * (xt[i] - min)), 0, nmax));
-            Laux[i] = l;
-            vf wl = w[i] * l;
-            sum_l += wl;
-            sum_l2 += wl * l;
-            sum_xl += wl * xt[i];
-        }
-        vf D = sum_w * sum_l2 - sum_l * sum_l;
-        vi ok = (D > 0) & ~degen;
-        vf this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-        vf this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-        vi pos = this_min > 0;
-        this_min = vsel(pos, (vf){}, this_min);
-        this_scale = vsel(pos, sum_xl / sum_l2, this_scale);
-        vf cur_error = (vf){};
-        for (int i = 0; i < 32; i++) {
-            vf diff = this_scale * Laux[i] + this_min - xt[i];
-            cur_error += w[i] * (diff * diff);
-        }
-        vi acc = ok & (cur_error < best_error);
-        for (int i = 0; i < 32; i++) Lb[i] = vsel(acc, Laux[i], Lb[i]);
-        best_error = vsel(acc, cur_error, best_error);
-        scale = vsel(acc, this_scale, scale);
-        min = vsel(acc, this_min, min);
-    }
-    for (int i = 0; i < 32; i++) Lb[i] = vsel(degen, (vf){}, Lb[i]);
-    *scale_out = vsel(degen, (vf){}, scale);
-    *the_min_out = -min;
-}
-
-/* Q4_K / Q5_K: VW/8 super-blocks per batch; lane k = sub-block k%8 of super-block k/8. */
-ALWAYS_INLINE void kq45_rows_vec(const float *x, uint8_t *y, int64_t nsb, int nmax) {
-    const int bytes = nmax == 15 ? 144 : 176;
-    const float rmin = nmax == 15 ? -1.0f : -0.5f;
-    const int nstep = nmax == 15 ? 20 : 15;
-    for (int64_t b = 0; b < nsb; b += VW / 8) {
-        const int nb = (int)(nsb - b < VW / 8 ? nsb - b : VW / 8);
-        vf xt[32], w[32], Lb[32], scale, the_min;
-        for (int k = 0; k < VW; k++) {
-            const int sb = k / 8;
-            const float *src = x + (b + sb) * QK_K + 32 * (k % 8);
-            for (int l = 0; l < 32; l++) xt[l][k] = sb < nb ? src[l] : 0.0f;  /* pad lanes: zeros */
-        }
-        vf s2 = (vf){};
-        for (int l = 0; l < 32; l++) s2 += xt[l] * xt[l];
-        vf av;
-        for (int k = 0; k < VW; k++) av[k] = sqrtf(s2[k] / 32.0f);
-        for (int l = 0; l < 32; l++) w[l] = av + vabs(xt[l]);
-        make_qkx2_vec(nmax, xt, w, Lb, &scale, &the_min, rmin, 0.1f, nstep);
-        for (int sb = 0; sb < nb; sb++) {
-            float scales[8], mins[8];
-            uint8_t L[QK_K];
-            for (int j = 0; j < 8; j++) {
-                const int k = sb * 8 + j;
-                scales[j] = scale[k];
-                mins[j] = the_min[k];
-                for (int l = 0; l < 32; l++) L[32 * j + l] = (uint8_t)(int)Lb[l][k];
-            }
-            kq45_finish(x + (b + sb) * QK_K, scales, mins, L, nmax, y + (b + sb) * bytes);
-        }
-    }
-}
-
-/* make_qx_quants(16, 32, rmse_type=1) on VW sub-blocks at once; Lb gets L (0..63) as floats. */
-ALWAYS_INLINE void make_qx_vec(const vf *xt, vf *Lb, vf *scale_out) {
-    vf w[16], wx[16], Lc[16];
-    vf max = (vf){}, amax = (vf){};
-    for (int i = 0; i < 16; i++) {
-        vf ax = vabs(xt[i]);
-        vi m = ax > amax;
-        amax = vsel(m, ax, amax);
-        max = vsel(m, xt[i], max);
-        w[i] = xt[i] * xt[i];
-        wx[i] = w[i] * xt[i];            /* (w*x)*l: the w*x product is the same every pass */
-    }
-    const vi tiny = amax < GROUP_MAX_EPS;
-    vf iscale = -32.0f / max;
-    vf sumlx = (vf){}, suml2 = (vf){};
-    for (int i = 0; i < 16; i++) {
-        vf l = vtof(vclamp(vnearest(iscale * xt[i]), -32, 31));
-        Lb[i] = l + 32.0f;
-        sumlx += wx[i] * l;
-        suml2 += (w[i] * l) * l;
-    }
-    vf scale = vsel(suml2 != 0, sumlx / suml2, (vf){});
-    vf best = scale * sumlx;
-    for (int is = -9; is <= 9; is++) {
-        if (is == 0) continue;
-        const float c = -(32.0f + 0.1f * (float)is);
-        iscale = c / max;
-        sumlx = suml2 = (vf){};
-        for (int i = 0; i < 16; i++) {
-            vf l = vtof(vclamp(vnearest(iscale * xt[i]), -32, 31));
-            Lc[i] = l;
-            sumlx += wx[i] * l;
-            suml2 += (w[i] * l) * l;
-        }
-        vi acc = (suml2 > 0) & (sumlx * sumlx > best * suml2);
-        vf ns = sumlx / suml2;
-        vf nb = ns * sumlx;
-        for (int i = 0; i < 16; i++) Lb[i] = vsel(acc, Lc[i] + 32.0f, Lb[i]);
-        scale = vsel(acc, ns, scale);
-        best = vsel(acc, nb, best);
-    }
-    for (int i = 0; i < 16; i++) Lb[i] = vsel(tiny, (vf){}, Lb[i]);
-    *scale_out = vsel(tiny, (vf){}, scale);
-}
-
-/* Q6_K: VW/16 super-blocks per batch; lane k = sub-block k%16 of super-block k/16. */
-ALWAYS_INLINE void q6k_rows_vec(const float *x, uint8_t *y, int64_t nsb) {
-    for (int64_t b = 0; b < nsb; b += VW / 16) {
-        const int nb = (int)(nsb - b < VW / 16 ? nsb - b : VW / 16);
-        vf xt[16], Lb[16], scale;
-        for (int k = 0; k < VW; k++) {
-            const int sb = k / 16;
-            const float *src = x + (b + sb) * QK_K + 16 * (k % 16);
-            for (int l = 0; l < 16; l++) xt[l][k] = sb < nb ? src[l] : 0.0f;
-        }
-        make_qx_vec(xt, Lb, &scale);
-        for (int sb = 0; sb < nb; sb++) {
-            float scales[16];
-            int8_t L[QK_K];
-            for (int j = 0; j < 16; j++) {
-                const int k = sb * 16 + j;
-                scales[j] = scale[k];
-                for (int l = 0; l < 16; l++) L[16 * j + l] = (int8_t)(int)Lb[l][k];
-            }
-            q6k_finish(x + (b + sb) * QK_K, scales, L, y + (b + sb) * 210);
-        }
-    }
-}
-
-/* One copy of the vector kernels per instruction set; same source, same IEEE ops. */
-#define DEFINE_VEC_IMPL(sfx, attr)                                                          \
-    attr static void kq45_vec_##sfx(const float *x, uint8_t *y, int64_t nsb, int nmax) {    \
-        kq45_rows_vec(x, y, nsb, nmax);                                                      \
-    }                                                                                        \
-    attr static void q6k_vec_##sfx(const float *x, uint8_t *y, int64_t nsb) {               \
-        q6k_rows_vec(x, y, nsb);                                                             \
-    }
-
-DEFINE_VEC_IMPL(base, )
 #if defined(__x86_64__) && defined(__GNUC__)
 #define HAVE_X86_DISPATCH 1
-DEFINE_VEC_IMPL(avx2, __attribute__((target("avx2"))))
-DEFINE_VEC_IMPL(avx512, __attribute__((target("avx512f"))))
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#define SFX avx2
+#define VW 8
+#define NV45 1
+#define NV6 2
+#include "_native.c"
+#undef SFX
+#undef VW
+#undef NV45
+#undef NV6
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+#define SFX avx512
+#define VW 16
+#define NV45 1
+#define NV6 1
+#include "_native.c"
+#undef SFX
+#undef VW
+#undef NV45
+#undef NV6
+#pragma GCC pop_options
 #endif
 
 enum { IMPL_SCALAR = 0, IMPL_BASE = 1, IMPL_AVX2 = 2, IMPL_AVX512 = 3 };
@@ -885,3 +737,245 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_native", "gguforge native quantizer", -1, methods};
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&mod); }
+
+#else /* KERNEL_PASS: per-instruction-set kernels */
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define N(name) CAT(name, SFX)
+
+typedef float N(vf) __attribute__((vector_size(VW * 4)));
+typedef int32_t N(vi) __attribute__((vector_size(VW * 4)));
+#define vf N(vf)
+#define vi N(vi)
+#define vsel N(vsel)
+#define vabs N(vabs)
+#define vnearest_clamp N(vnearest_clamp)
+#define qkx2_vec N(qkx2_vec)
+#define qx_vec N(qx_vec)
+
+ALWAYS_INLINE vf vsel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
+ALWAYS_INLINE vf vabs(vf a) { return (vf)((vi)a & 0x7FFFFFFF); }
+/* clamp(nearest_int(f), lo, hi) as a float (the small ints are exact) */
+ALWAYS_INLINE vf vnearest_clamp(vf f, int lo, int hi) {
+    vf v = f + 12582912.0f;
+    vi l = ((vi)v & 0x007FFFFF) - 0x00400000;
+    vi m = l < lo;
+    l = (m & lo) | (~m & l);
+    m = l > hi;
+    l = (m & hi) | (~m & l);
+    return __builtin_convertvector(l, vf);
+}
+
+/* make_qkx2_quants (n = 32) on NV45*VW sub-blocks at once: xt[i][v] holds element i of
+ * VW sub-blocks. Branches become per-lane selects; the drifting min is per lane. */
+ALWAYS_INLINE void qkx2_vec(int nmax, vf xt[32][NV45], vf w[32][NV45], vf Lb[32][NV45],
+                            vf *scale_out, vf *the_min_out, float rmin, float rdelta, int nstep) {
+    vf Laux[32][NV45];
+    vf min[NV45], max[NV45], sum_w[NV45], sum_x[NV45], scale[NV45], best[NV45], isc[NV45];
+    vi degen[NV45];
+    const vf zero = (vf){};
+    for (int v = 0; v < NV45; v++) {
+        min[v] = max[v] = xt[0][v];
+        sum_w[v] = w[0][v];
+        sum_x[v] = sum_w[v] * xt[0][v];
+    }
+    for (int i = 1; i < 32; i++)
+        for (int v = 0; v < NV45; v++) {
+            min[v] = vsel(xt[i][v] < min[v], xt[i][v], min[v]);
+            max[v] = vsel(xt[i][v] > max[v], xt[i][v], max[v]);
+            sum_w[v] += w[i][v];
+            sum_x[v] += w[i][v] * xt[i][v];
+        }
+    for (int v = 0; v < NV45; v++) {
+        min[v] = vsel(min[v] > 0, zero, min[v]);
+        degen[v] = max[v] == min[v];
+        isc[v] = (float)nmax / (max[v] - min[v]);
+        scale[v] = 1.0f / isc[v];
+        best[v] = zero;
+    }
+    for (int i = 0; i < 32; i++)
+        for (int v = 0; v < NV45; v++) {
+            vf l = vnearest_clamp(isc[v] * (xt[i][v] - min[v]), 0, nmax);
+            Lb[i][v] = l;
+            vf diff = scale[v] * l + min[v] - xt[i][v];
+            best[v] += w[i][v] * (diff * diff);
+        }
+    for (int is = 0; is <= nstep; is++) {
+        const float c = rmin + rdelta * (float)is + (float)nmax;
+        vf sum_l[NV45], sum_l2[NV45], sum_xl[NV45], ts[NV45], tm[NV45], cur[NV45];
+        vi ok[NV45];
+        for (int v = 0; v < NV45; v++) {
+            isc[v] = c / (max[v] - min[v]);   /* current (possibly drifted) min */
+            sum_l[v] = sum_l2[v] = sum_xl[v] = zero;
+        }
+        for (int i = 0; i < 32; i++)
+            for (int v = 0; v < NV45; v++) {
+                vf l = vnearest_clamp(isc[v] * (xt[i][v] - min[v]), 0, nmax);
+                Laux[i][v] = l;
+                vf wl = w[i][v] * l;
+                sum_l[v] += wl;
+                sum_l2[v] += wl * l;
+                sum_xl[v] += wl * xt[i][v];
+            }
+        for (int v = 0; v < NV45; v++) {
+            vf D = sum_w[v] * sum_l2[v] - sum_l[v] * sum_l[v];
+            ts[v] = (sum_w[v] * sum_xl[v] - sum_x[v] * sum_l[v]) / D;
+            tm[v] = (sum_l2[v] * sum_x[v] - sum_l[v] * sum_xl[v]) / D;
+            vi pos = tm[v] > 0;
+            tm[v] = vsel(pos, zero, tm[v]);
+            ts[v] = vsel(pos, sum_xl[v] / sum_l2[v], ts[v]);
+            cur[v] = zero;
+            ok[v] = (D > 0) & ~degen[v];   /* the reference skips the step unless D > 0 */
+        }
+        for (int i = 0; i < 32; i++)
+            for (int v = 0; v < NV45; v++) {
+                vf diff = ts[v] * Laux[i][v] + tm[v] - xt[i][v];
+                cur[v] += w[i][v] * (diff * diff);
+            }
+        for (int v = 0; v < NV45; v++) {
+            vi acc = ok[v] & (cur[v] < best[v]);
+            for (int i = 0; i < 32; i++) Lb[i][v] = vsel(acc, Laux[i][v], Lb[i][v]);
+            best[v] = vsel(acc, cur[v], best[v]);
+            scale[v] = vsel(acc, ts[v], scale[v]);
+            min[v] = vsel(acc, tm[v], min[v]);
+        }
+    }
+    for (int v = 0; v < NV45; v++) {
+        for (int i = 0; i < 32; i++) Lb[i][v] = vsel(degen[v], zero, Lb[i][v]);
+        scale_out[v] = vsel(degen[v], zero, scale[v]);
+        the_min_out[v] = -min[v];
+    }
+}
+
+/* Q4_K / Q5_K: a batch is NB super-blocks; lane k (over all NV45*VW lanes) is
+ * sub-block k%8 of super-block k/8. Pad lanes (past the end) hold zeros. */
+static void N(kq45_vec)(const float *x, uint8_t *y, int64_t nsb, int nmax) {
+    enum { NL = NV45 * VW, NB = NL / 8 };
+    const int bytes = nmax == 15 ? 144 : 176;
+    const float rmin = nmax == 15 ? -1.0f : -0.5f;
+    const int nstep = nmax == 15 ? 20 : 15;
+    for (int64_t b = 0; b < nsb; b += NB) {
+        const int nb = (int)(nsb - b < NB ? nsb - b : NB);
+        vf xt[32][NV45], w[32][NV45], Lb[32][NV45], scale[NV45], the_min[NV45];
+        for (int k = 0; k < NL; k++) {
+            const int sb = k / 8;
+            const float *src = x + (b + sb) * QK_K + 32 * (k % 8);
+            for (int l = 0; l < 32; l++) xt[l][k / VW][k % VW] = sb < nb ? src[l] : 0.0f;
+        }
+        for (int v = 0; v < NV45; v++) {
+            vf s2 = (vf){}, av;
+            for (int l = 0; l < 32; l++) s2 += xt[l][v] * xt[l][v];
+            for (int k = 0; k < VW; k++) av[k] = sqrtf(s2[k] / 32.0f);
+            for (int l = 0; l < 32; l++) w[l][v] = av + vabs(xt[l][v]);
+        }
+        qkx2_vec(nmax, xt, w, Lb, scale, the_min, rmin, 0.1f, nstep);
+        for (int sb = 0; sb < nb; sb++) {
+            float scales[8], mins[8];
+            uint8_t L[QK_K];
+            for (int j = 0; j < 8; j++) {
+                const int k = sb * 8 + j, v = k / VW, e = k % VW;
+                scales[j] = scale[v][e];
+                mins[j] = the_min[v][e];
+                for (int l = 0; l < 32; l++) L[32 * j + l] = (uint8_t)(int)Lb[l][v][e];
+            }
+            kq45_finish(x + (b + sb) * QK_K, scales, mins, L, nmax, y + (b + sb) * bytes);
+        }
+    }
+}
+
+/* make_qx_quants(16, 32, rmse_type=1, no weights) on NV6*VW sub-blocks at once. */
+ALWAYS_INLINE void qx_vec(vf xt[16][NV6], vf Lb[16][NV6], vf *scale_out) {
+    vf w[16][NV6], wx[16][NV6], Lc[16][NV6];
+    vf max[NV6], amax[NV6], isc[NV6], sumlx[NV6], suml2[NV6], scale[NV6], best[NV6];
+    const vf zero = (vf){};
+    for (int v = 0; v < NV6; v++) max[v] = amax[v] = zero;
+    for (int i = 0; i < 16; i++)
+        for (int v = 0; v < NV6; v++) {
+            vf ax = vabs(xt[i][v]);
+            vi m = ax > amax[v];
+            amax[v] = vsel(m, ax, amax[v]);
+            max[v] = vsel(m, xt[i][v], max[v]);
+            w[i][v] = xt[i][v] * xt[i][v];
+            wx[i][v] = w[i][v] * xt[i][v];   /* (w*x)*l: w*x is the same every pass */
+        }
+    for (int v = 0; v < NV6; v++) {
+        isc[v] = -32.0f / max[v];
+        sumlx[v] = suml2[v] = zero;
+    }
+    for (int i = 0; i < 16; i++)
+        for (int v = 0; v < NV6; v++) {
+            vf l = vnearest_clamp(isc[v] * xt[i][v], -32, 31);
+            Lb[i][v] = l + 32.0f;
+            sumlx[v] += wx[i][v] * l;
+            suml2[v] += (w[i][v] * l) * l;
+        }
+    for (int v = 0; v < NV6; v++) {
+        scale[v] = vsel(suml2[v] != 0, sumlx[v] / suml2[v], zero);
+        best[v] = scale[v] * sumlx[v];
+    }
+    for (int is = -9; is <= 9; is++) {
+        if (is == 0) continue;
+        const float c = -(32.0f + 0.1f * (float)is);
+        for (int v = 0; v < NV6; v++) {
+            isc[v] = c / max[v];
+            sumlx[v] = suml2[v] = zero;
+        }
+        for (int i = 0; i < 16; i++)
+            for (int v = 0; v < NV6; v++) {
+                vf l = vnearest_clamp(isc[v] * xt[i][v], -32, 31);
+                Lc[i][v] = l;
+                sumlx[v] += wx[i][v] * l;
+                suml2[v] += (w[i][v] * l) * l;
+            }
+        for (int v = 0; v < NV6; v++) {
+            vi acc = (suml2[v] > 0) & (sumlx[v] * sumlx[v] > best[v] * suml2[v]);
+            vf ns = sumlx[v] / suml2[v];
+            vf nb = ns * sumlx[v];
+            for (int i = 0; i < 16; i++) Lb[i][v] = vsel(acc, Lc[i][v] + 32.0f, Lb[i][v]);
+            scale[v] = vsel(acc, ns, scale[v]);
+            best[v] = vsel(acc, nb, best[v]);
+        }
+    }
+    for (int v = 0; v < NV6; v++) {
+        vi tiny = amax[v] < GROUP_MAX_EPS;   /* all L = 0, scale 0 */
+        for (int i = 0; i < 16; i++) Lb[i][v] = vsel(tiny, zero, Lb[i][v]);
+        scale_out[v] = vsel(tiny, zero, scale[v]);
+    }
+}
+
+/* Q6_K: lane k is sub-block k%16 of super-block k/16. */
+static void N(q6k_vec)(const float *x, uint8_t *y, int64_t nsb) {
+    enum { NL = NV6 * VW, NB = NL / 16 };
+    for (int64_t b = 0; b < nsb; b += NB) {
+        const int nb = (int)(nsb - b < NB ? nsb - b : NB);
+        vf xt[16][NV6], Lb[16][NV6], scale[NV6];
+        for (int k = 0; k < NL; k++) {
+            const int sb = k / 16;
+            const float *src = x + (b + sb) * QK_K + 16 * (k % 16);
+            for (int l = 0; l < 16; l++) xt[l][k / VW][k % VW] = sb < nb ? src[l] : 0.0f;
+        }
+        qx_vec(xt, Lb, scale);
+        for (int sb = 0; sb < nb; sb++) {
+            float scales[16];
+            int8_t L[QK_K];
+            for (int j = 0; j < 16; j++) {
+                const int k = sb * 16 + j, v = k / VW, e = k % VW;
+                scales[j] = scale[v][e];
+                for (int l = 0; l < 16; l++) L[16 * j + l] = (int8_t)(int)Lb[l][v][e];
+            }
+            q6k_finish(x + (b + sb) * QK_K, scales, L, y + (b + sb) * 210);
+        }
+    }
+}
+
+#undef vf
+#undef vi
+#undef vsel
+#undef vabs
+#undef vnearest_clamp
+#undef qkx2_vec
+#undef qx_vec
+#undef N
+#undef CAT
+#undef CAT_
+#endif

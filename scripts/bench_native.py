@@ -1,0 +1,90 @@
+"""Benchmark the native quantizer: blocks/s per implementation, and vs ggml.
+
+    python scripts/bench_native.py [--rows 256] [--cols 4096] [--threads 1] [--types Q4_K,Q6_K]
+
+ggml is reached through llama-cpp-python's libggml-base.so (ctypes `ggml_quantize_chunk`,
+imatrix=NULL, single call = single thread), or the library named by GGUFORGE_GGML_LIB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from gguforge.quantize import native
+
+
+def ggml_fn():
+    path = os.environ.get("GGUFORGE_GGML_LIB")
+    if not path:
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None:
+            return None
+        libs = sorted(Path(spec.origin).parent.rglob("libggml-base.so*"))
+        if not libs:
+            return None
+        path = str(libs[0])
+    f = ctypes.CDLL(path).ggml_quantize_chunk
+    f.restype = ctypes.c_size_t
+    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                  ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    return f
+
+
+def best_time(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=128)
+    ap.add_argument("--cols", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--types", default="Q8_0,Q4_K,Q5_K,Q6_K,Q5_0,Q5_1")
+    a = ap.parse_args()
+
+    rng = np.random.default_rng(0)
+    # weight-like data: gaussian rows with varying scale and a few outliers
+    x = (rng.standard_normal((a.rows, a.cols)) * rng.uniform(0.005, 0.05, (a.rows, 1))).astype(np.float32)
+    x[rng.random(x.shape) < 1e-4] *= 30
+    g = ggml_fn()
+    names = [n for _, n in sorted(native.IMPLS.items())]
+    print(f"{a.rows}x{a.cols} f32, threads={a.threads}; blocks/s (higher is better)")
+    head = f"{'type':6}" + "".join(f"{n:>13}" for n in names)
+    print(head + (f"{'ggml':>13}{'best/ggml':>11}" if g else ""))
+    for tn in a.types.split(","):
+        qt = T[tn]
+        blk, nbytes = native.block_info(qt)
+        nblocks = x.size // blk
+        row = f"{tn:6}"
+        rates = {}
+        for impl in sorted(native.IMPLS):
+            dt = best_time(lambda: native.quantize(x, qt, threads=a.threads, impl=impl), a.repeat)
+            rates[impl] = nblocks / dt
+            row += f"{rates[impl]:13.0f}"
+        if g:
+            out = np.empty((a.rows, a.cols // blk * nbytes), np.uint8)
+            # ggml's call is single-threaded; scale by the thread count for an equal-threads ratio
+            dt = best_time(lambda: g(int(qt), x.ctypes.data, out.ctypes.data, 0, a.rows, a.cols, None), a.repeat)
+            gr = nblocks / dt * a.threads
+            best = rates[native.BEST_IMPL]
+            row += f"{gr:13.0f}{best / gr:10.2f}x"
+            assert np.array_equal(out, native.quantize(x, qt)), f"{tn}: bytes differ from ggml"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
