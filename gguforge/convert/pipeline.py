@@ -101,7 +101,7 @@ def convert_hf(model: str, outfile: str | None, options: ConvertOptions, *, forc
     root = resolve_model(model)
     checkpoint = open_checkpoint(root)
     if display_name is None and not Path(model).exists() and "/" in model:
-        display_name = model.rsplit("/", 1)[-1]
+        display_name = model  # the hub id: "Org/Name" gives general.organization and the file name
     plan = plan_conversion(checkpoint, options, display_name)
     target = output_path(plan, outfile)
     if dry_run:

@@ -23,6 +23,7 @@ from ..quantize.encode import encode
 from ..quantize.presets import Preset, parse_preset
 from ..quantize.rules import TensorIn, plan_quantization
 from . import fuse as fusion
+from .metadata import GeneralInfo, add_general_metadata, apply_overrides, general_info, model_id_for
 from .options import ConvertOptions
 from .read import Checkpoint
 from .transform import Lazy
@@ -57,6 +58,8 @@ class Plan:
     type_label: str  # upper-case output type for file names: F16, BF16, Q8_0, Q4_K_M ...
     name: str
     size_label: str
+    general: GeneralInfo | None = None
+    vocab_only: bool = False
 
     @property
     def n_params(self) -> int:
@@ -67,6 +70,8 @@ class Plan:
         return sum(t.nbytes for t in self.tensors)
 
     def default_filename(self) -> str:
+        if self.general is not None:
+            return self.general.filename(self.type_label, self.vocab_only)
         return naming_convention(self.name, None, None, None, self.size_label, self.type_label) + ".gguf"
 
 
@@ -165,23 +170,23 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
     mapped = [] if options.vocab_only else map_tensors(checkpoint, arch)
     tensors = [PlannedTensor(name, t.shape, float_type(name, t, ggml_out, arch), t) for name, t in mapped]
 
-    name = options.model_name or default_model_name(checkpoint, display_name)
-    label = size_label(*count_params(tensors)) if tensors else None
+    counts = count_params(tensors)
+    general = general_info(checkpoint.root, checkpoint.config, model_id_for(checkpoint.root, display_name),
+                           model_name=options.model_name, overrides=options.metadata_overrides,
+                           total_params=counts[0], computed_size_label=size_label(*counts) if tensors else None)
+    name, label = general.meta.name, general.meta.size_label
     md = Metadata()
     md.str("general.architecture", arch.gguf_arch)
     md.str("general.type", "model")
-    md.str("general.name", name)
-    if label:
-        md.str("general.size_label", label)
+    add_general_metadata(md, general.meta)
     arch.add_metadata(md)
     md.u32("general.file_type", int(file_type))
     md.u32("general.quantization_version", QUANT_VERSION)
     add_vocab_metadata(md, load_vocab(checkpoint.root, hparams, options.pre_tokenizer))
-    for key, value in options.metadata_overrides.items():
-        _override(md, key, value)
+    apply_overrides(md, options.metadata_overrides)
     if preset is not None:
         tensors = apply_preset(tensors, preset, md, ggml_out)
-    return Plan(arch, md, tensors, file_type, outtype.upper(), name, label)
+    return Plan(arch, md, tensors, file_type, outtype.upper(), name, label, general, options.vocab_only)
 
 
 def apply_preset(tensors: list[PlannedTensor], preset: Preset, md: Metadata, base: T) -> list[PlannedTensor]:
