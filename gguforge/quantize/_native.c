@@ -407,13 +407,13 @@ static void q6k_block_scalar(const float *x, uint8_t *y) {
 #undef NV45
 #undef NV6
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  /* clang lacks "#pragma GCC target" */
 #define HAVE_X86_DISPATCH 1
 #pragma GCC push_options
 #pragma GCC target("avx2")
 #define SFX avx2
 #define VW 8
-#define NV45 1
+#define NV45 2
 #define NV6 2
 #include "_native.c"
 #undef SFX
