@@ -58,6 +58,11 @@ def convert_hf_cmd(
     mtp_only: bool = typer.Option(False, "--mtp", help="write only the multi-token-prediction draft head"),
     no_mtp: bool = typer.Option(False, "--no-mtp", "--no-nextn", help="drop multi-token-prediction tensors"),
     list_archs: bool = typer.Option(False, "--list-archs", help="list supported architectures and exit"),
+    split_max_size: Optional[str] = typer.Option(None, "--split-max-size", metavar="N[K|M|G]",
+                                                 help="split the output into shards of at most this size "
+                                                 "(decimal units: K=1000)"),
+    split_max_tensors: int = typer.Option(0, "--split-max-tensors", help="split the output into shards of at "
+                                          "most this many tensors"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="tracebacks for internal errors"),
 ):
@@ -87,13 +92,29 @@ def convert_hf_cmd(
     source = model or str(embedded_model_dir())
     if model is None and not quiet:
         _say(f"no model given: converting the built-in tiny model ({EMBEDDED_MODEL})")
+    split = _split_options(split_max_size, split_max_tensors)
     plan, target = convert_hf(source, outfile, options, force=force, dry_run=dry_run,
                               progress_factory=progress_factory(quiet),
-                              display_name=EMBEDDED_MODEL if model is None else None)
+                              display_name=EMBEDDED_MODEL if model is None else None, split=split)
+    from .convert.split import plan_shards
+    shards = plan_shards(target, plan.tensors, split)
     if dry_run:
         _print_plan(plan, target)
+        _print_shards(shards)
     elif not quiet:
-        _say(f"wrote {target} ({plan.nbytes / 1e6:.1f} MB, {len(plan.tensors)} tensors, {plan.arch.gguf_arch})")
+        where = target if len(shards) == 1 else f"{len(shards)} shards {shards[0].path} ..."
+        _say(f"wrote {where} ({plan.nbytes / 1e6:.1f} MB, {len(plan.tensors)} tensors, {plan.arch.gguf_arch})")
+
+
+def _split_options(max_size: Optional[str], max_tensors: int):
+    from .convert.split import SplitOptions, parse_size
+    return SplitOptions(parse_size(max_size) if max_size else 0, max_tensors)
+
+
+def _print_shards(shards) -> None:
+    from .convert.split import format_shard_plan
+    for line in format_shard_plan(shards):
+        typer.echo(line)
 
 
 def _print_plan(plan, target) -> None:
@@ -124,10 +145,16 @@ def quantize_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the per-tensor plan, write nothing"),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="worker threads (default: all cores)"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
+    split_max_size: Optional[str] = typer.Option(None, "--split-max-size", metavar="N[K|M|G]",
+                                                 help="split the output into shards of at most this size"),
+    split_max_tensors: int = typer.Option(0, "--split-max-tensors", help="split the output into shards of at "
+                                          "most this many tensors"),
+    keep_split: bool = typer.Option(False, "--keep-split", help="write the output in the same shards as a "
+                                    "split input"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="tracebacks for internal errors"),
 ):
-    """Quantize a GGUF file with llama-quantize's per-tensor type rules."""
+    """Quantize a GGUF file with llama-quantize's per-tensor type rules (a split input: give the first shard)."""
     _state["verbose"] = verbose
     from .progress import progress_factory
     from .quantize.presets import parse_ggml_type, parse_preset, parse_tensor_type_option
@@ -145,7 +172,8 @@ def quantize_cmd(
         no_fallback=no_fallback,
     )
     result = quantize_gguf(source, target, preset, options, threads=threads, force=force, dry_run=dry_run,
-                           progress_factory=progress_factory(quiet))
+                           progress_factory=progress_factory(quiet),
+                           split=_split_options(split_max_size, split_max_tensors), keep_split=keep_split)
     sizes = size_summary(result.plans)
     totals = (f"{len(result.plans)} tensors, {sizes.src_bytes / 1e6:.2f} MB -> {sizes.dst_bytes / 1e6:.2f} MB, "
               f"{sizes.src_bpw:.2f} -> {sizes.dst_bpw:.2f} bits per weight")
@@ -153,9 +181,11 @@ def quantize_cmd(
     if dry_run:
         for line in format_plan(result.plans):
             typer.echo(line)
+        _print_shards(result.shards)
         typer.echo(f"{totals} ({preset.name}; dry run: nothing written)")
     elif not quiet:
-        _say(f"wrote {target} ({preset.name}): {totals}")
+        where = target if len(result.shards) <= 1 else f"{len(result.shards)} shards {result.shards[0].path} ..."
+        _say(f"wrote {where} ({preset.name}): {totals}")
     if warning and not quiet:
         _say(f"warning: {warning}")
 

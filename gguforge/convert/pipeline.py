@@ -16,7 +16,8 @@ from ..quantize.encode import encode
 from .options import ConvertOptions
 from .plan import Plan, PlannedTensor, output_path, plan_conversion
 from .read import open_checkpoint, resolve_model
-from .write import write_gguf
+from .split import SplitOptions, plan_shards, shard_metadata
+from .write import write_gguf, write_gguf_shards
 
 CHUNK_BYTES = 16 << 20  # float32 bytes of source rows handled per job
 RAW_COPY = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16}
@@ -71,7 +72,8 @@ def ordered_parallel(jobs, fn: Callable, threads: int, ahead: int) -> Iterator:
                 fut.cancel()
 
 
-def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None) -> None:
+def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,
+               split: SplitOptions | None = None) -> None:
     threads = options.threads or os.cpu_count() or 1
     check = not options.allow_nonfinite
 
@@ -85,7 +87,12 @@ def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None)
                                               threads, ahead=2 * threads):
             yield i, data
 
-    write_gguf(target, plan.metadata, plan.tensors, chunks, progress)
+    shards = plan_shards(target, plan.tensors, split)
+    if len(shards) == 1:
+        write_gguf(target, plan.metadata, plan.tensors, chunks, progress)
+    else:
+        write_gguf_shards([s.path for s in shards], shard_metadata(plan.metadata, shards),
+                          [(s.start, s.stop) for s in shards], plan.tensors, chunks, progress)
 
 
 def check_output(target: Path, model_dir: Path, force: bool) -> None:
@@ -97,7 +104,8 @@ def check_output(target: Path, model_dir: Path, force: bool) -> None:
 
 
 def convert_hf(model: str, outfile: str | None, options: ConvertOptions, *, force: bool = False,
-               dry_run: bool = False, progress_factory=None, display_name: str | None = None):
+               dry_run: bool = False, progress_factory=None, display_name: str | None = None,
+               split: SplitOptions | None = None):
     root = resolve_model(model)
     checkpoint = open_checkpoint(root)
     if display_name is None and not Path(model).exists() and "/" in model:
@@ -106,10 +114,11 @@ def convert_hf(model: str, outfile: str | None, options: ConvertOptions, *, forc
     target = output_path(plan, outfile)
     if dry_run:
         return plan, target
-    check_output(target, root, force)
+    for shard in plan_shards(target, plan.tensors, split):
+        check_output(shard.path, root, force)
     if progress_factory is None:
-        write_plan(plan, target, options)
+        write_plan(plan, target, options, split=split)
     else:
         with progress_factory(plan.nbytes, f"writing {target.name}") as advance:
-            write_plan(plan, target, options, advance)
+            write_plan(plan, target, options, advance, split=split)
     return plan, target

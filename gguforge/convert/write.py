@@ -218,3 +218,82 @@ def write_gguf(target: Path, metadata: Metadata, tensors: list[TensorEntry],
                 if current == len(tensors) - 1:
                     break
                 current, written = current + 1, 0
+
+
+@contextmanager
+def atomic_outputs(targets: list[Path]) -> Iterator[list[Any]]:
+    """Binary files beside each target, renamed onto them only when all are complete (else all removed)."""
+    targets = [Path(t) for t in targets]
+    temps: list[str] = []
+    files: list[Any] = []
+    try:
+        with _sigterm_as_exception():
+            try:
+                for target in targets:
+                    directory = target.parent if str(target.parent) else Path(".")
+                    if not directory.is_dir():
+                        raise UserError(f"output directory {directory} does not exist")
+                    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=directory)
+                    temps.append(tmp)
+                    os.fchmod(fd, 0o666 & ~_umask())
+                    files.append(os.fdopen(fd, "wb", buffering=8 << 20))
+                yield files
+                for f in files:
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                import errno
+                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                    raise UserError(f"cannot write {targets[0]}: {e.strerror} (disk full or file size limit)") \
+                        from None
+                raise
+            finally:
+                for f in files:
+                    f.close()
+        for tmp, target in zip(temps, targets):
+            os.replace(tmp, target)
+    except _Terminated:
+        for tmp in temps:
+            _unlink(tmp)
+        raise KeyboardInterrupt from None
+    except BaseException:
+        for tmp in temps:
+            _unlink(tmp)
+        raise
+
+
+def write_gguf_shards(targets: list[Path], metadatas: list[Metadata], groups: list[tuple[int, int]],
+                      tensors: list[TensorEntry], chunks: Callable[[], Iterable[tuple[int, Any]]],
+                      progress: Callable[[int], None] | None = None) -> None:
+    """Write a split GGUF: shard k holds tensors[a:b] for groups[k] == (a, b), with metadatas[k].
+
+    `chunks()` is as for write_gguf (tensor indices over all shards, in order). All shards are
+    renamed into place together, and none is left behind on failure.
+    """
+    shard_of = [k for k, (a, b) in enumerate(groups) for _ in range(a, b)]
+    headers = [encode_header(md, tensors[a:b]) for md, (a, b) in zip(metadatas, groups)]
+    with atomic_outputs(targets) as files:
+        for f, header in zip(files, headers):
+            f.write(header)
+        current, written = 0, 0
+
+        def close_tensor(i, n):
+            if n != tensors[i].nbytes:
+                raise RuntimeError(f"{tensors[i].name}: wrote {n} bytes, planned {tensors[i].nbytes}")
+            files[shard_of[i]].write(b"\0" * _pad(n))
+
+        for index, data in chunks():
+            while index != current:
+                close_tensor(current, written)
+                current, written = current + 1, 0
+            view = memoryview(data).cast("B")
+            files[shard_of[index]].write(view)
+            written += len(view)
+            if progress:
+                progress(len(view))
+        if tensors:
+            while True:
+                close_tensor(current, written)
+                if current == len(tensors) - 1:
+                    break
+                current, written = current + 1, 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +20,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType
 
 from ..convert.pipeline import CHUNK_BYTES, ordered_parallel
-from ..convert.write import Metadata, TensorEntry, write_gguf
+from ..convert.split import SplitOptions, plan_shards, shard_metadata
+from ..convert.write import Metadata, TensorEntry, write_gguf, write_gguf_shards
 from ..errors import UserError
 from .encode import encode
 from .presets import Preset, parse_preset
@@ -47,10 +48,21 @@ class SourceGGUF:
     arch: str
     n_layer_all: int | None
     n_expert: int
+    shard_readers: list = field(default_factory=list)  # shards 2..n of a split input
 
     @property
     def tensors(self):
-        return self.reader.tensors
+        if not self.shard_readers:
+            return self.reader.tensors
+        return [t for r in (self.reader, *self.shard_readers) for t in r.tensors]
+
+    @property
+    def shard_count(self) -> int:
+        return 1 + len(self.shard_readers)
+
+    def tensor_shards(self) -> dict[str, int]:
+        """Tensor name -> index of the input shard holding it."""
+        return {t.name: i for i, r in enumerate((self.reader, *self.shard_readers)) for t in r.tensors}
 
     def field(self, key: str):
         f = self.reader.get_field(key)
@@ -58,7 +70,39 @@ class SourceGGUF:
 
 
 def open_gguf(path: Path) -> SourceGGUF:
-    """Open and validate a GGUF file; every way it can be broken becomes one UserError line."""
+    """Open and validate a GGUF file (the first shard of a split one brings the rest); one UserError line
+    for every way it can be broken."""
+    reader = _open_reader(path)
+
+    def kv(key, r=reader):
+        f = r.get_field(key)
+        return None if f is None else f.contents()
+
+    shard_readers = []
+    if (count := kv("split.count") or 1) > 1:
+        from ..convert.split import split_siblings
+        if kv("split.no") != 0:
+            raise UserError(f"{path} is shard {kv('split.no') + 1} of {count} of a split GGUF",
+                            hint="give the first shard (NAME-00001-of-...)")
+        for i, shard in enumerate(split_siblings(Path(path), count)[1:], start=1):
+            if not shard.is_file():
+                raise UserError(f"{path} is split into {count} files, but {shard.name} is missing")
+            r = _open_reader(shard)
+            if kv("split.no", r) != i or kv("split.count", r) != count:
+                raise UserError(f"{shard} is not shard {i + 1} of {count} (its split.no/split.count disagree)")
+            shard_readers.append(r)
+        total = sum(len(r.tensors) for r in (reader, *shard_readers))
+        if kv("split.tensors.count") not in (None, total):
+            raise UserError(f"{path}: split.tensors.count is {kv('split.tensors.count')} but the shards hold {total}")
+    arch = kv("general.architecture")
+    if not isinstance(arch, str):
+        raise UserError(f"{path} has no general.architecture")
+    block_count = kv(f"{arch}.block_count")
+    return SourceGGUF(Path(path), reader, arch, None if block_count is None else int(block_count),
+                      int(kv(f"{arch}.expert_count") or 0), shard_readers)
+
+
+def _open_reader(path: Path):
     from gguf import GGUFReader
 
     path = Path(path)
@@ -80,20 +124,7 @@ def open_gguf(path: Path) -> SourceGGUF:
     for t in reader.tensors:
         if t.data_offset + int(t.n_bytes) > size:
             raise UserError(f"{path} is truncated: the data of tensor {t.name} runs past the end of the file")
-
-    def kv(key):
-        f = reader.get_field(key)
-        return None if f is None else f.contents()
-
-    if (kv("split.count") or 1) > 1:
-        raise UserError(f"{path} is one part of a split GGUF, which is not supported",
-                        hint="merge the parts first (llama-gguf-split --merge)")
-    arch = kv("general.architecture")
-    if not isinstance(arch, str):
-        raise UserError(f"{path} has no general.architecture")
-    block_count = kv(f"{arch}.block_count")
-    return SourceGGUF(path, reader, arch, None if block_count is None else int(block_count),
-                      int(kv(f"{arch}.expert_count") or 0))
+    return reader
 
 
 def _reader_error(e: Exception) -> str:
@@ -215,6 +246,7 @@ class QuantizeResult:
     plans: list[TensorPlan]
     target: Path
     preset: Preset
+    shards: list = field(default_factory=list)  # convert.split.Shard per output file
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -228,22 +260,36 @@ def same_file(a: Path, b: Path) -> bool:
 
 def quantize_gguf(source_path, target_path, preset: str | Preset, options: QuantOptions | None = None, *,
                   threads: int | None = None, force: bool = False, dry_run: bool = False,
-                  progress_factory=None) -> QuantizeResult:
+                  progress_factory=None, split: SplitOptions | None = None,
+                  keep_split: bool = False) -> QuantizeResult:
     preset = parse_preset(preset)
     options = options or QuantOptions()
     source_path, target = Path(source_path), Path(target_path)
     if same_file(source_path, target):
         raise UserError(f"the output {target} is the input file", hint="choose another output file name")
+    if keep_split and split is not None and split.active:
+        raise UserError("--keep-split cannot be combined with --split-max-size/--split-max-tensors")
     source = open_gguf(source_path)
     plans = plan_file(source, preset, options)
-    result = QuantizeResult(plans, target, preset)
+    groups = None
+    if keep_split:
+        # As llama-quantize --keep-split: tensors in input order, each in its input shard's output shard.
+        shard_of, position = source.tensor_shards(), {t.name: i for i, t in enumerate(source.tensors)}
+        plans.sort(key=lambda p: (shard_of[p.name], position[p.name]))
+        counts = [sum(1 for p in plans if shard_of[p.name] == k) for k in range(source.shard_count)]
+        groups = [(sum(counts[:k]), sum(counts[:k + 1])) for k in range(source.shard_count)]
+    entries = [output_entry(p) for p in plans]
+    shards = plan_shards(target, entries, split, groups)
+    result = QuantizeResult(plans, target, preset, shards)
     if dry_run:
         return result
-    if target.exists() and not force:
-        raise UserError(f"{target} already exists", hint="pass --force to overwrite it")
+    for shard in shards:
+        if same_file(source_path, shard.path):
+            raise UserError(f"the output {shard.path} is the input file", hint="choose another output file name")
+        if shard.path.exists() and not force:
+            raise UserError(f"{shard.path} already exists", hint="pass --force to overwrite it")
 
     metadata = output_metadata(source, preset)
-    entries = [output_entry(p) for p in plans]
     by_name = {t.name: t for t in source.tensors}
     threads = threads or os.cpu_count() or 1
 
@@ -258,12 +304,19 @@ def quantize_gguf(source_path, target_path, preset: str | Preset, options: Quant
                                               threads, ahead=2 * threads):
             yield i, data
 
+    def write(advance=None):
+        if len(shards) == 1:
+            write_gguf(target, metadata, entries, chunks, advance)
+        else:
+            write_gguf_shards([s.path for s in shards], shard_metadata(metadata, shards),
+                              [(s.start, s.stop) for s in shards], entries, chunks, advance)
+
     total = sum(e.nbytes for e in entries)
     if progress_factory is None:
-        write_gguf(target, metadata, entries, chunks)
+        write()
     else:
         with progress_factory(total, f"writing {target.name}") as advance:
-            write_gguf(target, metadata, entries, chunks, advance)
+            write(advance)
     return result
 
 
