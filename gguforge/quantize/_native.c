@@ -10,12 +10,16 @@
  *   - no FMA (built with -ffp-contract=off), products associate as in the spec;
  *   - true division where the spec divides, reciprocal where it multiplies.
  *
- * Two implementations of the K-quant search exist:
+ * Two implementations exist (selectable, for tests and benchmarks):
  *   - "scalar": one block at a time, a direct restatement of the spec;
- *   - "vector": the same per-block float sequence, but VW sub-blocks processed in
- *     lockstep, one per SIMD lane (GCC vector extensions). Compiled three times
- *     (baseline SSE2, AVX2, AVX-512F) and chosen at run time. Lanes never mix, so
- *     every lane performs exactly the scalar IEEE operations.
+ *   - "vector": the same per-block float sequence, but many sub-blocks processed in
+ *     lockstep, one per SIMD lane (GCC vector extensions). This file includes itself
+ *     once per instruction set (baseline, AVX2, AVX-512F; see KERNEL_PASS) and the
+ *     best one is chosen at run time. Lanes never mix, so every lane performs
+ *     exactly the scalar IEEE operations.
+ *
+ * Non-finite input is rejected by callers (count_nonfinite); its bytes are not
+ * part of the contract.
  */
 #ifndef KERNEL_PASS
 #define PY_SSIZE_T_CLEAN
@@ -485,8 +489,16 @@ static void quantize_blocks(int type, const float *x, uint8_t *y, int64_t nb, in
         for (int64_t i = 0; i < nb; i++) put_u16(y + 2 * i, fp32_to_bf16(x[i]));
         return;
     case T_Q8_0:
-        for (int64_t i = 0; i < nb; i++) q8_0_block(x + 32 * i, y + 34 * i);
-        return;
+        switch (impl) {
+#ifdef HAVE_X86_DISPATCH
+        case IMPL_AVX512: q8_0_vec_avx512(x, y, nb); return;
+        case IMPL_AVX2: q8_0_vec_avx2(x, y, nb); return;
+#endif
+        case IMPL_BASE: q8_0_vec_base(x, y, nb); return;
+        default:
+            for (int64_t i = 0; i < nb; i++) q8_0_block(x + 32 * i, y + 34 * i);
+            return;
+        }
     case T_Q5_0:
         for (int64_t i = 0; i < nb; i++) q5_0_block(x + 32 * i, y + 22 * i);
         return;
@@ -745,8 +757,10 @@ PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&mod); }
 
 typedef float N(vf) __attribute__((vector_size(VW * 4)));
 typedef int32_t N(vi) __attribute__((vector_size(VW * 4)));
+typedef int8_t N(vb) __attribute__((vector_size(VW)));
 #define vf N(vf)
 #define vi N(vi)
+#define vb N(vb)
 #define vsel N(vsel)
 #define vabs N(vabs)
 #define vnearest_clamp N(vnearest_clamp)
@@ -968,8 +982,51 @@ static void N(q6k_vec)(const float *x, uint8_t *y, int64_t nsb) {
     }
 }
 
+/* Q8_0, one block at a time with the 32 elements in VW-wide pieces (no accumulation
+ * besides a max, which is order-free). roundf is rebuilt exactly from truncation:
+ * q - trunc(q) is exact, and |frac| >= 0.5 rounds away from zero. Blocks with a
+ * non-finite element or an overflowing 1/d go to the scalar code, which reproduces
+ * ggml's float->int conversion of inf/NaN. */
+static void N(q8_0_vec)(const float *x, uint8_t *y, int64_t nb) {
+    enum { NP = 32 / VW };
+    for (int64_t i = 0; i < nb; i++) {
+        const float *xb = x + 32 * i;
+        uint8_t *yb = y + 34 * i;
+        vf v[NP], m = (vf){};
+        vi fin = (vi){} - 1;
+        for (int k = 0; k < NP; k++) {
+            memcpy(&v[k], xb + k * VW, sizeof(vf));
+            vf a = vabs(v[k]);
+            fin &= a <= FLT_MAX;
+            m = vsel(a > m, a, m);
+        }
+        float amax = 0.0f;
+        int all_fin = 1;
+        for (int e = 0; e < VW; e++) {
+            amax = MAXF(amax, m[e]);
+            all_fin &= fin[e] != 0;
+        }
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        if (!all_fin || !(id <= FLT_MAX)) {
+            q8_0_block(xb, yb);
+            continue;
+        }
+        put_u16(yb, fp32_to_fp16(d));
+        for (int k = 0; k < NP; k++) {
+            vf q = v[k] * id;
+            vi t = __builtin_convertvector(q, vi);                 /* toward zero */
+            vi away = vabs(q - __builtin_convertvector(t, vf)) >= 0.5f;
+            t += away & ((q < 0) | 1);                              /* +1, or -1 if negative */
+            vb b = __builtin_convertvector(t, vb);                  /* low byte of each */
+            memcpy(yb + 2 + k * VW, &b, VW);
+        }
+    }
+}
+
 #undef vf
 #undef vi
+#undef vb
 #undef vsel
 #undef vabs
 #undef vnearest_clamp
