@@ -190,6 +190,38 @@ def quantize_cmd(
         _say(f"warning: {warning}")
 
 
+@app.command("inspect")
+def inspect_cmd(
+    gguf_file: Path = typer.Argument(..., help="GGUF file (the first shard of a split file reads them all)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="tracebacks for internal errors"),
+):
+    """Show a GGUF file's metadata, tensors, and totals and bits per weight by type."""
+    _state["verbose"] = verbose
+    from .inspect import inspect_lines, load
+    for line in inspect_lines(load(gguf_file)):
+        typer.echo(line)
+
+
+@app.command("diff")
+def diff_cmd(
+    a: Path = typer.Argument(..., help="first GGUF file"),
+    b: Path = typer.Argument(..., help="second GGUF file"),
+    tol: Optional[float] = typer.Option(None, "--tol", help="compare tensor values (dequantized to f32) and "
+                                        "accept differences up to this; without it, tensor bytes must match"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="tracebacks for internal errors"),
+):
+    """Compare two GGUF files: exit 0 when equal (within --tol), 1 when different, 2 on bad input."""
+    _state["verbose"] = verbose
+    from .inspect import diff, load
+    if tol is not None and not tol >= 0:
+        raise UserError("--tol must be a number >= 0")
+    result = diff(load(a), load(b), tol)
+    for line in result.lines:
+        typer.echo(line)
+    if not result.equal:
+        raise typer.Exit(1)
+
+
 @app.command("verify")
 def verify_cmd(
     hf_dir: Path = typer.Argument(..., help="the original HF model directory"),

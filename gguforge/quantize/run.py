@@ -72,7 +72,7 @@ class SourceGGUF:
 def open_gguf(path: Path) -> SourceGGUF:
     """Open and validate a GGUF file (the first shard of a split one brings the rest); one UserError line
     for every way it can be broken."""
-    reader = _open_reader(path)
+    reader = open_reader(path)
 
     def kv(key, r=reader):
         f = r.get_field(key)
@@ -87,7 +87,7 @@ def open_gguf(path: Path) -> SourceGGUF:
         for i, shard in enumerate(split_siblings(Path(path), count)[1:], start=1):
             if not shard.is_file():
                 raise UserError(f"{path} is split into {count} files, but {shard.name} is missing")
-            r = _open_reader(shard)
+            r = open_reader(shard)
             if kv("split.no", r) != i or kv("split.count", r) != count:
                 raise UserError(f"{shard} is not shard {i + 1} of {count} (its split.no/split.count disagree)")
             shard_readers.append(r)
@@ -102,7 +102,8 @@ def open_gguf(path: Path) -> SourceGGUF:
                       int(kv(f"{arch}.expert_count") or 0), shard_readers)
 
 
-def _open_reader(path: Path):
+def open_reader(path: Path):
+    """A validated gguf.GGUFReader for one file."""
     from gguf import GGUFReader
 
     path = Path(path)
