@@ -389,7 +389,7 @@ def all_impls():
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
 def test_matches_python_model(qtype):
     """Every implementation == the slow transcription, block for block."""
-    seeds = [0, 1] if qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else [0, 1, 2, 3, 4, 5]
+    seeds = [0, 1, 2] if qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else [0, 1, 2, 3, 4, 5]
     for seed in seeds:
         rng = np.random.default_rng(1000 * seed + int(qtype))
         for kind in KINDS:
@@ -492,7 +492,7 @@ def test_matches_ggml(qtype):
     for seed in range(4):
         rng = np.random.default_rng(100 + seed)
         # many random rows: every kind of block, several scales, shuffled
-        x = _many_blocks(rng, 96)
+        x = _many_blocks(rng, 256)
         x = (x * rng.uniform(0.001, 100)).astype(F).reshape(-1, 1024)
         rng.shuffle(x)
         want = ggml_quantize(fn, x, qtype)
