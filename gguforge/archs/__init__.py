@@ -23,7 +23,7 @@ def register(*hf_architectures: str):
     def add(cls):
         for name in hf_architectures:
             _registry[name] = cls
-        cls.hf_architectures = tuple(dict.fromkeys(getattr(cls, "hf_architectures", ()) + hf_architectures))
+        cls.hf_architectures = tuple(dict.fromkeys(cls.__dict__.get("hf_architectures", ()) + hf_architectures))
         return cls
     return add
 

@@ -36,6 +36,10 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """Exact: bf16 is the top half of a float32."""
+    from ..quantize.encode import native_bf16_to_f32
+    if native_bf16_to_f32 is not None:
+        return native_bf16_to_f32(np.ascontiguousarray(bits)).reshape(bits.shape)
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
@@ -61,16 +65,15 @@ class SourceTensor:
         return np.dtype(np.float16) if self.dtype == "F16" else np.dtype(np.float32)
 
     def raw_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) along axis 0 in the stored dtype (a view into the memory map)."""
+        """Rows [start, stop) along axis 0 in the stored dtype, read into a fresh buffer."""
         storage = SAFETENSORS_DTYPES[self.dtype]
         row_elems = int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 1
-        mm = self._shard.mmap()
-        first = self.start + start * row_elems * storage.itemsize
         count = (stop - start) * row_elems
-        flat = np.frombuffer(mm, dtype=storage, count=count, offset=first)
+        out = np.empty(count, dtype=storage)
+        self._shard.read_into(out, self.start + start * row_elems * storage.itemsize)
         if not self.shape:
-            return flat.reshape(())
-        return flat.reshape((stop - start,) + tuple(self.shape[1:]))
+            return out.reshape(())
+        return out.reshape((stop - start,) + tuple(self.shape[1:]))
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) converted to the compute dtype."""
@@ -88,7 +91,7 @@ class Shard:
 
     def __init__(self, path: Path):
         self.path = path
-        self._mmap = None
+        self._fd = None
         self.tensors: dict[str, SourceTensor] = {}
         self._parse_header()
 
@@ -146,13 +149,22 @@ class Shard:
                             f"shape {shape} ({expected} bytes)")
         return SourceTensor(name, dtype, tuple(shape), self.path, data_start + begin, data_start + end, self)
 
-    def mmap(self):
-        if self._mmap is None:
-            if self.path.stat().st_size == 0:
-                self._mmap = b""
-            else:
-                self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._mmap
+    def read_into(self, buffer: np.ndarray, offset: int) -> None:
+        """Fill `buffer` from byte `offset`. pread instead of mmap: pages read for one chunk are not
+        kept mapped, so resident memory stays at the chunks in flight, whatever the model size."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise UserError(f"{self.path}: unexpected end of file (the file changed while converting?)")
+            done += n
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
 
 @dataclass

@@ -19,6 +19,9 @@ except ImportError:  # the extension is not built (e.g. running from a source tr
     _native = None
 
 
+native_bf16_to_f32 = _native.bf16_to_f32 if _native is not None else None
+
+
 def native_supports(ggml_type: T) -> bool:
     return _native is not None and _native.supported(ggml_type)
 
@@ -52,6 +55,8 @@ def encode(a: np.ndarray, ggml_type: T) -> np.ndarray:
     if ggml_type == T.F32:
         return np.ascontiguousarray(a, dtype=np.float32)
     if ggml_type == T.F16:
+        if _native is not None and a.dtype == np.float32:
+            return _native.f32_to_f16(np.ascontiguousarray(a))
         return np.ascontiguousarray(a, dtype=np.float16)
     if ggml_type == T.BF16:
         if _native is not None:
