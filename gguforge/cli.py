@@ -90,6 +90,9 @@ def convert_hf_cmd(
                              fuse_gate_up_exps=fuse_gate_up_exps, fuse_qkv=fuse_qkv, allow_nonfinite=allow_nonfinite,
                              vocab_only=vocab_only, mtp_only=mtp_only, no_mtp=no_mtp)
     source = model or str(embedded_model_dir())
+    if quiet or not sys.stderr.isatty():  # hub downloads show their own bars: silence them with ours
+        import os
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if model is None and not quiet:
         _say(f"no model given: converting the built-in tiny model ({EMBEDDED_MODEL})")
     split = _split_options(split_max_size, split_max_tensors)
