@@ -12,7 +12,7 @@ from math import prod
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType as V
+from gguf import GGMLQuantizationType as T, GGUFValueType as V
 
 from .convert.split import SPLIT_KEYS, split_siblings
 from .errors import UserError

@@ -143,15 +143,6 @@ def count_params(tensors: list[PlannedTensor]) -> tuple[int, int, int, int]:
     return total, shared, expert, (expert_sum // n_expert_tensors if n_expert_tensors else 0)
 
 
-def default_model_name(checkpoint: Checkpoint, display_name: str | None) -> str:
-    if display_name:
-        return display_name
-    root = checkpoint.root.resolve()
-    if root.parent.name == "snapshots":  # a hub cache folder: models--Org--Name/snapshots/<hash>
-        return root.parent.parent.name.split("--")[-1]
-    return root.name
-
-
 def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_name: str | None = None) -> Plan:
     hparams = checkpoint.hparams
     arch = lookup(checkpoint.config)(hparams, options, list(checkpoint.tensors))
@@ -218,19 +209,6 @@ def _round_through(base: T):
         bits = encode(a, T.BF16)  # round to nearest even, as the bf16 file stores it
         return (bits.astype(np.uint32) << 16).view(np.float32)
     return round_rows
-
-
-def _override(md: Metadata, key: str, value) -> None:
-    if isinstance(value, bool):
-        md.bool(key, value)
-    elif isinstance(value, int):
-        md.u32(key, value) if value >= 0 else md.i32(key, value)
-    elif isinstance(value, float):
-        md.f32(key, value)
-    elif isinstance(value, str):
-        md.str(key, value)
-    else:
-        raise UserError(f"metadata override {key!r}: unsupported value {value!r}")
 
 
 def output_path(plan: Plan, outfile: str | None) -> Path:
