@@ -54,6 +54,8 @@ def convert_hf_cmd(
     force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="worker threads (default: all cores)"),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="convert weights containing NaN/Inf"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="load pytorch_model*.bin pickle checkpoints "
+                                      "with torch (weights only; needs torch)"),
     vocab_only: bool = typer.Option(False, "--vocab-only", help="write metadata and vocabulary only"),
     mtp_only: bool = typer.Option(False, "--mtp", help="write only the multi-token-prediction draft head"),
     no_mtp: bool = typer.Option(False, "--no-mtp", "--no-nextn", help="drop multi-token-prediction tensors"),
@@ -88,7 +90,8 @@ def convert_hf_cmd(
     options = ConvertOptions(outtype=outtype, model_name=model_name, pre_tokenizer=pre_tokenizer,
                              metadata_overrides=overrides, threads=threads,
                              fuse_gate_up_exps=fuse_gate_up_exps, fuse_qkv=fuse_qkv, allow_nonfinite=allow_nonfinite,
-                             vocab_only=vocab_only, mtp_only=mtp_only, no_mtp=no_mtp)
+                             vocab_only=vocab_only, mtp_only=mtp_only, no_mtp=no_mtp,
+                             allow_pickle=allow_pickle)
     source = model or str(embedded_model_dir())
     if quiet or not sys.stderr.isatty():  # hub downloads show their own bars: silence them with ours
         import os

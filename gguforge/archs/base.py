@@ -15,6 +15,7 @@ from gguf import GGUFValueType
 
 from ..convert.options import ConvertOptions
 from ..convert.transform import Lazy
+from ..convert.validate import Dim, Expected
 from ..convert.write import Metadata
 from ..errors import UserError
 
@@ -117,6 +118,79 @@ class DecoderArch:
     def finish(self) -> Emitted:
         """Called after the last tensor: emit or complain about anything still buffered."""
         return iter(())
+
+    # -- expected shapes (checked by convert/validate.py before anything is written) ---------
+    def dim(self, *keys: str, default=...) -> Dim:
+        """A positive integer config value as a Dim naming its key; a missing key is a user error."""
+        for key in keys:
+            value = self.hparams.get(key)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise UserError(f"config.json: {key} must be a positive integer, got {value!r}")
+                return Dim(value, f"{key}={value}")
+        if default is ...:
+            self.hp(*keys)  # raises the missing-key error
+        return default
+
+    @property
+    def hidden(self) -> Dim:
+        return self.dim("hidden_size", "n_embd", "dim")
+
+    def head_dim(self) -> Dim:
+        if self.hparams.get("head_dim") is not None:
+            return self.dim("head_dim")
+        H, nH = self.hidden, self.dim("num_attention_heads", "n_head", "n_heads")
+        if H.size % nH.size:
+            raise UserError(f"config.json: {H.why} is not a multiple of {nH.why} (and there is no head_dim)")
+        return Dim(H.size // nH.size, f"head_dim={H.size // nH.size} (hidden_size / num_attention_heads)")
+
+    def present_names(self) -> set[str]:
+        """Checkpoint tensor names after rename(), for choosing between accepted layouts (computed once)."""
+        if getattr(self, "_present_names", None) is None:
+            self._present_names = {r for n in self.hf_names if (r := self.rename(n)) is not None}
+        return self._present_names
+
+    def expected_shapes(self) -> dict[str, Expected]:
+        """{checkpoint name after rename(): Expected} for every tensor this architecture knows."""
+        V, H = self.dim("vocab_size", "n_vocab"), self.hidden
+        tied = self.hparams.get("tie_word_embeddings") is not False  # HF's default is tied
+        shapes = {
+            "model.embed_tokens.weight": Expected.of(V, H),
+            "lm_head.weight": Expected.of(V, H, optional=tied),
+            "model.norm.weight": Expected.of(H),
+        }
+        for layer in range(self.block_count):
+            shapes.update({f"model.layers.{layer}.{leaf}": e for leaf, e in self.layer_shapes(layer).items()})
+        return shapes
+
+    def layer_shapes(self, layer: int) -> dict[str, Expected]:
+        """Leaf name (after 'model.layers.N.') -> Expected."""
+        H = self.hidden
+        return {"input_layernorm.weight": Expected.of(H), "post_attention_layernorm.weight": Expected.of(H),
+                **self.attention_shapes(layer), **self.mlp_shapes(layer)}
+
+    def attention_shapes(self, layer: int) -> dict[str, Expected]:
+        H, hd = self.hidden, self.head_dim()
+        nH = self.dim("num_attention_heads", "n_head", "n_heads")
+        nKV = self.dim("num_key_value_heads", "n_kv_heads", default=nH)
+        q, kv = nH * hd, nKV * hd
+        with_bias = bool(self.hparams.get("qkv_bias") or self.hparams.get("attention_bias"))
+        shapes = {
+            "self_attn.q_proj.weight": Expected.of(q, H),
+            "self_attn.k_proj.weight": Expected.of(kv, H),
+            "self_attn.v_proj.weight": Expected.of(kv, H),
+            "self_attn.o_proj.weight": Expected.of(H, q),
+            "self_attn.q_norm.weight": Expected.of(hd, optional=True),
+            "self_attn.k_norm.weight": Expected.of(hd, optional=True),
+        }
+        for x, rows in (("q", q), ("k", kv), ("v", kv)):
+            shapes[f"self_attn.{x}_proj.bias"] = Expected.of(rows, optional=not with_bias)
+        return shapes
+
+    def mlp_shapes(self, layer: int) -> dict[str, Expected]:
+        H, F = self.hidden, self.dim("intermediate_size", "n_inner", "hidden_dim")
+        return {"mlp.gate_proj.weight": Expected.of(F, H), "mlp.up_proj.weight": Expected.of(F, H),
+                "mlp.down_proj.weight": Expected.of(H, F)}
 
     # -- dtype policy -----------------------------------------------------------
     def keep_f32(self, gguf_name: str) -> bool:

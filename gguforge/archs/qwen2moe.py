@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from ..convert.transform import Lazy, stack
+from ..convert.validate import ANY, Expected
 from ..convert.write import Metadata
 from ..errors import UserError
 from . import register
@@ -91,6 +92,40 @@ class Qwen2Moe(DecoderArch):
                        for e in range(self.n_experts) if (p, e) not in got]
             raise UserError(f"incomplete experts: {missing[0]} is missing"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """As HF's Qwen2-MoE: experts unless listed in mlp_only_layers or off the decoder_sparse_step."""
+        step = int(self.hp("decoder_sparse_step", default=1)) or 1
+        return (self.n_experts > 0 and layer not in (self.hparams.get("mlp_only_layers") or [])
+                and (layer + 1) % step == 0)
+
+    def mlp_shapes(self, layer: int) -> dict[str, Expected]:
+        if not self.is_moe_layer(layer):
+            return super().mlp_shapes(layer)
+        H, E = self.hidden, self.dim("num_local_experts", "num_experts")
+        Fe = self.dim("moe_intermediate_size", default=ANY)
+        shapes = {"mlp.gate.weight": Expected.of(E, H)}
+        if self.hparams.get("shared_expert_intermediate_size"):
+            Fs = self.dim("shared_expert_intermediate_size")
+            shapes.update({
+                "mlp.shared_expert.gate_proj.weight": Expected.of(Fs, H),
+                "mlp.shared_expert.up_proj.weight": Expected.of(Fs, H),
+                "mlp.shared_expert.down_proj.weight": Expected.of(H, Fs),
+                "mlp.shared_expert_gate.weight": Expected.of(1, H),
+            })
+        # Either layout is accepted: the packed one when the checkpoint holds it, else per expert.
+        present = self.present_names()
+        packed = f"model.layers.{layer}.mlp.experts."
+        if any(f"{packed}{p}{w}" in present for p in ("gate_up_proj", "down_proj") for w in ("", ".weight")):
+            for proj, shape in (("gate_up_proj", (E, 2 * Fe, H)), ("down_proj", (E, H, Fe))):
+                leaf = f"mlp.experts.{proj}" + (".weight" if f"{packed}{proj}.weight" in present else "")
+                shapes[leaf] = Expected.of(*shape)
+            return shapes
+        for e in range(E.size):
+            shapes[f"mlp.experts.{e}.gate_proj.weight"] = Expected.of(Fe, H)
+            shapes[f"mlp.experts.{e}.up_proj.weight"] = Expected.of(Fe, H)
+            shapes[f"mlp.experts.{e}.down_proj.weight"] = Expected.of(H, Fe)
+        return shapes
 
     def keep_f32(self, gguf_name: str) -> bool:
         # The router and the shared-expert gate stay F32 (llama.cpp computes them in full precision).

@@ -14,6 +14,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from ..convert.transform import Lazy
+from ..convert.validate import Expected
 from ..convert.write import Metadata
 from ..errors import UserError
 from . import register
@@ -42,6 +43,21 @@ class Qwen35(Qwen3Next):
             **super().block_names(),
             "linear_attn.in_proj_b.weight": "ssm_beta.weight",
             "linear_attn.in_proj_a.weight": "ssm_alpha.weight",
+        }
+
+    def linear_attention_shapes(self) -> dict[str, Expected]:
+        """Qwen3.5 stores the Gated DeltaNet input projections split: qkv, z, b, a."""
+        shapes = super().linear_attention_shapes()
+        del shapes["linear_attn.in_proj_qkvz.weight"], shapes["linear_attn.in_proj_ba.weight"]
+        H = self.hidden
+        nk, dk = self.dim("linear_num_key_heads"), self.dim("linear_key_head_dim")
+        nv, dv = self.dim("linear_num_value_heads"), self.dim("linear_value_head_dim")
+        return {
+            **shapes,
+            "linear_attn.in_proj_qkv.weight": Expected.of(2 * nk * dk + nv * dv, H),
+            "linear_attn.in_proj_z.weight": Expected.of(nv * dv, H),
+            "linear_attn.in_proj_b.weight": Expected.of(nv, H),
+            "linear_attn.in_proj_a.weight": Expected.of(nv, H),
         }
 
     def transform(self, name: str, tensor: Lazy) -> Emitted:

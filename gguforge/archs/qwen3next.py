@@ -17,6 +17,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from ..convert.transform import Lazy
+from ..convert.validate import Expected
 from ..convert.write import Metadata
 from ..errors import UserError
 from . import register
@@ -130,6 +131,57 @@ class Qwen3Next(Qwen2Moe):
             "enorm.weight": "nextn.enorm.weight",
             "hnorm.weight": "nextn.hnorm.weight",
             "shared_head.norm.weight": "nextn.shared_head_norm.weight",
+        }
+
+    # -- expected shapes ------------------------------------------------------------------
+    def expected_shapes(self) -> dict[str, Expected]:
+        shapes = super().expected_shapes()
+        L, H = self.n_layers, self.hidden
+        for name, e in list(shapes.items()):
+            layer = self._layer_number(name)
+            if layer is not None and layer >= L:
+                shapes[name] = Expected(e.shapes, optional=True)  # MTP blocks are optional
+            elif self.options.mtp_only and name not in DRAFT_SHARED:
+                del shapes[name]  # a draft-head-only file reads no trunk layers
+        if self.n_mtp:
+            shapes[f"model.layers.{L}.eh_proj.weight"] = Expected.of(H, 2 * H, optional=True)
+            for norm in ("enorm", "hnorm", "shared_head.norm"):
+                shapes[f"model.layers.{L}.{norm}.weight"] = Expected.of(H, optional=True)
+        return shapes
+
+    @staticmethod
+    def _layer_number(name: str) -> int | None:
+        parts = name.split(".")
+        return int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else None
+
+    def attention_shapes(self, layer: int) -> dict[str, Expected]:
+        if layer < self.n_layers and self.recurrent_layers()[layer]:
+            return self.linear_attention_shapes()
+        shapes = super().attention_shapes(layer)
+        H, hd, nH = self.hidden, self.head_dim(), self.dim("num_attention_heads")
+        q = 2 * nH * hd  # query and output gate per head
+        shapes["self_attn.q_proj.weight"] = Expected.of(q, H)
+        shapes["self_attn.q_proj.bias"] = Expected.of(q, optional=shapes["self_attn.q_proj.bias"].optional)
+        for x in "qk":
+            shapes[f"self_attn.{x}_norm.weight"] = Expected.of(hd)
+        return shapes
+
+    def linear_attention_shapes(self) -> dict[str, Expected]:
+        """Gated DeltaNet layer tensors (Qwen3-Next's fused in_proj_qkvz and in_proj_ba)."""
+        H = self.hidden
+        nk, dk = self.dim("linear_num_key_heads"), self.dim("linear_key_head_dim")
+        nv, dv = self.dim("linear_num_value_heads"), self.dim("linear_value_head_dim")
+        K = self.dim("linear_conv_kernel_dim")
+        C = 2 * nk * dk + nv * dv  # conv channels: Q, K and V
+        la = "linear_attn."
+        return {
+            la + "in_proj_qkvz.weight": Expected.of(2 * nk * dk + 2 * nv * dv, H),
+            la + "in_proj_ba.weight": Expected.of(2 * nv, H),
+            la + "conv1d.weight": Expected(((C, 1, K), (C, K))),  # depthwise [C, 1, K], or already squeezed
+            la + "A_log": Expected.of(nv),
+            la + "dt_bias": Expected.of(nv),
+            la + "norm.weight": Expected.of(dv),
+            la + "out_proj.weight": Expected.of(H, nv * dv),
         }
 
     # -- values ------------------------------------------------------------------------

@@ -18,3 +18,4 @@ class ConvertOptions:
     allow_nonfinite: bool = False
     threads: int | None = None
     vocab_only: bool = False
+    allow_pickle: bool = False  # load pytorch_model*.bin with torch (weights only)

@@ -107,7 +107,7 @@ def convert_hf(model: str, outfile: str | None, options: ConvertOptions, *, forc
                dry_run: bool = False, progress_factory=None, display_name: str | None = None,
                split: SplitOptions | None = None):
     root = resolve_model(model)
-    checkpoint = open_checkpoint(root)
+    checkpoint = open_checkpoint(root, allow_pickle=options.allow_pickle)
     if display_name is None and not Path(model).exists() and "/" in model:
         display_name = model  # the hub id: "Org/Name" gives general.organization and the file name
     plan = plan_conversion(checkpoint, options, display_name)

@@ -27,6 +27,7 @@ from .metadata import GeneralInfo, add_general_metadata, apply_overrides, genera
 from .options import ConvertOptions
 from .read import Checkpoint
 from .transform import Lazy
+from .validate import validate_checkpoint
 from .vocab import add_vocab_metadata, load_vocab
 from .write import Metadata, TensorEntry
 
@@ -146,6 +147,7 @@ def count_params(tensors: list[PlannedTensor]) -> tuple[int, int, int, int]:
 def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_name: str | None = None) -> Plan:
     hparams = checkpoint.hparams
     arch = lookup(checkpoint.config)(hparams, options, list(checkpoint.tensors))
+    validate_checkpoint(checkpoint, arch, check_tensors=not options.vocab_only)
     outtype = resolve_outtype(options.outtype.lower(), checkpoint)
     preset = parse_preset(outtype) if outtype in PRESET_OUTTYPES else None
     if preset is not None:

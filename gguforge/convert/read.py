@@ -234,15 +234,18 @@ def _index_shards(root: Path) -> list[tuple[Path, set[str] | None]]:
         return [(p, None) for p in parts]
     if any(root.glob("pytorch_model*.bin")) or any(root.glob("*.pt")):
         raise UserError(f"{root}: only pickle checkpoints (pytorch_model*.bin) found",
-                        hint="pickle files can run arbitrary code; convert them to safetensors first")
+                        hint="pickle files can run arbitrary code; pass --allow-pickle to load their tensors "
+                        "with torch (weights only), or convert them to safetensors first")
     raise UserError(f"{root}: no model.safetensors or safetensors shards found")
 
 
-def open_checkpoint(root: Path) -> Checkpoint:
+def open_checkpoint(root: Path, allow_pickle: bool = False) -> Checkpoint:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: not a directory")
     config = load_config(root)
+    if allow_pickle and not any(root.glob("*.safetensors")) and (pickles := pickle_files(root)):
+        return Checkpoint(root, config, load_pickled_tensors(pickles))
     tensors: dict[str, SourceTensor] = {}
     for path, expected in _index_shards(root):
         shard = Shard(path)
@@ -263,6 +266,85 @@ def open_checkpoint(root: Path) -> Checkpoint:
                 raise UserError(f"tensor {name!r} is stored twice ({tensors[name].path.name} and {path.name})")
             tensors[name] = t
     return Checkpoint(root, config, tensors)
+
+
+# -- pickle checkpoints (only with --allow-pickle) ----------------------------------------------
+
+TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+                "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def pickle_files(root: Path) -> list[Path]:
+    """pytorch_model*.bin files: those named by pytorch_model.bin.index.json, else all of them."""
+    index_path = root / "pytorch_model.bin.index.json"
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted({str(f) for f in weight_map.values()})
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{index_path}: not a valid index (needs a 'weight_map' object)") from None
+        missing = [f for f in names if not (root / f).is_file()]
+        if missing:
+            raise UserError(f"{root}: {missing[0]} named in {index_path.name} is missing",
+                            hint="the download is incomplete; fetch the missing files")
+        return [root / f for f in names]
+    return sorted(p for p in root.glob("pytorch_model*.bin") if p.is_file())
+
+
+class PickledBytes:
+    """read_into() over one tensor from torch.load(mmap=True): lets SourceTensor read it unchanged."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def read_into(self, buffer: np.ndarray, offset: int) -> None:
+        import torch
+        flat = self.tensor.contiguous().reshape(-1)
+        raw = flat.view(torch.uint8).numpy()  # bf16 has no numpy dtype: go through the bytes
+        out = buffer.reshape(-1).view(np.uint8)
+        out[:] = raw[offset:offset + out.size]
+
+
+def load_pickled_tensors(paths: list[Path]) -> dict[str, SourceTensor]:
+    """Tensors of pickle checkpoints, loaded by torch with weights_only=True (no code runs) and mmap."""
+    try:
+        import torch
+    except ImportError:
+        raise UserError("loading pickle checkpoints (--allow-pickle) needs torch, which is not installed",
+                        hint="pip install torch (the CPU build is enough), or convert the checkpoint to "
+                        "safetensors") from None
+    tensors: dict[str, SourceTensor] = {}
+    for path in paths:
+        state = _torch_load(torch, path)
+        if not isinstance(state, dict):
+            raise UserError(f"{path}: expected a dictionary of tensors, found {type(state).__name__}")
+        for name, t in state.items():
+            if not isinstance(name, str) or not torch.is_tensor(t):
+                raise UserError(f"{path}: entry {name!r} is not a tensor")
+            if name in tensors:
+                raise UserError(f"tensor {name!r} is stored twice ({tensors[name].path.name} and {path.name})")
+            dtype = TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."), str(t.dtype))
+            nbytes = t.numel() * t.element_size()
+            tensors[name] = SourceTensor(name, dtype, tuple(t.shape), path, 0, nbytes, PickledBytes(t))
+    return tensors
+
+
+def _torch_load(torch, path: Path):
+    import pickle
+    try:
+        try:
+            return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, weights_only=True, map_location="cpu")  # legacy (pre-zip) format
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: refusing to load: the pickle holds more than tensors ({first})",
+                        hint="weights_only loading allows plain tensors and containers only") from None
+    except Exception as e:  # torch.load reports corrupt files with many exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
