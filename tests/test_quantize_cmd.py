@@ -328,10 +328,10 @@ def test_truncated_and_corrupt_gguf(model, tmp_path, capsys):
         return lambda d: d.__setitem__(slice(offset, offset + 4), struct.pack("<I", value))
 
     cases = {
-        "header_cut.gguf": (lambda d: d[:60], "not a readable GGUF file"),
+        "header_cut.gguf": (lambda d: d[:60], "truncated or corrupt"),
         "data_cut.gguf": (lambda d: d[:size - 1000], "truncated"),
-        "version.gguf": (set_u32(4, 99), "version 99"),
-        "type.gguf": (set_u32(type_offset, 250), "unknown tensor type"),
+        "version.gguf": (set_u32(4, 99), "unsupported GGUF version 99"),
+        "type.gguf": (set_u32(type_offset, 250), "unknown tensor type id 250"),
     }
     for name, (edit, message) in cases.items():
         bad = corrupt(model, tmp_path, name, edit)

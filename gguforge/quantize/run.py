@@ -10,6 +10,7 @@ it (/work/shared/reference/quant-spec.md §7.10).
 from __future__ import annotations
 
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from math import prod
@@ -28,6 +29,7 @@ from .presets import Preset, parse_preset
 from .rules import QuantOptions, TensorIn, TensorPlan, ggml_n_dims, plan_quantization
 
 QUANT_VERSION = 2
+SUPPORTED_VERSIONS = (2, 3)
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 FLOAT_SOURCES = (T.F32, T.F16, T.BF16)
 
@@ -118,23 +120,27 @@ def open_reader(path: Path):
     except (ValueError, TypeError, IndexError, KeyError, OverflowError, struct.error, UnicodeDecodeError,
             OSError) as e:
         # GGUFReader reports truncation, bad versions and unknown type ids with assorted exceptions.
-        raise UserError(f"{path} is not a readable GGUF file: {_reader_error(e)}") from None
+        raise UserError(f"{path}: {_reader_error(path, e)}") from None
     if reader.byte_order == "S":
         raise UserError(f"{path} is a big-endian GGUF file, which is not supported")
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + int(t.n_bytes) > size:
-            raise UserError(f"{path} is truncated: the data of tensor {t.name} runs past the end of the file")
+            raise UserError(f"{path}: the file is truncated (the data of tensor {t.name} runs past its end)")
     return reader
 
 
-def _reader_error(e: Exception) -> str:
-    text = str(e) or type(e).__name__
-    if "not a valid GGMLQuantizationType" in text:
-        return f"unknown tensor type ({text})"
-    if isinstance(e, (IndexError, struct.error)) or "buffer is too small" in text or "cannot reshape" in text:
-        return f"truncated or corrupt header ({text})"
-    return text
+def _reader_error(path: Path, e: Exception) -> str:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) == 8:
+        version = struct.unpack("<I", head[4:])[0]
+        if version not in SUPPORTED_VERSIONS:
+            return f"unsupported GGUF version {version} (supported: {', '.join(map(str, SUPPORTED_VERSIONS))})"
+    unknown_type = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
+    if unknown_type:
+        return f"unknown tensor type id {unknown_type.group(1)} (corrupt file, or written by a newer ggml)"
+    return f"the file is truncated or corrupt ({str(e) or type(e).__name__})"
 
 
 # ---------------------------------------------------------------------------------------------
