@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Benchmark `gguforge quantize` against llama.cpp's llama_model_quantize, side by side.
+
+In one run, on the same input and thread count:
+  1. per preset: `gguforge quantize bf16.gguf out PRESET` vs llama_model_quantize (llama-cpp-python),
+     with a check that both files are byte-identical;
+  2. HF -> Q4_K_M: `gguforge convert-hf --outtype Q4_K_M` in one pass vs llama.cpp's
+     convert_hf_to_gguf.py (bf16) followed by llama_model_quantize.
+
+The input is a generated random bf16 checkpoint with Qwen3.5-4B dimensions and few layers
+(scripts/bench_convert.py builds it; 4 layers is about 1.9 GB), or a small one for quick runs.
+Nothing here is a test.
+
+    python scripts/bench_quantize.py                         # Qwen3.5-4B dims, 4 layers
+    python scripts/bench_quantize.py --size small            # ~0.2 GB, a quick run
+    python scripts/bench_quantize.py --presets Q4_K_M,Q8_0 --threads 2 --no-one-pass
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_convert  # noqa: E402  (checkpoint generator, timing wrapper, llama.cpp tree)
+
+PRESETS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0")
+FTYPES = {"Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7}  # LLAMA_FTYPE_MOSTLY_*
+
+# Same layout as Qwen3.5-4B, scaled down: a quick run still exercises every tensor kind.
+SMALL = dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+             linear_num_key_heads=8, linear_num_value_heads=16, linear_key_head_dim=64, linear_value_head_dim=64,
+             vocab_size=32768)
+
+# llama_model_quantize in a fresh process, as llama-quantize would run (quiet: it logs every tensor).
+LLAMA_QUANTIZE = """
+import ctypes, sys
+import llama_cpp
+quiet = llama_cpp.llama_log_callback(lambda *a: None)  # kept referenced: llama.cpp calls it later
+llama_cpp.llama_log_set(quiet, ctypes.c_void_p(0))
+src, dst, ftype, threads = sys.argv[1:]
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype, p.nthread = int(ftype), int(threads)
+sys.exit(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), p))
+"""
+
+
+def checkpoint(workdir: Path, size: str, layers: int) -> Path:
+    model = workdir / f"qwen35-{'4b' if size == '4b' else 'small'}-{layers}L"
+    if not (model / "model.safetensors.index.json").exists():
+        print(f"generating {model} ...", flush=True)
+        if size == "small":
+            bench_convert.QWEN35_4B = {**bench_convert.QWEN35_4B, **SMALL}
+        bench_convert.make_checkpoint(model, layers)
+    return model
+
+
+def digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gguforge(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gguforge", *args, "--quiet"]
+
+
+def llama_quantize(src: Path, dst: Path, preset: str, threads: int) -> list[str]:
+    return [sys.executable, "-c", LLAMA_QUANTIZE, str(src), str(dst), str(FTYPES[preset]), str(threads)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=("4b", "small"), default="4b", help="Qwen3.5-4B dimensions, or small ones")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--presets", default=",".join(PRESETS))
+    ap.add_argument("--no-one-pass", action="store_true", help="skip the HF -> Q4_K_M comparison")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gguforge-bench")
+    args = ap.parse_args()
+    presets = [p.strip().upper() for p in args.presets.split(",") if p.strip()]
+    threads = str(args.threads)
+
+    model = checkpoint(args.workdir, args.size, args.layers)
+    shards = sorted(model.glob("*.safetensors"))
+    print(f"model: {model} ({sum(p.stat().st_size for p in shards) / 1e9:.2f} GB bf16), threads: {threads}")
+    bf16 = args.workdir / f"{model.name}-bf16.gguf"
+    if not bf16.exists():
+        subprocess.run(gguforge("convert-hf", str(model), "--outfile", str(bf16), "--outtype", "bf16"), check=True)
+    subprocess.run(["cat", str(bf16), *map(str, shards)], stdout=subprocess.DEVNULL)  # warm the page cache
+    ours, theirs = args.workdir / "bench-ours.gguf", args.workdir / "bench-llama.gguf"
+
+    rows = []
+    for preset in presets:
+        t_ours, rss_ours = bench_convert.measure(
+            gguforge("quantize", str(bf16), str(ours), preset, "--threads", threads, "--force"))
+        t_llama, rss_llama = bench_convert.measure(llama_quantize(bf16, theirs, preset, args.threads))
+        same = digest(ours) == digest(theirs)
+        rows.append((f"bf16 GGUF -> {preset}", t_ours, rss_ours, t_llama, rss_llama, "yes" if same else "NO"))
+        bench_convert.drop(ours), bench_convert.drop(theirs)
+
+    if not args.no_one_pass:
+        ref = bench_convert.reference_tree(Path.home() / ".cache" / "gguforge-bench")
+        env = {**os.environ, "PYTHONPATH": str(ref / "gguf-py")}
+        t_ours, rss_ours = bench_convert.measure(
+            gguforge("convert-hf", str(model), "--outfile", str(ours), "--outtype", "q4_k_m", "--threads", threads,
+                     "--force"))
+        ref_bf16 = args.workdir / "bench-llama-bf16.gguf"
+        t_conv, rss_conv = bench_convert.measure(
+            [sys.executable, "-c", bench_convert.REFERENCE_RUNNER, str(ref), str(ref / "convert_hf_to_gguf.py"),
+             str(model), "--outfile", str(ref_bf16), "--outtype", "bf16", "--no-mtp"], env=env)
+        t_quant, rss_quant = bench_convert.measure(llama_quantize(ref_bf16, theirs, "Q4_K_M", args.threads))
+        rows.append(("HF -> Q4_K_M (one pass vs convert + quantize)", t_ours, rss_ours, t_conv + t_quant,
+                     max(rss_conv, rss_quant), f"({t_conv:.1f} s + {t_quant:.1f} s)"))
+        for path in (ours, theirs, ref_bf16):
+            bench_convert.drop(path)
+
+    print(f"\n| job | gguforge s | gguforge peak RSS | llama.cpp s | llama.cpp peak RSS | llama.cpp / gguforge "
+          f"| identical |")
+    print("|---|---|---|---|---|---|---|")
+    for job, t, rss, rt, rrss, same in rows:
+        print(f"| {job} | {t:.1f} | {rss / 2**20:.0f} MB | {rt:.1f} | {rrss / 2**20:.0f} MB | {rt / t:.2f}× | {same} |")
+
+
+if __name__ == "__main__":
+    main()
