@@ -104,9 +104,49 @@ def open_gguf(path: Path) -> SourceGGUF:
                       int(kv(f"{arch}.expert_count") or 0), shard_readers)
 
 
+def _fast_reader_class():
+    from gguf import GGUFReader
+
+    class FastArrayReader(GGUFReader):
+        """gguf.GGUFReader with arrays parsed in one pass: the same fields and parts, built much faster.
+
+        The stock reader makes several numpy views per array element through a generic path, which
+        takes tens of seconds for a 248k-token vocabulary.
+        """
+
+        def _get_field_parts(self, orig_offs: int, raw_type: int):
+            if GGUFValueType(raw_type) != GGUFValueType.ARRAY or self.byte_order == "S":
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            alen = self._get(orig_offs + 4, np.uint64)
+            item_type, n, offs = GGUFValueType(raw_itype[0]), int(alen[0]), orig_offs + 12
+            types = [GGUFValueType.ARRAY, item_type]
+            nptype = self.gguf_scalar_to_np.get(item_type)
+            if nptype is not None:
+                values = self._get(offs, nptype, n)
+                if len(values) != n:
+                    raise ValueError("an array runs past the end of the file")
+                return 12 + int(values.nbytes), [raw_itype, alen, *values.reshape(n, 1)], list(range(2, 2 + n)), types
+            if item_type != GGUFValueType.STRING:
+                return super()._get_field_parts(orig_offs, raw_type)
+            buf = self.data.view(np.ndarray)  # slicing a plain ndarray is much cheaper than a memmap
+            parts, idxs = [raw_itype, alen], []
+            for _ in range(n):
+                length = buf[offs:offs + 8].view("<u8")
+                text = buf[offs + 8:offs + 8 + int(length[0])]
+                if len(length) != 1 or len(text) != int(length[0]):
+                    raise ValueError("a string runs past the end of the file")
+                parts += (length, text)
+                idxs.append(len(parts) - 1)
+                offs += 8 + len(text)
+            return offs - orig_offs, parts, idxs, types
+
+    return FastArrayReader
+
+
 def open_reader(path: Path):
     """A validated gguf.GGUFReader for one file."""
-    from gguf import GGUFReader
+    GGUFReader = _fast_reader_class()
 
     path = Path(path)
     if not path.is_file():
