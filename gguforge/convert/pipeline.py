@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..errors import UserError
-from ..quantize.encode import encode
+from ..quantize.encode import encode, native_count_nonfinite
 from .options import ConvertOptions
 from .plan import Plan, PlannedTensor, output_path, plan_conversion
 from .read import open_checkpoint, resolve_model
@@ -30,19 +31,46 @@ def row_chunks(t: PlannedTensor) -> Iterator[tuple[int, int]]:
         yield start, min(lazy.n_rows, start + step)
 
 
-def encode_chunk(t: PlannedTensor, start: int, stop: int, check_finite: bool):
+class BufferPool:
+    """Reusable byte buffers for raw-copy chunks: a fresh 16 MB array per chunk costs more in page
+    faults than the copy itself. Buffers go back to the pool once their chunk is written."""
+
+    def __init__(self, nbytes: int, count: int):
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(count):
+            self.free.put(np.empty(nbytes, np.uint8))
+
+    def take(self) -> np.ndarray:
+        return self.free.get()
+
+    def give(self, buffer: np.ndarray) -> None:
+        self.free.put(buffer)
+
+
+def raw_copy_possible(t: PlannedTensor) -> bool:
     lazy = t.tensor
-    if lazy.source is not None and RAW_COPY.get(lazy.source.dtype) == t.ggml_type:
-        raw = lazy.source.raw_rows(start, stop)  # same type on both sides: copy the mapped bytes
-        if check_finite and lazy.source.dtype != "BF16" and not np.isfinite(raw).all():
-            raise _nonfinite(t)
-        if check_finite and lazy.source.dtype == "BF16" and ((raw & 0x7F80) == 0x7F80).any():
+    return lazy.source is not None and RAW_COPY.get(lazy.source.dtype) == t.ggml_type
+
+
+def encode_chunk(t: PlannedTensor, start: int, stop: int, check_finite: bool, buffer: np.ndarray | None = None):
+    lazy = t.tensor
+    if raw_copy_possible(t):
+        raw = lazy.source.raw_rows(start, stop, buffer)  # same type on both sides: copy the stored bytes
+        if check_finite and _count_nonfinite(raw, lazy.source.dtype):
             raise _nonfinite(t)
         return raw
     rows = lazy.rows(start, stop)
-    if check_finite and rows.dtype.kind == "f" and not np.isfinite(rows).all():
+    if check_finite and rows.dtype.kind == "f" and _count_nonfinite(rows, None):
         raise _nonfinite(t)
     return encode(rows, t.ggml_type)
+
+
+def _count_nonfinite(a: np.ndarray, source_dtype: str | None) -> int:
+    if native_count_nonfinite is not None and (source_dtype == "BF16" or a.dtype in (np.float32, np.float16)):
+        return native_count_nonfinite(a, bf16=source_dtype == "BF16")
+    if source_dtype == "BF16":
+        return int(((a & 0x7F80) == 0x7F80).sum())
+    return int(a.size - np.isfinite(a).sum())
 
 
 def _nonfinite(t: PlannedTensor) -> UserError:
@@ -82,10 +110,24 @@ def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,
             for start, stop in row_chunks(t):
                 yield i, t, start, stop
 
+    ahead = 2 * threads
+    pool = BufferPool(CHUNK_BYTES, ahead + 2)  # enough that a job never waits for a buffer
+
+    def job(i, t, start, stop):
+        raw_bytes = (stop - start) * t.tensor.row_elems * 4
+        buffer = pool.take() if raw_copy_possible(t) and raw_bytes <= CHUNK_BYTES else None
+        try:
+            return encode_chunk(t, start, stop, check, buffer), buffer
+        except BaseException:
+            if buffer is not None:
+                pool.give(buffer)
+            raise
+
     def chunks():
-        for (i, *_), data in ordered_parallel(jobs(), lambda i, t, s, e: encode_chunk(t, s, e, check),
-                                              threads, ahead=2 * threads):
+        for (i, *_), (data, buffer) in ordered_parallel(jobs(), job, threads, ahead):
             yield i, data
+            if buffer is not None:  # written by now: the buffer can be reused
+                pool.give(buffer)
 
     shards = plan_shards(target, plan.tensors, split)
     if len(shards) == 1:

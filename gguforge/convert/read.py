@@ -64,12 +64,16 @@ class SourceTensor:
         """dtype transforms run in: f16 and f32 stay, everything else (bf16) becomes f32, like the reference."""
         return np.dtype(np.float16) if self.dtype == "F16" else np.dtype(np.float32)
 
-    def raw_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) along axis 0 in the stored dtype, read into a fresh buffer."""
+    def raw_rows(self, start: int, stop: int, buffer: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) along axis 0 in the stored dtype, read into `buffer` (uint8, reused by
+        the caller to avoid page-faulting fresh memory for every chunk) or a new array."""
         storage = SAFETENSORS_DTYPES[self.dtype]
         row_elems = int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 1
         count = (stop - start) * row_elems
-        out = np.empty(count, dtype=storage)
+        if buffer is None:
+            out = np.empty(count, dtype=storage)
+        else:
+            out = buffer[:count * storage.itemsize].view(storage)
         self._shard.read_into(out, self.start + start * row_elems * storage.itemsize)
         if not self.shape:
             return out.reshape(())
@@ -331,20 +335,29 @@ def load_pickled_tensors(paths: list[Path]) -> dict[str, SourceTensor]:
 
 def _torch_load(torch, path: Path):
     import pickle
+    import warnings
     try:
-        try:
-            return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, weights_only=True, map_location="cpu")  # legacy (pre-zip) format
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: errors say enough
+            warnings.simplefilter("ignore")
+            return _torch_load_mmap(torch, path)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: refusing to load: the pickle holds more than tensors ({first})",
-                        hint="weights_only loading allows plain tensors and containers only") from None
+        text = str(e).split("WeightsUnpickler error:")[-1]
+        reason = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"{path}: refused by torch's weights-only loader ({reason})",
+                        hint="the file is corrupt, or its pickle holds objects other than tensors, which "
+                        "could run code when loaded") from None
     except Exception as e:  # torch.load reports corrupt files with many exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+
+
+def _torch_load_mmap(torch, path: Path):
+    try:
+        return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, weights_only=True, map_location="cpu")  # legacy (pre-zip) format
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
