@@ -255,6 +255,8 @@ def main(argv: List[str] | None = None) -> int:
 
     try:
         result = app(args=argv, standalone_mode=False)
+        if result == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt into this exit code, silently
+            _say("interrupted")
         return result if isinstance(result, int) else 0
     except UserError as e:
         _say(f"error: {e.message}")

@@ -154,15 +154,16 @@ def atomic_output(target: Path) -> Iterator[Any]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=directory)
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any new file
     try:
-        with _sigterm_as_exception(), os.fdopen(fd, "wb", buffering=8 << 20) as f:
-            try:
+        try:  # around the `with`: closing a file whose buffer cannot be flushed fails once more
+            with _sigterm_as_exception(), os.fdopen(fd, "wb", buffering=8 << 20) as f:
                 yield f
+                f.flush()  # a small file fails only here (EFBIG/ENOSPC), and fsync needs the data written
                 os.fsync(f.fileno())
-            except OSError as e:
-                import errno
-                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                    raise UserError(f"cannot write {target}: {e.strerror} (disk full or file size limit)") from None
-                raise
+        except OSError as e:
+            import errno
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise UserError(f"cannot write {target}: {e.strerror} (disk full or file size limit)") from None
+            raise
         os.replace(tmp, target)
     except _Terminated:
         _unlink(tmp)
@@ -249,7 +250,10 @@ def atomic_outputs(targets: list[Path]) -> Iterator[list[Any]]:
                 raise
             finally:
                 for f in files:
-                    f.close()
+                    try:
+                        f.close()
+                    except OSError:  # its buffer could not be written: the error above already says why
+                        pass
         for tmp, target in zip(temps, targets):
             os.replace(tmp, target)
     except _Terminated:
