@@ -8,6 +8,7 @@ shift), so no torch is needed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -132,7 +133,7 @@ class Shard:
         if not isinstance(info, dict):
             raise UserError(f"{where}: header entry is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise UserError(f"{where}: unsupported dtype {dtype!r}",
                             hint="supported: " + ", ".join(SAFETENSORS_DTYPES))
         if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
@@ -142,7 +143,7 @@ class Shard:
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
             raise UserError(f"{where}: invalid data_offsets {offsets!r}")
         begin, end = offsets
-        expected = int(np.prod(shape, dtype=np.int64)) * SAFETENSORS_DTYPES[dtype].itemsize
+        expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize  # exact: np.prod wraps around at 2**63
         if not 0 <= begin <= end:
             raise UserError(f"{where}: invalid data_offsets {offsets!r}")
         if end > data_size:

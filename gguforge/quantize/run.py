@@ -163,11 +163,24 @@ def open_reader(path: Path):
         raise UserError(f"{path}: {_reader_error(path, e)}") from None
     if reader.byte_order == "S":
         raise UserError(f"{path} is a big-endian GGUF file, which is not supported")
+    _check_strings(path, reader)
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + int(t.n_bytes) > size:
             raise UserError(f"{path}: the file is truncated (the data of tensor {t.name} runs past its end)")
     return reader
+
+
+def _check_strings(path: Path, reader) -> None:
+    """GGUFReader decodes string values only when they are read: check them all here, once."""
+    for key, f in reader.fields.items():
+        if f.types and f.types[-1] == GGUFValueType.STRING:
+            try:
+                # One decode per field: an ASCII separator cannot complete a multi-byte sequence, so the
+                # joined text is valid exactly when every string is.
+                b"\0".join([f.parts[i] for i in f.data]).decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}: the value of {key} is not valid UTF-8 (the file is corrupt)") from None
 
 
 def _reader_error(path: Path, e: Exception) -> str:
