@@ -142,7 +142,7 @@ class DecoderArch:
         H, nH = self.hidden, self.dim("num_attention_heads", "n_head", "n_heads")
         if H.size % nH.size:
             raise UserError(f"config.json: {H.why} is not a multiple of {nH.why} (and there is no head_dim)")
-        return Dim(H.size // nH.size, f"head_dim={H.size // nH.size} (hidden_size / num_attention_heads)")
+        return Dim(H.size // nH.size, f"hidden_size/num_attention_heads={H.size // nH.size}")
 
     def present_names(self) -> set[str]:
         """Checkpoint tensor names after rename(), for choosing between accepted layouts (computed once)."""
