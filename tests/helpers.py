@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -119,3 +120,49 @@ def gguf_fields(path: Path) -> dict:
     from gguf import GGUFReader
     reader = GGUFReader(str(path))
     return {k: f.contents() for k, f in reader.fields.items()}
+
+
+LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
+
+
+def llama_cpp_tree(cache: Path = Path.home() / ".cache" / "gguforge-tests") -> Path | None:
+    """llama.cpp's source as vendored in the llama-cpp-python sdist (from PyPI, cached), or None."""
+    import tarfile
+    tree = cache / "llama.cpp"
+    if (tree / "convert_hf_to_gguf.py").is_file():
+        return tree
+    cache.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        LLAMA_CPP_SDIST, "-d", str(cache)], capture_output=True, text=True)
+    archives = sorted(cache.glob("llama_cpp_python-*.tar.gz"))
+    if r.returncode or not archives:
+        return None
+    prefix = archives[-1].name.removesuffix(".tar.gz") + "/vendor/llama.cpp/"
+    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+    with tarfile.open(archives[-1]) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix)
+                   and m.name[len(prefix):].startswith(wanted)]
+        for m in members:
+            m.name = "llama.cpp/" + m.name[len(prefix):]
+        tar.extractall(cache, members=members, filter="data")
+    return tree if (tree / "convert_hf_to_gguf.py").is_file() else None
+
+
+# llama.cpp's converter identifies tokenizers by hashing their output against a table of known
+# models; mock tokenizers are not in it, so tests name the pre-tokenizer for it.
+_REFERENCE_RUNNER = """
+import sys, runpy
+tree, pre = sys.argv.pop(1), sys.argv.pop(1)
+sys.path.insert(0, tree)
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_reference_converter(tree: Path, model: Path, out: Path, outtype: str, pre: str, *extra: str):
+    env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py")}
+    return subprocess.run([sys.executable, "-c", _REFERENCE_RUNNER, str(tree), pre, str(tree / "convert_hf_to_gguf.py"),
+                           str(model), "--outfile", str(out), "--outtype", outtype, *extra],
+                          capture_output=True, text=True, env=env)

@@ -193,7 +193,8 @@ class Qwen3Next(Qwen2Moe):
             yield from super().transform(stem + "in_proj_z.weight", tensor.take_rows(z))
             return
         if name.endswith("linear_attn.A_log"):
-            tensor = tensor.map(lambda a: -np.exp(a))
+            # exp through float64: numpy's float32 exp is not correctly rounded (torch's is, here)
+            tensor = tensor.map(lambda a: -np.exp(a.astype(np.float64)))
         elif name.endswith("linear_attn.conv1d.weight") and tensor.ndim == 3:
             tensor = tensor.reshape_rest([d for d in tensor.shape[1:] if d != 1])  # depthwise [C,1,K] -> [C,K]
         elif name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
