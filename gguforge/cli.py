@@ -18,6 +18,7 @@ import typer
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,  # plain help: importing rich for it doubles start-up time
                   help="Convert Hugging Face checkpoints to GGUF and quantize them.")
 _state = {"verbose": False}
 
