@@ -9,6 +9,7 @@ it (/work/shared/reference/quant-spec.md §7.10).
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import struct
@@ -256,6 +257,17 @@ def raw_rows(reader_tensor) -> np.ndarray:
     return data.reshape(prod(ne[1:]), ne[0] // block * size)
 
 
+def release_pages(mapped: np.ndarray, span: tuple[int, int]) -> None:
+    """Drop consumed input pages from the memory map, so resident memory stays near the chunks in flight
+    instead of growing to the size of the input (pages touched again are simply re-read from the file)."""
+    mm = getattr(mapped, "_mmap", None)
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    first, last = -(-span[0] // mmap.PAGESIZE) * mmap.PAGESIZE, span[1] // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
 def to_f32(raw: np.ndarray, src: T, n_per_row: int) -> np.ndarray:
     """Rows of `src` bytes as float32. F16/BF16 are exact; quantized types are dequantized."""
     if src == T.F32:
@@ -355,14 +367,17 @@ def quantize_gguf(source_path, target_path, preset: str | Preset, options: Quant
 
     def jobs():
         for i, plan in enumerate(plans):
-            raw = raw_rows(by_name[plan.name])
+            tensor = by_name[plan.name]
+            raw = raw_rows(tensor)
             for start, stop in row_chunks(raw.shape[0], plan.shape[-1]):
-                yield i, plan, raw[start:stop]
+                span = (tensor.data_offset + start * raw.shape[1], tensor.data_offset + stop * raw.shape[1])
+                yield i, plan, raw[start:stop], (tensor.data, span)
 
     def chunks():
-        for (i, *_), data in ordered_parallel(jobs(), lambda i, plan, rows: convert_chunk(plan, rows),
-                                              threads, ahead=2 * threads):
+        for (i, _, _, source), data in ordered_parallel(
+                jobs(), lambda i, plan, rows, source: convert_chunk(plan, rows), threads, ahead=2 * threads):
             yield i, data
+            release_pages(*source)  # resumed only once the writer has written `data`
 
     def write(advance=None):
         if len(shards) == 1:
