@@ -71,7 +71,9 @@ def digest(path: Path) -> str:
 
 
 def gguforge(*args: str) -> list[str]:
-    return [sys.executable, "-m", "gguforge", *args, "--quiet"]
+    # this checkout's gguforge, whatever else is installed
+    return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); from gguforge.cli import run; "
+            "sys.argv[0] = 'gguforge'; run()", *args, "--quiet"]
 
 
 def llama_quantize(src: Path, dst: Path, preset: str, threads: int) -> list[str]:
