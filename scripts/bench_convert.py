@@ -37,18 +37,45 @@ QWEN35_4B = dict(hidden_size=2560, intermediate_size=9216, num_attention_heads=1
                                                             "mrope_interleaved": True})
 
 
-def qwen35_shapes(c: dict, layers: int) -> dict[str, tuple[int, ...]]:
-    H, F = c["hidden_size"], c["intermediate_size"]
+QWEN35_35B_A3B = dict(QWEN35_4B, hidden_size=2048, num_attention_heads=16, num_key_value_heads=2,
+                      num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+                      shared_expert_intermediate_size=512, tie_word_embeddings=False)
+del QWEN35_35B_A3B["intermediate_size"]
+
+
+def moe_mlp_shapes(c: dict, p: str, packed: bool) -> dict[str, tuple[int, ...]]:
+    H, E, Fe, Fs = c["hidden_size"], c["num_experts"], c["moe_intermediate_size"], c["shared_expert_intermediate_size"]
+    shapes = {p + "mlp.gate.weight": (E, H), p + "mlp.shared_expert_gate.weight": (1, H),
+              p + "mlp.shared_expert.gate_proj.weight": (Fs, H), p + "mlp.shared_expert.up_proj.weight": (Fs, H),
+              p + "mlp.shared_expert.down_proj.weight": (H, Fs)}
+    if packed:
+        shapes[p + "mlp.experts.gate_up_proj"] = (E, 2 * Fe, H)
+        shapes[p + "mlp.experts.down_proj"] = (E, H, Fe)
+    else:
+        for e in range(E):
+            shapes.update({p + f"mlp.experts.{e}.gate_proj.weight": (Fe, H),
+                           p + f"mlp.experts.{e}.up_proj.weight": (Fe, H),
+                           p + f"mlp.experts.{e}.down_proj.weight": (H, Fe)})
+    return shapes
+
+
+def qwen35_shapes(c: dict, layers: int, moe: str | None = None) -> dict[str, tuple[int, ...]]:
+    H, F = c["hidden_size"], c.get("intermediate_size")
     nk, nv, dk, dv = (c["linear_num_key_heads"], c["linear_num_value_heads"], c["linear_key_head_dim"],
                       c["linear_value_head_dim"])
     conv = 2 * nk * dk + nv * dv
     hd, nh, nkv = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
     shapes = {"model.embed_tokens.weight": (c["vocab_size"], H), "model.norm.weight": (H,)}
+    if not c["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (c["vocab_size"], H)
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-                       p + "mlp.gate_proj.weight": (F, H), p + "mlp.up_proj.weight": (F, H),
-                       p + "mlp.down_proj.weight": (H, F)})
+        shapes.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,)})
+        if moe:
+            shapes.update(moe_mlp_shapes(c, p, packed=moe == "packed"))
+        else:
+            shapes.update({p + "mlp.gate_proj.weight": (F, H), p + "mlp.up_proj.weight": (F, H),
+                           p + "mlp.down_proj.weight": (H, F)})
         if (i + 1) % c["full_attention_interval"]:
             a = p + "linear_attn."
             shapes.update({a + "in_proj_qkv.weight": (conv, H), a + "in_proj_z.weight": (nv * dv, H),
@@ -83,18 +110,21 @@ def write_bf16_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], pool:
                 left -= n
 
 
-def make_checkpoint(out: Path, layers: int, shard_bytes: int = 2 << 30) -> Path:
+def make_checkpoint(out: Path, layers: int, moe: str | None = None, shard_bytes: int = 2 << 30) -> Path:
+    """moe: None (Qwen3.5-4B dense), "per-expert" or "packed" (Qwen3.5-35B-A3B MoE dimensions)."""
     import make_mocks
     out.mkdir(parents=True, exist_ok=True)
-    config = {"architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text", "num_hidden_layers": layers,
+    arch = ["Qwen3_5MoeForCausalLM", "qwen3_5_moe_text", QWEN35_35B_A3B] if moe else \
+        ["Qwen3_5ForCausalLM", "qwen3_5_text", QWEN35_4B]
+    config = {"architectures": [arch[0]], "model_type": arch[1], "num_hidden_layers": layers,
               "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)],
-              "torch_dtype": "bfloat16", **QWEN35_4B}
+              "torch_dtype": "bfloat16", **arch[2]}
     (out / "config.json").write_text(json.dumps(config, indent=1))
     make_mocks.write_tokenizer("qwen35", out)
     rng = np.random.default_rng(0)
     bits = rng.integers(0, 1 << 16, size=16 << 20, dtype=np.uint32).astype(np.uint16)
     pool = (bits & 0x83FF) | 0x3800  # random sign and mantissa, small exponents: finite, |x| < 1
-    shapes = qwen35_shapes(config, layers)
+    shapes = qwen35_shapes(config, layers, moe)
     shards, current, size = [], {}, 0
     for name, shape in shapes.items():
         current[name] = shape
@@ -161,19 +191,22 @@ def drop(path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=None, help="default: 8 dense, 2 MoE (both about 3 GB)")
+    ap.add_argument("--moe", choices=["per-expert", "packed"], default=None,
+                    help="Qwen3.5-35B-A3B-shaped MoE (256 experts) instead of the dense 4B")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gguforge-bench")
     ap.add_argument("--jobs", default="bf16,f16,q8_0")
     ap.add_argument("--no-reference", action="store_true")
     args = ap.parse_args()
 
-    model = args.workdir / f"qwen35-4b-{args.layers}L"
+    args.layers = args.layers or (2 if args.moe else 8)
+    model = args.workdir / (f"qwen35moe-{args.moe}-{args.layers}L" if args.moe else f"qwen35-4b-{args.layers}L")
     if not (model / "model.safetensors.index.json").exists():
         print(f"generating {model} ...", flush=True)
-        make_checkpoint(model, args.layers)
+        make_checkpoint(model, args.layers, args.moe)
     shards = sorted(model.glob("*.safetensors"))
     size = sum(p.stat().st_size for p in shards)
-    print(f"model: {model} ({size / 1e9:.2f} GB bf16, {args.layers} layers)")
+    print(f"model: {model.name} ({size / 1e9:.2f} GB bf16, {args.layers} layers)")
     subprocess.run(["cat", *map(str, shards)], stdout=subprocess.DEVNULL)  # warm the page cache for everyone
 
     out = args.workdir / "out.gguf"

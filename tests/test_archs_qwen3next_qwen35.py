@@ -20,6 +20,11 @@ from gguforge.convert.write import Metadata
 HYBRID = ("qwen3next", "qwen35", "qwen35moe")
 
 
+
+def minus_exp(a):
+    """-exp correctly rounded to float32, as torch (and so llama.cpp's converter) computes it."""
+    return (-np.exp(a.astype(np.float64))).astype(np.float32)
+
 def small_hparams(**over) -> dict:
     hp = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
               linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=3, linear_value_head_dim=2,
@@ -102,7 +107,7 @@ def test_qwen35_reorders_all_seven_v_tensors_consistently():
     np.testing.assert_array_equal(out[blk + "attn_gate.weight"], w["in_proj_z.weight"][cols])
     np.testing.assert_array_equal(out[blk + "ssm_beta.weight"], w["in_proj_b.weight"][heads])
     np.testing.assert_array_equal(out[blk + "ssm_alpha.weight"], w["in_proj_a.weight"][heads])
-    np.testing.assert_array_equal(out[blk + "ssm_a"], -np.exp(w["A_log"][heads]))  # reorder, then -exp
+    np.testing.assert_array_equal(out[blk + "ssm_a"], minus_exp(w["A_log"][heads]))  # reorder, then -exp
     np.testing.assert_array_equal(out[blk + "ssm_dt.bias"], w["dt_bias"][heads])
     conv = out[blk + "ssm_conv1d.weight"]
     assert conv.shape == (C, K)  # squeezed
@@ -134,7 +139,7 @@ def test_qwen3next_values_minus_exp_squeeze_and_plus_one_except_ssm_norm():
     arch = Qwen3Next(small_hparams())
     a_log = rand(4)
     np.testing.assert_array_equal(run(arch, "model.layers.0.linear_attn.A_log", a_log)["blk.0.ssm_a"],
-                                  -np.exp(a_log))  # no V reorder in Qwen3-Next
+                                  minus_exp(a_log))  # no V reorder in Qwen3-Next
     conv = rand(20, 1, 4)
     out = run(arch, "model.layers.0.linear_attn.conv1d.weight", conv)["blk.0.ssm_conv1d.weight"]
     np.testing.assert_array_equal(out, conv[:, 0, :])
