@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 from collections import deque
@@ -16,9 +17,9 @@ from ..errors import UserError
 from ..quantize.encode import encode, native_count_nonfinite
 from .options import ConvertOptions
 from .plan import Plan, PlannedTensor, output_path, plan_conversion
-from .read import open_checkpoint, resolve_model
+from .read import SAFETENSORS_DTYPES, open_checkpoint, resolve_model
 from .split import SplitOptions, plan_shards, shard_metadata
-from .write import write_gguf, write_gguf_shards
+from .write import FileSpan, write_gguf, write_gguf_shards
 
 CHUNK_BYTES = 16 << 20  # float32 bytes of source rows handled per job
 RAW_COPY = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16}
@@ -52,8 +53,27 @@ def raw_copy_possible(t: PlannedTensor) -> bool:
     return lazy.source is not None and RAW_COPY.get(lazy.source.dtype) == t.ggml_type
 
 
+def nonfinite_in_file(fd: int, offset: int, nbytes: int, source_dtype: str) -> int:
+    """NaN/Inf count of stored values, looked at through a short-lived memory map (no copy)."""
+    if nbytes == 0:
+        return 0
+    base = offset - offset % mmap.ALLOCATIONGRANULARITY
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    with mmap.mmap(fd, nbytes + offset - base, flags, mmap.PROT_READ, offset=base) as mapped:
+        values = np.frombuffer(mapped, dtype=SAFETENSORS_DTYPES[source_dtype], offset=offset - base,
+                               count=nbytes // SAFETENSORS_DTYPES[source_dtype].itemsize)
+        count = _count_nonfinite(values, source_dtype)
+        del values  # the map cannot close while numpy still points into it
+    return count
+
+
 def encode_chunk(t: PlannedTensor, start: int, stop: int, check_finite: bool, buffer: np.ndarray | None = None):
     lazy = t.tensor
+    if raw_copy_possible(t) and (span := lazy.source.span(start, stop)) is not None:
+        # Same type on both sides: the kernel copies the stored bytes into the output.
+        if check_finite and nonfinite_in_file(*span, lazy.source.dtype):
+            raise _nonfinite(t)
+        return FileSpan(*span)
     if raw_copy_possible(t):
         raw = lazy.source.raw_rows(start, stop, buffer)  # same type on both sides: copy the stored bytes
         if check_finite and _count_nonfinite(raw, lazy.source.dtype):
@@ -115,7 +135,8 @@ def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,
 
     def job(i, t, start, stop):
         raw_bytes = (stop - start) * t.tensor.row_elems * 4
-        buffer = pool.take() if raw_copy_possible(t) and raw_bytes <= CHUNK_BYTES else None
+        copied_by_hand = raw_copy_possible(t) and t.tensor.source.span(0, 0) is None  # pickles: no file span
+        buffer = pool.take() if copied_by_hand and raw_bytes <= CHUNK_BYTES else None
         try:
             return encode_chunk(t, start, stop, check, buffer), buffer
         except BaseException:

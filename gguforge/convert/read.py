@@ -80,6 +80,14 @@ class SourceTensor:
             return out.reshape(())
         return out.reshape((stop - start,) + tuple(self.shape[1:]))
 
+    def span(self, start: int, stop: int) -> tuple[int, int, int] | None:
+        """(file descriptor, byte offset, byte count) of rows [start, stop), when they sit in a file
+        that can be copied from directly (safetensors; not pickles)."""
+        if not isinstance(self._shard, Shard):
+            return None
+        row_bytes = self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
+        return self._shard.fileno(), self.start + start * row_bytes, (stop - start) * row_bytes
+
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) converted to the compute dtype."""
         if self.dtype not in FLOAT_DTYPES:
@@ -153,6 +161,11 @@ class Shard:
             raise UserError(f"{where}: {end - begin} data bytes do not match dtype {dtype} and "
                             f"shape {shape} ({expected} bytes)")
         return SourceTensor(name, dtype, tuple(shape), self.path, data_start + begin, data_start + end, self)
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
 
     def read_into(self, buffer: np.ndarray, offset: int) -> None:
         """Fill `buffer` from byte `offset`. pread instead of mmap: pages read for one chunk are not

@@ -8,6 +8,7 @@ renamed only when complete, so a failure or Ctrl-C never leaves a partial file.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import struct
@@ -147,30 +148,8 @@ def _sigterm_as_exception():
 @contextmanager
 def atomic_output(target: Path) -> Iterator[Any]:
     """A binary file beside `target`, renamed onto it only if the block completes."""
-    target = Path(target)
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise UserError(f"output directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=directory)
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any new file
-    try:
-        try:  # around the `with`: closing a file whose buffer cannot be flushed fails once more
-            with _sigterm_as_exception(), os.fdopen(fd, "wb", buffering=8 << 20) as f:
-                yield f
-                f.flush()  # a small file fails only here (EFBIG/ENOSPC), and fsync needs the data written
-                os.fsync(f.fileno())
-        except OSError as e:
-            import errno
-            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                raise UserError(f"cannot write {target}: {e.strerror} (disk full or file size limit)") from None
-            raise
-        os.replace(tmp, target)
-    except _Terminated:
-        _unlink(tmp)
-        raise KeyboardInterrupt from None
-    except BaseException:
-        _unlink(tmp)
-        raise
+    with atomic_outputs([target]) as files:
+        yield files[0]
 
 
 def _umask() -> int:
@@ -191,34 +170,48 @@ def write_gguf(target: Path, metadata: Metadata, tensors: list[TensorEntry],
                progress: Callable[[int], None] | None = None) -> None:
     """Write a GGUF file atomically.
 
-    `chunks()` yields (tensor index, bytes-like) in tensor order; each tensor's
+    `chunks()` yields (tensor index, bytes-like or FileSpan) in tensor order; each tensor's
     chunks must add up to exactly its planned size.
     """
-    header = encode_header(metadata, tensors)
-    with atomic_output(target) as f:
-        f.write(header)
-        current, written = 0, 0
+    write_gguf_shards([target], [metadata], [(0, len(tensors))], tensors, chunks, progress)
 
-        def close_tensor(i, n):
-            if n != tensors[i].nbytes:
-                raise RuntimeError(f"{tensors[i].name}: wrote {n} bytes, planned {tensors[i].nbytes}")
-            f.write(b"\0" * _pad(n))
 
-        for index, data in chunks():
-            while index != current:
-                close_tensor(current, written)
-                current, written = current + 1, 0
-            view = memoryview(data).cast("B")
-            f.write(view)
-            written += len(view)
-            if progress:
-                progress(len(view))
-        if tensors:
-            while True:
-                close_tensor(current, written)
-                if current == len(tensors) - 1:
-                    break
-                current, written = current + 1, 0
+@dataclass
+class FileSpan:
+    """Bytes to copy unchanged from another file: the kernel copies them (copy_file_range),
+    so they never pass through Python."""
+    fd: int
+    offset: int
+    nbytes: int
+
+
+SPAN_PIECE = 64 << 20
+
+
+def _write_chunk(f, data) -> int:
+    if not isinstance(data, FileSpan):
+        view = memoryview(data).cast("B")
+        f.write(view)
+        return len(view)
+    f.flush()
+    done = 0
+    try:
+        while done < data.nbytes:
+            n = os.copy_file_range(data.fd, f.fileno(), min(SPAN_PIECE, data.nbytes - done), data.offset + done)
+            if n <= 0:
+                raise OSError(errno.EIO, "short copy")
+            done += n
+    except (AttributeError, OSError) as e:  # no copy_file_range here (other OS, file system): copy by hand
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+    f.seek(0, os.SEEK_END)  # the copy moved the file offset behind the buffered writer's back
+    while done < data.nbytes:
+        piece = os.pread(data.fd, min(SPAN_PIECE, data.nbytes - done), data.offset + done)
+        if not piece:
+            raise OSError(errno.EIO, "source file ended early")
+        f.write(piece)
+        done += len(piece)
+    return done
 
 
 @contextmanager
@@ -290,11 +283,10 @@ def write_gguf_shards(targets: list[Path], metadatas: list[Metadata], groups: li
             while index != current:
                 close_tensor(current, written)
                 current, written = current + 1, 0
-            view = memoryview(data).cast("B")
-            files[shard_of[index]].write(view)
-            written += len(view)
+            n = _write_chunk(files[shard_of[index]], data)
+            written += n
             if progress:
-                progress(len(view))
+                progress(n)
         if tensors:
             while True:
                 close_tensor(current, written)
