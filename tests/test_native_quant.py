@@ -659,3 +659,13 @@ def test_threads_identical(qtype):
     one = native.quantize(x, qtype, threads=1)
     for t in (2, 3, 7):
         assert np.array_equal(native.quantize(x, qtype, threads=t), one)
+
+
+def test_bf16_to_f16_in_one_pass_equals_two_steps():
+    bits = np.arange(1 << 16, dtype=np.uint16)  # every bf16 value
+    wide = native.bf16_to_f32(bits)
+    finite = np.isfinite(wide)
+    with np.errstate(over="ignore"):
+        two_steps = wide.astype(np.float16).view(np.uint16)
+    one_pass = native.bf16_to_f16(bits).view(np.uint16)
+    np.testing.assert_array_equal(one_pass[finite], two_steps[finite])

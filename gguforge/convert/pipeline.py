@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..errors import UserError
-from ..quantize.encode import encode, native_count_nonfinite
+from ..quantize.encode import encode, native_bf16_to_f16, native_count_nonfinite
 from .options import ConvertOptions
 from .plan import Plan, PlannedTensor, output_path, plan_conversion
 from .read import SAFETENSORS_DTYPES, open_checkpoint, resolve_model
@@ -53,6 +53,13 @@ def raw_copy_possible(t: PlannedTensor) -> bool:
     return lazy.source is not None and RAW_COPY.get(lazy.source.dtype) == t.ggml_type
 
 
+def direct_bf16_to_f16(t: PlannedTensor) -> bool:
+    """An untouched bf16 tensor stored as F16: one native pass over the stored bits."""
+    source = t.tensor.source
+    return (source is not None and source.dtype == "BF16" and t.ggml_type == T.F16
+            and native_bf16_to_f16 is not None)
+
+
 def nonfinite_in_file(fd: int, offset: int, nbytes: int, source_dtype: str) -> int:
     """NaN/Inf count of stored values, looked at through a short-lived memory map (no copy)."""
     if nbytes == 0:
@@ -74,6 +81,11 @@ def encode_chunk(t: PlannedTensor, start: int, stop: int, check_finite: bool, bu
         if check_finite and nonfinite_in_file(*span, lazy.source.dtype):
             raise _nonfinite(t)
         return FileSpan(*span)
+    if direct_bf16_to_f16(t):
+        raw = lazy.source.raw_rows(start, stop, buffer)
+        if check_finite and _count_nonfinite(raw, "BF16"):
+            raise _nonfinite(t)
+        return native_bf16_to_f16(raw)
     if raw_copy_possible(t):
         raw = lazy.source.raw_rows(start, stop, buffer)  # same type on both sides: copy the stored bytes
         if check_finite and _count_nonfinite(raw, lazy.source.dtype):
@@ -135,8 +147,8 @@ def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,
 
     def job(i, t, start, stop):
         raw_bytes = (stop - start) * t.tensor.row_elems * 4
-        copied_by_hand = raw_copy_possible(t) and t.tensor.source.span(0, 0) is None  # pickles: no file span
-        buffer = pool.take() if copied_by_hand and raw_bytes <= CHUNK_BYTES else None
+        reads_stored_bytes = direct_bf16_to_f16(t) or (raw_copy_possible(t) and t.tensor.source.span(0, 0) is None)
+        buffer = pool.take() if reads_stored_bytes and raw_bytes <= CHUNK_BYTES else None
         try:
             return encode_chunk(t, start, stop, check, buffer), buffer
         except BaseException:

@@ -21,6 +21,7 @@ except ImportError:  # the extension is not built (e.g. running from a source tr
 
 native_bf16_to_f32 = _native.bf16_to_f32 if _native is not None else None
 native_count_nonfinite = _native.count_nonfinite if _native is not None else None
+native_bf16_to_f16 = getattr(_native, "bf16_to_f16", None)
 
 
 def native_supports(ggml_type: T) -> bool:

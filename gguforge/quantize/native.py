@@ -137,6 +137,14 @@ def bf16_to_f32(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def bf16_to_f16(x: np.ndarray) -> np.ndarray:
+    """bf16 bits (uint16) -> float16 in one pass; same bytes as widening to float32 then f32_to_f16."""
+    x = np.ascontiguousarray(x).view(np.uint16)
+    out = np.empty(x.shape, dtype=np.float16)
+    _native.bf16_to_f16(x.reshape(-1), out.reshape(-1).view(np.uint16))
+    return out
+
+
 def f32_to_f16(x) -> np.ndarray:
     """float32 -> float16, IEEE round to nearest even (same as numpy astype)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
