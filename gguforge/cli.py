@@ -8,7 +8,6 @@ on stderr and exits with EXIT_BAD_INPUT; a bug prints a traceback only with
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -82,12 +81,8 @@ def convert_hf_cmd(
         raise UserError("--mtp and --no-mtp cannot be combined")
     overrides = {}
     if metadata is not None:
-        try:
-            overrides = json.loads(metadata.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"--metadata {metadata}: {e}") from None
-        if not isinstance(overrides, dict):
-            raise UserError(f"--metadata {metadata}: expected a JSON object of key: value")
+        from .convert.read import read_json_object
+        overrides = read_json_object(metadata, f"--metadata {metadata}")
     options = ConvertOptions(outtype=outtype, model_name=model_name, pre_tokenizer=pre_tokenizer,
                              metadata_overrides=overrides, threads=threads,
                              fuse_gate_up_exps=fuse_gate_up_exps, fuse_qkv=fuse_qkv, allow_nonfinite=allow_nonfinite,

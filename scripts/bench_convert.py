@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -228,8 +226,8 @@ def main() -> None:
         rows.append((job, ours_t, ours_rss, ref_t, ref_rss))
 
     print(f"\ncopy (cat + sync): {copy_t:.1f} s\n")
-    print(f"| job | gguforge s | gguforge peak RSS | llama.cpp s | llama.cpp peak RSS | speed-up | × copy time |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| job | gguforge s | gguforge peak RSS | llama.cpp s | llama.cpp peak RSS | speed-up | × copy time |")
+    print("|---|---|---|---|---|---|---|")
     for job, t, rss, rt, rrss in rows:
         print(f"| bf16→{job} | {t:.1f} | {rss / 2**20:.0f} MB | {rt:.1f} | {rrss / 2**20:.0f} MB | "
               f"{rt / t:.2f}× | {t / copy_t:.2f} |")

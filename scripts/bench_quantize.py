@@ -126,8 +126,8 @@ def main() -> None:
         for path in (ours, theirs, ref_bf16):
             bench_convert.drop(path)
 
-    print(f"\n| job | gguforge s | gguforge peak RSS | llama.cpp s | llama.cpp peak RSS | llama.cpp / gguforge "
-          f"| identical |")
+    print("\n| job | gguforge s | gguforge peak RSS | llama.cpp s | llama.cpp peak RSS | llama.cpp / gguforge "
+          "| identical |")
     print("|---|---|---|---|---|---|---|")
     for job, t, rss, rt, rrss, same in rows:
         print(f"| {job} | {t:.1f} | {rss / 2**20:.0f} MB | {rt:.1f} | {rrss / 2**20:.0f} MB | {rt / t:.2f}× | {same} |")

@@ -77,28 +77,26 @@ def test_header_length_beyond_file(good, tmp_path):
     assert_clean_failure(good, tmp_path, "header length")
 
 
-def test_data_offsets_out_of_range(good, tmp_path):
-    shard = good / "model-00001-of-00002.safetensors"
+def edit_first_header_entry(shard, edit) -> None:
+    """Rewrite a safetensors header with `edit(entry)` applied to its first tensor entry."""
     raw = shard.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8:8 + n])
-    name = next(k for k in header if k != "__metadata__")
-    begin, end = header[name]["data_offsets"]
-    header[name]["data_offsets"] = [begin + 10**9, end + 10**9]
+    edit(header[next(k for k in header if k != "__metadata__")])
     new = json.dumps(header).encode()
     shard.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+def test_data_offsets_out_of_range(good, tmp_path):
+    def move_far(entry):
+        begin, end = entry["data_offsets"]
+        entry["data_offsets"] = [begin + 10**9, end + 10**9]
+    edit_first_header_entry(good / "model-00001-of-00002.safetensors", move_far)
     assert_clean_failure(good, tmp_path, "past the end of the file")
 
 
 def test_unsupported_dtype(good, tmp_path):
-    shard = good / "model-00001-of-00002.safetensors"
-    raw = shard.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    name = next(k for k in header if k != "__metadata__")
-    header[name]["dtype"] = "F8_E5M3"
-    new = json.dumps(header).encode()
-    shard.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+    edit_first_header_entry(good / "model-00001-of-00002.safetensors", lambda e: e.update(dtype="F8_E5M3"))
     assert_clean_failure(good, tmp_path, "unsupported dtype")
 
 

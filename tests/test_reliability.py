@@ -8,7 +8,6 @@ no output or `.NAME.*.part` temp file left, and the input files unchanged (hashe
 from __future__ import annotations
 
 import hashlib
-import json
 import pickle
 import signal
 import subprocess

@@ -213,17 +213,25 @@ def text_config(config: dict) -> dict:
     return {}
 
 
+def read_json_object(path: Path, what: str | None = None) -> dict:
+    """A JSON file that must hold an object; anything else is one clear error naming the file."""
+    label = what or str(path)
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{label}: cannot read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{label}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{label}: expected a JSON object")
+    return data
+
+
 def load_config(root: Path) -> dict:
     path = root / "config.json"
     if not path.is_file():
         raise UserError(f"{root}: no config.json found", hint="pass a Hugging Face model directory or hub id")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(path)
 
 
 def _index_shards(root: Path) -> list[tuple[Path, set[str] | None]]:

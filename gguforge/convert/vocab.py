@@ -15,6 +15,7 @@ from pathlib import Path
 from gguf import GGUFValueType, TokenType
 
 from ..errors import UserError
+from .read import read_json_object
 from .write import Metadata
 
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -48,16 +49,6 @@ class Vocab:
     special_ids: dict[str, int]
     add_flags: dict[str, bool]
     chat_template: str | None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
 
 
 def _steps(node: dict | None) -> list[dict]:
@@ -119,7 +110,7 @@ def load_vocab(root: Path, hparams: dict, pre_tokenizer: str | None = None) -> V
     if not path.is_file():
         raise UserError(f"{root}: no tokenizer.json found",
                         hint="byte-level BPE tokenizers are read from tokenizer.json")
-    tok = _read_json(path)
+    tok = read_json_object(path)
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
         raise UserError(f"{path}: tokenizer model {model.get('type')!r} is not supported (only byte-level BPE)")
@@ -153,7 +144,7 @@ def load_vocab(root: Path, hparams: dict, pre_tokenizer: str | None = None) -> V
     if not merges:
         raise UserError(f"{path}: BPE model has no merges (llama.cpp cannot load a BPE vocabulary without them)")
 
-    tok_config = _read_json(root / "tokenizer_config.json") if (root / "tokenizer_config.json").is_file() else {}
+    tok_config = read_json_object(root / "tokenizer_config.json") if (root / "tokenizer_config.json").is_file() else {}
     content_ids = {t["content"]: int(t["id"]) for t in tok.get("added_tokens", [])}
     special_ids: dict[str, int] = {}
     for kind in SPECIAL_TOKEN_KINDS:
@@ -195,7 +186,7 @@ def _chat_template(root: Path, tok_config: dict) -> str | None:
     if (root / "chat_template.jinja").is_file():
         return (root / "chat_template.jinja").read_text(encoding="utf-8")
     if (root / "chat_template.json").is_file():
-        template = _read_json(root / "chat_template.json").get("chat_template")
+        template = read_json_object(root / "chat_template.json").get("chat_template")
         return template if isinstance(template, str) else None
     return None
 
