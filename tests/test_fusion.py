@@ -98,3 +98,26 @@ def test_qwen2moe_gate_up_fusion_is_refused(tmp_path):
 def test_dense_qwen35_has_nothing_to_fuse(mock_model, tmp_path):
     pytest.importorskip("torch")
     _refused(mock_model("qwen35"), tmp_path, "--fuse-gate-up-exps", "has no routed experts to fuse")
+
+
+@pytest.mark.parametrize("option", ["--fuse-gate-up-exps", "--fuse-qkv"])
+def test_fused_q4_k_m_equals_llama_quantize_of_fused_bf16(mock_model, tmp_path, option):
+    """One-pass Q4_K_M of a fused model = llama.cpp's llama-quantize of our fused bf16 file."""
+    pytest.importorskip("torch")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from gguforge.quantize.presets import parse_preset
+    model = mock_model("qwen35moe", dtype="bfloat16", size="q256", num_experts=8)
+    bf16 = convert(model, tmp_path / "fused-bf16.gguf", "--outtype", "bf16", option)
+    ours = convert(model, tmp_path / "fused-q4.gguf", "--outtype", "Q4_K_M", option)
+    theirs = tmp_path / "llama-q4.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(parse_preset("Q4_K_M").file_type)
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(bf16).encode(), str(theirs).encode(), params) == 0
+    a, b = read_gguf(ours), read_gguf(theirs)
+    fused = ".ffn_gate_up_exps." if option == "--fuse-gate-up-exps" else ".attn_qkv."
+    assert any(fused in n for n in a)
+    assert a.keys() == b.keys()
+    for name in b:
+        assert a[name].tensor_type == b[name].tensor_type, name
+        assert a[name].data.tobytes() == b[name].data.tobytes(), name
