@@ -155,3 +155,8 @@ def test_output_onto_an_input_file_is_refused(good, tmp_path):
 
 def test_unknown_outtype(good, tmp_path):
     assert_clean_failure(good, tmp_path, "unknown output type", "--outtype", "q3_x")
+
+
+def test_mtp_flags_on_an_arch_without_mtp_head(good, tmp_path):
+    assert_clean_failure(good, tmp_path, "--no-mtp: qwen2moe models have no multi-token-prediction head", "--no-mtp")
+    assert_clean_failure(good, tmp_path, "--mtp: qwen2moe models have no multi-token-prediction head", "--mtp")

@@ -73,3 +73,16 @@ def test_without_the_plugin_the_architecture_is_unsupported(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gguforge", "convert-hf", str(root), "--dry-run"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "'TestPluginMoeForCausalLM' is not supported" in r.stderr
+
+
+def test_broken_plugin_is_a_clear_error(tmp_path):
+    site = tmp_path / "broken-site"
+    (site / "gguforge_brokenplugin").mkdir(parents=True)
+    (site / "gguforge_brokenplugin" / "__init__.py").write_text("import a_module_that_does_not_exist\n")
+    info = site / "gguforge_brokenplugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gguforge-brokenplugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[gguforge.archs]\nbroken = gguforge_brokenplugin\n")
+    r = run_with_plugin(site, "convert-hf", "--list-archs")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "plugin 'broken'" in r.stderr and "a_module_that_does_not_exist" in r.stderr

@@ -40,7 +40,11 @@ def _load_all() -> None:
             if e.name != f"{__name__}.{module}":
                 raise
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        ep.load()  # importing the plugin runs its @register decorators
+        try:
+            ep.load()  # importing the plugin runs its @register decorators
+        except Exception as e:  # a broken plugin must not look like a gguforge bug
+            raise UserError(f"architecture plugin {ep.name!r} ({ep.value}) failed to load: "
+                            f"{type(e).__name__}: {e}", hint="fix or uninstall the plugin package") from None
 
 
 def registered() -> dict[str, type]:

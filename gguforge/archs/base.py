@@ -36,11 +36,15 @@ class DecoderArch:
     hf_architectures: tuple[str, ...] = ()
     # Optional fusions this architecture's llama.cpp loader accepts ("gate_up_exps", "qkv").
     fusions: frozenset[str] = frozenset()
+    has_mtp_head = False  # multi-token-prediction blocks (--mtp / --no-mtp)
 
     def __init__(self, hparams: dict, options: ConvertOptions | None = None, tensor_names=()):
         self.hparams = hparams
         self.options = options or ConvertOptions()
         self.hf_names = list(tensor_names)
+        if (self.options.mtp_only or self.options.no_mtp) and not self.has_mtp_head:
+            flag = "--mtp" if self.options.mtp_only else "--no-mtp"
+            raise UserError(f"{flag}: {self.gguf_arch} models have no multi-token-prediction head")
 
     # -- config access ------------------------------------------------------
     def hp(self, *keys: str, default=...):

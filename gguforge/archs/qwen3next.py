@@ -54,6 +54,7 @@ def qkvz_rows(nk: int, dk: int, nv: int, dv: int) -> tuple[np.ndarray, np.ndarra
 class Qwen3Next(Qwen2Moe):
     gguf_arch = "qwen3next"
     fusions = frozenset({"qkv", "gate_up_exps"})  # the loader accepts fused QKV and gate/up experts
+    has_mtp_head = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
