@@ -74,7 +74,8 @@ def nonfinite_in_file(fd: int, offset: int, nbytes: int, source_dtype: str) -> i
     return count
 
 
-def encode_chunk(t: PlannedTensor, start: int, stop: int, check_finite: bool, buffer: np.ndarray | None = None):
+def encode_chunk(t: PlannedTensor, start: int, stop: int, check_finite: bool, buffer: np.ndarray | None = None,
+                 out_buffer: np.ndarray | None = None):
     lazy = t.tensor
     if raw_copy_possible(t) and (span := lazy.source.span(start, stop)) is not None:
         # Same type on both sides: the kernel copies the stored bytes into the output.
@@ -85,7 +86,8 @@ def encode_chunk(t: PlannedTensor, start: int, stop: int, check_finite: bool, bu
         raw = lazy.source.raw_rows(start, stop, buffer)
         if check_finite and _count_nonfinite(raw, "BF16"):
             raise _nonfinite(t)
-        return native_bf16_to_f16(raw)
+        out = None if out_buffer is None else out_buffer[:raw.nbytes].view(np.float16).reshape(raw.shape)
+        return native_bf16_to_f16(raw, out)
     if raw_copy_possible(t):
         raw = lazy.source.raw_rows(start, stop, buffer)  # same type on both sides: copy the stored bytes
         if check_finite and _count_nonfinite(raw, lazy.source.dtype):
@@ -143,24 +145,28 @@ def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,
                 yield i, t, start, stop
 
     ahead = 2 * threads
-    pool = BufferPool(CHUNK_BYTES, ahead + 2)  # enough that a job never waits for a buffer
+    pool = BufferPool(CHUNK_BYTES, 2 * (ahead + 2))  # a job holds at most two: it never waits for one
 
     def job(i, t, start, stop):
         raw_bytes = (stop - start) * t.tensor.row_elems * 4
         reads_stored_bytes = direct_bf16_to_f16(t) or (raw_copy_possible(t) and t.tensor.source.span(0, 0) is None)
-        buffer = pool.take() if reads_stored_bytes and raw_bytes <= CHUNK_BYTES else None
+        buffers = []
+        if reads_stored_bytes and raw_bytes <= CHUNK_BYTES:
+            buffers.append(pool.take())
+            if direct_bf16_to_f16(t):
+                buffers.append(pool.take())  # the f16 output too: fresh arrays page-fault every chunk
         try:
-            return encode_chunk(t, start, stop, check, buffer), buffer
+            return encode_chunk(t, start, stop, check, *buffers), buffers
         except BaseException:
-            if buffer is not None:
-                pool.give(buffer)
+            for b in buffers:
+                pool.give(b)
             raise
 
     def chunks():
-        for (i, *_), (data, buffer) in ordered_parallel(jobs(), job, threads, ahead):
+        for (i, *_), (data, buffers) in ordered_parallel(jobs(), job, threads, ahead):
             yield i, data
-            if buffer is not None:  # written by now: the buffer can be reused
-                pool.give(buffer)
+            for b in buffers:  # written by now: the buffers can be reused
+                pool.give(b)
 
     shards = plan_shards(target, plan.tensors, split)
     if len(shards) == 1:

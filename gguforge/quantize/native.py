@@ -137,10 +137,12 @@ def bf16_to_f32(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def bf16_to_f16(x: np.ndarray) -> np.ndarray:
-    """bf16 bits (uint16) -> float16 in one pass; same bytes as widening to float32 then f32_to_f16."""
+def bf16_to_f16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """bf16 bits (uint16) -> float16 in one pass; same bytes as widening to float32 then f32_to_f16.
+    `out`: optional float16 array of the same shape to write into."""
     x = np.ascontiguousarray(x).view(np.uint16)
-    out = np.empty(x.shape, dtype=np.float16)
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float16)
     _native.bf16_to_f16(x.reshape(-1), out.reshape(-1).view(np.uint16))
     return out
 
