@@ -469,3 +469,19 @@ def test_transformers_gguf_loader_and_qwen3next(mock_model, converted):
     ids = torch.tensor([T.AutoTokenizer.from_pretrained(src).encode(DEFAULT_TEXT, add_special_tokens=False)])
     with torch.no_grad():
         assert torch.allclose(ref(ids).logits, back.eval()(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_mtp_head_default_file_name(mock_model, tmp_path):
+    """llama.cpp's naming: the draft head is mtp-<name>-<TYPE>.gguf, without the size label."""
+    pytest.importorskip("torch")
+    from gguforge.cli import main
+    model = mock_model("qwen35", "hub")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "head").mkdir()
+    assert main(["convert-hf", str(model), "--outtype", "bf16", "--outfile", str(tmp_path / "full"), "-q"]) == 0
+    assert main(["convert-hf", str(model), "--mtp", "--outtype", "bf16", "--outfile", str(tmp_path / "head"),
+                 "-q"]) == 0
+    (full,) = (tmp_path / "full").glob("*.gguf")
+    (head,) = (tmp_path / "head").glob("*.gguf")
+    label = gguf_fields(full)["general.size_label"]
+    assert head.name == "mtp-" + full.name.replace(f"-{label}-", "-")

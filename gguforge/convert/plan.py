@@ -71,6 +71,11 @@ class Plan:
         return sum(t.nbytes for t in self.tensors)
 
     def default_filename(self) -> str:
+        if self.arch.options.mtp_only and self.general is not None:
+            # llama.cpp names draft heads mtp-<name>-<TYPE>.gguf: no size label
+            m = self.general.meta
+            return "mtp-" + naming_convention(self.general.file_stem, None, m.finetune, m.version, None,
+                                              self.type_label) + ".gguf"
         if self.general is not None:
             return self.general.filename(self.type_label, self.vocab_only)
         return naming_convention(self.name, None, None, None, self.size_label, self.type_label) + ".gguf"
