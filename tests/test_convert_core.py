@@ -249,3 +249,22 @@ def test_dry_run_lists_every_tensor_and_writes_nothing(tiny, tmp_path, capsys):
         assert t.name in out
     assert "bits per weight" in out
     assert not list(tmp_path.iterdir())
+
+
+def test_moved_values_keep_their_stored_bits(tmp_path):
+    """Slicing, gathering, stacking and concatenating bf16 tensors works on the stored bits, so a
+    bf16 output skips the float round trip; a value-changing map drops them."""
+    config = qwen2moe_config()
+    tensors = qwen2moe_tensors(config)
+    ckpt = open_checkpoint(write_checkpoint(tmp_path / "m", config, tensors, bf16=True))
+    src = {n: Lazy.from_source(t) for n, t in ckpt.tensors.items()}
+    experts = [src[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"] for e in range(4)]
+    moved = [stack(experts), stack(experts).slice_axis(1, 2, 9), concat_rows(experts).take_rows([5, 1, 2, 40]),
+             concat_axis(experts, 1), experts[0].take_axis(1, np.arange(63, -1, -1)).reshape_rest((64,)),
+             experts[0].flatten()]
+    for lazy in moved:
+        assert lazy.stored is not None and lazy.stored[0] == "BF16"
+        bits = lazy.stored_rows(0, lazy.n_rows)
+        np.testing.assert_array_equal((bits.astype(np.uint32) << 16).view(np.float32), lazy.numpy())
+    assert experts[0].map(lambda a: a + 1).stored is None
+    assert concat_rows([experts[0], Lazy.from_array(np.zeros((2, 64), np.float32))]).stored is None

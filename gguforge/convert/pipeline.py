@@ -49,14 +49,24 @@ class BufferPool:
 
 
 def raw_copy_possible(t: PlannedTensor) -> bool:
+    """An untouched source tensor written in its stored type."""
     lazy = t.tensor
     return lazy.source is not None and RAW_COPY.get(lazy.source.dtype) == t.ggml_type
 
 
+def stored_bits_suffice(t: PlannedTensor) -> bool:
+    """Values only moved around (or untouched) and written in their stored type, or bf16 -> F16:
+    work on the stored bits, no float32 round trip."""
+    stored = t.tensor.stored
+    if stored is None:
+        return False
+    return RAW_COPY.get(stored[0]) == t.ggml_type or direct_bf16_to_f16(t)
+
+
 def direct_bf16_to_f16(t: PlannedTensor) -> bool:
-    """An untouched bf16 tensor stored as F16: one native pass over the stored bits."""
-    source = t.tensor.source
-    return (source is not None and source.dtype == "BF16" and t.ggml_type == T.F16
+    """bf16 values stored as F16: one native pass over the stored bits."""
+    stored = t.tensor.stored
+    return (stored is not None and stored[0] == "BF16" and t.ggml_type == T.F16
             and native_bf16_to_f16 is not None)
 
 
@@ -82,17 +92,15 @@ def encode_chunk(t: PlannedTensor, start: int, stop: int, check_finite: bool, bu
         if check_finite and nonfinite_in_file(*span, lazy.source.dtype):
             raise _nonfinite(t)
         return FileSpan(*span)
-    if direct_bf16_to_f16(t):
-        raw = lazy.source.raw_rows(start, stop, buffer)
-        if check_finite and _count_nonfinite(raw, "BF16"):
+    if stored_bits_suffice(t):
+        kind = lazy.stored[0]
+        raw = lazy.source.raw_rows(start, stop, buffer) if lazy.source is not None else lazy.stored_rows(start, stop)
+        if check_finite and _count_nonfinite(raw, kind):
             raise _nonfinite(t)
-        out = None if out_buffer is None else out_buffer[:raw.nbytes].view(np.float16).reshape(raw.shape)
-        return native_bf16_to_f16(raw, out)
-    if raw_copy_possible(t):
-        raw = lazy.source.raw_rows(start, stop, buffer)  # same type on both sides: copy the stored bytes
-        if check_finite and _count_nonfinite(raw, lazy.source.dtype):
-            raise _nonfinite(t)
-        return raw
+        if t.ggml_type == T.F16 and kind == "BF16":
+            out = None if out_buffer is None else out_buffer[:raw.nbytes].view(np.float16).reshape(raw.shape)
+            return native_bf16_to_f16(np.ascontiguousarray(raw), out)
+        return np.ascontiguousarray(raw)
     rows = lazy.rows(start, stop)
     if check_finite and rows.dtype.kind == "f" and _count_nonfinite(rows, None):
         raise _nonfinite(t)
@@ -149,9 +157,10 @@ def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,
 
     def job(i, t, start, stop):
         raw_bytes = (stop - start) * t.tensor.row_elems * 4
-        reads_stored_bytes = direct_bf16_to_f16(t) or (raw_copy_possible(t) and t.tensor.source.span(0, 0) is None)
+        source = t.tensor.source  # pooled buffers serve reads of untouched sources (not file-span copies)
         buffers = []
-        if reads_stored_bytes and raw_bytes <= CHUNK_BYTES:
+        if source is not None and raw_bytes <= CHUNK_BYTES and (
+                direct_bf16_to_f16(t) or (raw_copy_possible(t) and source.span(0, 0) is None)):
             buffers.append(pool.take())
             if direct_bf16_to_f16(t):
                 buffers.append(pool.take())  # the f16 output too: fresh arrays page-fault every chunk

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .read import SourceTensor
+from .read import SAFETENSORS_DTYPES, SourceTensor
 
 RowFn = Callable[[int, int], np.ndarray]
 
@@ -22,18 +22,33 @@ class Lazy:
     """A tensor whose rows (slices along axis 0) are computed on demand."""
 
     def __init__(self, shape: Sequence[int], dtype, rows: RowFn, sources: Sequence[str] = (),
-                 source: SourceTensor | None = None):
+                 source: SourceTensor | None = None, stored: tuple[str, RowFn] | None = None):
         self.shape = tuple(int(d) for d in shape)
         self.dtype = np.dtype(dtype)
         self._rows = rows
         self.sources = tuple(sources)
         # Set only when this is an untouched source tensor: the writer may copy its bytes directly.
         self.source = source
+        # (safetensors dtype, row function) when the values are the stored ones, only moved around
+        # (sliced, gathered, stacked): then a tensor written in its stored type skips the float
+        # round trip. Value-changing operations drop it.
+        self.stored = stored
 
     # -- construction -----------------------------------------------------
     @classmethod
     def from_source(cls, t: SourceTensor) -> "Lazy":
-        return cls(t.shape, t.compute_dtype, t.rows, (t.name,), source=t)
+        return cls(t.shape, t.compute_dtype, t.rows, (t.name,), source=t, stored=(t.dtype, t.raw_rows))
+
+    def _moved(self, fn: Callable[[np.ndarray], np.ndarray], shape) -> "Lazy":
+        """A pure data movement within each block of rows, applied to the values and the stored bits alike."""
+        stored = None
+        if self.stored is not None:
+            kind, raw = self.stored
+            stored = (kind, lambda s, e: fn(raw(s, e)))
+        return Lazy(shape, self.dtype, lambda s, e: fn(self.rows(s, e)), self.sources, stored=stored)
+
+    def stored_rows(self, start: int, stop: int) -> np.ndarray:
+        return self.stored[1](start, stop)
 
     @classmethod
     def from_array(cls, a: np.ndarray, name: str = "<array>") -> "Lazy":
@@ -83,7 +98,7 @@ class Lazy:
         shape = list(self.shape)
         shape[axis] = stop - start
         index = (slice(None),) * axis + (slice(start, stop),)
-        return self.per_rows(lambda a: a[index], shape)
+        return self._moved(lambda a: a[index], shape)
 
     def take_axis(self, axis: int, index: np.ndarray) -> "Lazy":
         """Gather positions `index` of a non-leading axis (e.g. permuting input columns)."""
@@ -93,13 +108,13 @@ class Lazy:
         index = np.asarray(index)
         shape = list(self.shape)
         shape[axis] = len(index)
-        return self.per_rows(lambda a: np.take(a, index, axis=axis), shape)
+        return self._moved(lambda a: np.take(a, index, axis=axis), shape)
 
     def reshape_rest(self, rest: Sequence[int]) -> "Lazy":
         """Reshape the non-leading axes (e.g. squeeze conv1d [C,1,K] -> [C,K])."""
         rest = tuple(rest)
         assert prod(rest) == self.row_elems, (rest, self.shape)
-        return self.per_rows(lambda a: a.reshape((a.shape[0],) + rest), (self.n_rows,) + rest)
+        return self._moved(lambda a: a.reshape((a.shape[0],) + rest), (self.n_rows,) + rest)
 
     def flatten(self) -> "Lazy":
         """View as 1-D (rows of a 1-D tensor are single elements)."""
@@ -107,29 +122,43 @@ class Lazy:
             return self
         width = self.row_elems
 
-        def rows(s, e):
-            first, last = s // width, (e + width - 1) // width
-            block = self.rows(first, last).reshape(-1)
-            off = first * width
-            return block[s - off:e - off]
+        def flat(rows_of):
+            def rows(s, e):
+                first, last = s // width, (e + width - 1) // width
+                block = rows_of(first, last).reshape(-1)
+                off = first * width
+                return block[s - off:e - off]
+            return rows
 
-        return Lazy((prod(self.shape),), self.dtype, rows, self.sources)
+        stored = None if self.stored is None else (self.stored[0], flat(self.stored[1]))
+        return Lazy((prod(self.shape),), self.dtype, flat(self.rows), self.sources, stored=stored)
 
     # -- row-moving operations ----------------------------------------------
     def take_rows(self, index: np.ndarray) -> "Lazy":
         """Gather rows along axis 0: output row i is input row index[i]."""
         index = np.asarray(index, dtype=np.int64)
 
-        def rows(s, e):
-            want = index[s:e]
-            if len(want) == 0:
-                return np.empty((0,) + self.shape[1:], self.dtype)
-            # Read each run of consecutive source rows in one call.
-            breaks = np.flatnonzero(np.diff(want) != 1) + 1
-            parts = [self.rows(int(run[0]), int(run[-1]) + 1) for run in np.split(want, breaks)]
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        def gather(rows_of, dtype):
+            def rows(s, e):
+                want = index[s:e]
+                if len(want) == 0:
+                    return np.empty((0,) + self.shape[1:], dtype)
+                # Read each run of consecutive source rows in one call.
+                breaks = np.flatnonzero(np.diff(want) != 1) + 1
+                parts = [rows_of(int(run[0]), int(run[-1]) + 1) for run in np.split(want, breaks)]
+                return parts[0] if len(parts) == 1 else np.concatenate(parts)
+            return rows
 
-        return Lazy((len(index),) + self.shape[1:], self.dtype, rows, self.sources)
+        stored = None
+        if self.stored is not None:
+            stored = (self.stored[0], gather(self.stored[1], SAFETENSORS_DTYPES[self.stored[0]]))
+        return Lazy((len(index),) + self.shape[1:], self.dtype, gather(self.rows, self.dtype), self.sources,
+                    stored=stored)
+
+
+def _common_stored(parts: Sequence[Lazy]) -> str | None:
+    kinds = {p.stored[0] if p.stored is not None else None for p in parts}
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def concat_rows(parts: Sequence[Lazy]) -> Lazy:
@@ -139,16 +168,21 @@ def concat_rows(parts: Sequence[Lazy]) -> Lazy:
     dtype = np.result_type(*[p.dtype for p in parts])
     bounds = np.cumsum([0] + [p.n_rows for p in parts])
 
-    def rows(s, e):
-        out = []
-        for p, lo, hi in zip(parts, bounds[:-1], bounds[1:]):
-            a, b = max(s, lo), min(e, hi)
-            if a < b:
-                out.append(p.rows(int(a - lo), int(b - lo)).astype(dtype, copy=False))
-        return out[0] if len(out) == 1 else np.concatenate(out)
+    def joined(get, cast):
+        def rows(s, e):
+            out = []
+            for p, lo, hi in zip(parts, bounds[:-1], bounds[1:]):
+                a, b = max(s, lo), min(e, hi)
+                if a < b:
+                    out.append(cast(get(p, int(a - lo), int(b - lo))))
+            return out[0] if len(out) == 1 else np.concatenate(out)
+        return rows
 
+    kind = _common_stored(parts)
+    stored = None if kind is None else (kind, joined(Lazy.stored_rows, lambda a: a))
     sources = [s for p in parts for s in p.sources]
-    return Lazy((int(bounds[-1]),) + rest, dtype, rows, sources)
+    return Lazy((int(bounds[-1]),) + rest, dtype, joined(Lazy.rows, lambda a: a.astype(dtype, copy=False)),
+                sources, stored=stored)
 
 
 def stack(parts: Sequence[Lazy]) -> Lazy:
@@ -160,8 +194,13 @@ def stack(parts: Sequence[Lazy]) -> Lazy:
     def rows(s, e):
         return np.stack([p.numpy().astype(dtype, copy=False) for p in parts[s:e]])
 
+    def stored_rows(s, e):
+        return np.stack([p.stored_rows(0, p.n_rows) for p in parts[s:e]])
+
+    kind = _common_stored(parts)
     sources = [s for p in parts for s in p.sources]
-    return Lazy((len(parts),) + shape, dtype, rows, sources)
+    return Lazy((len(parts),) + shape, dtype, rows, sources,
+                stored=None if kind is None else (kind, stored_rows))
 
 
 def concat_axis(parts: Sequence[Lazy], axis: int) -> Lazy:
@@ -176,4 +215,9 @@ def concat_axis(parts: Sequence[Lazy], axis: int) -> Lazy:
     def rows(s, e):
         return np.concatenate([p.rows(s, e).astype(dtype, copy=False) for p in parts], axis=axis)
 
-    return Lazy(shape, dtype, rows, [s for p in parts for s in p.sources])
+    def stored_rows(s, e):
+        return np.concatenate([p.stored_rows(s, e) for p in parts], axis=axis)
+
+    kind = _common_stored(parts)
+    return Lazy(shape, dtype, rows, [s for p in parts for s in p.sources],
+                stored=None if kind is None else (kind, stored_rows))
