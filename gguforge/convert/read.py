@@ -1,8 +1,8 @@
 """Read step: a Hugging Face checkpoint opened lazily.
 
-Only safetensors headers are parsed up front; tensor data is memory-mapped and
-touched when a tensor is written. bf16 is widened to float32 exactly (a 16-bit
-shift), so no torch is needed.
+Only safetensors headers are parsed up front; tensor data is read (pread, in row
+chunks) when a tensor is written, or handed to the kernel to copy as is. bf16 is
+widened to float32 exactly (a 16-bit shift), so no torch is needed.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class SourceTensor:
 
 
 class Shard:
-    """One safetensors file: parsed and validated header, mmap opened on first use."""
+    """One safetensors file: parsed and validated header; data read with pread on demand."""
 
     def __init__(self, path: Path):
         self.path = path
