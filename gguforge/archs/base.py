@@ -243,7 +243,3 @@ class DecoderArch:
         if rope.get("rope_theta") is not None:
             md.f32(f"{a}.rope.freq_base", rope["rope_theta"])
 
-
-def layer_of(name: str) -> int | None:
-    m = LAYER_NAME.match(name)
-    return int(m.group(1)) if m else None

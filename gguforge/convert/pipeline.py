@@ -14,22 +14,23 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..errors import UserError
-from ..quantize.encode import encode, native_bf16_to_f16, native_count_nonfinite
+from ..quantize import native
+from ..quantize.encode import encode
 from .options import ConvertOptions
 from .plan import Plan, PlannedTensor, output_path, plan_conversion
 from .read import SAFETENSORS_DTYPES, open_checkpoint, resolve_model
-from .split import SplitOptions, plan_shards, shard_metadata
-from .write import FileSpan, write_gguf, write_gguf_shards
+from .split import SplitOptions, plan_shards, write_shards
+from .write import FileSpan
 
 CHUNK_BYTES = 16 << 20  # float32 bytes of source rows handled per job
 RAW_COPY = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16}
 
 
-def row_chunks(t: PlannedTensor) -> Iterator[tuple[int, int]]:
-    lazy = t.tensor
-    step = max(1, CHUNK_BYTES // max(1, lazy.row_elems * 4))
-    for start in range(0, lazy.n_rows, step):
-        yield start, min(lazy.n_rows, start + step)
+def row_chunks(n_rows: int, row_elems: int) -> Iterator[tuple[int, int]]:
+    """Ranges of leading-axis rows holding about CHUNK_BYTES of float32 each."""
+    step = max(1, CHUNK_BYTES // max(1, row_elems * 4))
+    for start in range(0, n_rows, step):
+        yield start, min(n_rows, start + step)
 
 
 class BufferPool:
@@ -66,8 +67,18 @@ def stored_bits_suffice(t: PlannedTensor) -> bool:
 def direct_bf16_to_f16(t: PlannedTensor) -> bool:
     """bf16 values stored as F16: one native pass over the stored bits."""
     stored = t.tensor.stored
-    return (stored is not None and stored[0] == "BF16" and t.ggml_type == T.F16
-            and native_bf16_to_f16 is not None)
+    return stored is not None and stored[0] == "BF16" and t.ggml_type == T.F16
+
+
+def buffers_needed(t: PlannedTensor) -> int:
+    """Pooled buffers a chunk job uses: one for the stored bytes read from an untouched source (when
+    the kernel cannot copy them), one more for a bf16 -> F16 output."""
+    source = t.tensor.source
+    if source is None:
+        return 0
+    if direct_bf16_to_f16(t):
+        return 2
+    return 1 if raw_copy_possible(t) and source.span(0, 0) is None else 0
 
 
 def nonfinite_in_file(fd: int, offset: int, nbytes: int, source_dtype: str) -> int:
@@ -99,7 +110,7 @@ def encode_chunk(t: PlannedTensor, start: int, stop: int, check_finite: bool, bu
             raise _nonfinite(t)
         if t.ggml_type == T.F16 and kind == "BF16":
             out = None if out_buffer is None else out_buffer[:raw.nbytes].view(np.float16).reshape(raw.shape)
-            return native_bf16_to_f16(np.ascontiguousarray(raw), out)
+            return native.bf16_to_f16(raw, out)
         return np.ascontiguousarray(raw)
     rows = lazy.rows(start, stop)
     if check_finite and rows.dtype.kind == "f" and _count_nonfinite(rows, None):
@@ -108,11 +119,8 @@ def encode_chunk(t: PlannedTensor, start: int, stop: int, check_finite: bool, bu
 
 
 def _count_nonfinite(a: np.ndarray, source_dtype: str | None) -> int:
-    if native_count_nonfinite is not None and (source_dtype == "BF16" or a.dtype in (np.float32, np.float16)):
-        return native_count_nonfinite(a, bf16=source_dtype == "BF16")
-    if source_dtype == "BF16":
-        return int(((a & 0x7F80) == 0x7F80).sum())
-    return int(a.size - np.isfinite(a).sum())
+    """NaN/Inf in float32/float16 values, or in bf16 bits when source_dtype is "BF16"."""
+    return native.count_nonfinite(a, bf16=source_dtype == "BF16")
 
 
 def _nonfinite(t: PlannedTensor) -> UserError:
@@ -149,21 +157,15 @@ def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,
 
     def jobs():
         for i, t in enumerate(plan.tensors):
-            for start, stop in row_chunks(t):
+            for start, stop in row_chunks(t.tensor.n_rows, t.tensor.row_elems):
                 yield i, t, start, stop
 
     ahead = 2 * threads
     pool = BufferPool(CHUNK_BYTES, 2 * (ahead + 2))  # a job holds at most two: it never waits for one
 
     def job(i, t, start, stop):
-        raw_bytes = (stop - start) * t.tensor.row_elems * 4
-        source = t.tensor.source  # pooled buffers serve reads of untouched sources (not file-span copies)
-        buffers = []
-        if source is not None and raw_bytes <= CHUNK_BYTES and (
-                direct_bf16_to_f16(t) or (raw_copy_possible(t) and source.span(0, 0) is None)):
-            buffers.append(pool.take())
-            if direct_bf16_to_f16(t):
-                buffers.append(pool.take())  # the f16 output too: fresh arrays page-fault every chunk
+        fits = (stop - start) * t.tensor.row_elems * 4 <= CHUNK_BYTES  # a single huge row does not
+        buffers = [pool.take() for _ in range(buffers_needed(t) if fits else 0)]
         try:
             return encode_chunk(t, start, stop, check, *buffers), buffers
         except BaseException:
@@ -177,12 +179,7 @@ def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,
             for b in buffers:  # written by now: the buffers can be reused
                 pool.give(b)
 
-    shards = plan_shards(target, plan.tensors, split)
-    if len(shards) == 1:
-        write_gguf(target, plan.metadata, plan.tensors, chunks, progress)
-    else:
-        write_gguf_shards([s.path for s in shards], shard_metadata(plan.metadata, shards),
-                          [(s.start, s.stop) for s in shards], plan.tensors, chunks, progress)
+    write_shards(plan_shards(target, plan.tensors, split), plan.metadata, plan.tensors, chunks, progress)
 
 
 def check_output(target: Path, model_dir: Path, force: bool) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..quantize import native
 
 # safetensors dtype -> (numpy storage dtype, bytes per element)
 SAFETENSORS_DTYPES = {
@@ -38,10 +39,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     """Exact: bf16 is the top half of a float32."""
-    from ..quantize.encode import native_bf16_to_f32
-    if native_bf16_to_f32 is not None:
-        return native_bf16_to_f32(np.ascontiguousarray(bits)).reshape(bits.shape)
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    return native.bf16_to_f32(bits)
 
 
 @dataclass

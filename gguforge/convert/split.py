@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .write import Metadata, TensorEntry
+from .write import Metadata, TensorEntry, write_gguf_shards
 
 SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT = "split.no", "split.count", "split.tensors.count"
 SPLIT_KEYS = (SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT)
@@ -122,3 +122,10 @@ def split_siblings(first: Path, count: int) -> list[Path]:
         raise UserError(f"{first} has split.count {count} but is not named like a first shard "
                         f"(NAME-00001-of-{count:05d}.gguf)")
     return [first.with_name(f"{m['stem']}-{i + 1:05d}-of-{count:05d}.gguf") for i in range(count)]
+
+
+def write_shards(shards: list[Shard], metadata: Metadata, tensors: list[TensorEntry], chunks,
+                 progress=None) -> None:
+    """Write the planned files (a single shard is a plain, unsplit file) atomically, all or none."""
+    write_gguf_shards([s.path for s in shards], shard_metadata(metadata, shards),
+                      [(s.start, s.stop) for s in shards], tensors, chunks, progress)

@@ -145,13 +145,6 @@ def _sigterm_as_exception():
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextmanager
-def atomic_output(target: Path) -> Iterator[Any]:
-    """A binary file beside `target`, renamed onto it only if the block completes."""
-    with atomic_outputs([target]) as files:
-        yield files[0]
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -163,17 +156,6 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def write_gguf(target: Path, metadata: Metadata, tensors: list[TensorEntry],
-               chunks: Callable[[], Iterable[tuple[int, Any]]],
-               progress: Callable[[int], None] | None = None) -> None:
-    """Write a GGUF file atomically.
-
-    `chunks()` yields (tensor index, bytes-like or FileSpan) in tensor order; each tensor's
-    chunks must add up to exactly its planned size.
-    """
-    write_gguf_shards([target], [metadata], [(0, len(tensors))], tensors, chunks, progress)
 
 
 @dataclass
@@ -264,8 +246,9 @@ def write_gguf_shards(targets: list[Path], metadatas: list[Metadata], groups: li
                       progress: Callable[[int], None] | None = None) -> None:
     """Write a split GGUF: shard k holds tensors[a:b] for groups[k] == (a, b), with metadatas[k].
 
-    `chunks()` is as for write_gguf (tensor indices over all shards, in order). All shards are
-    renamed into place together, and none is left behind on failure.
+    `chunks()` yields (tensor index over all shards, bytes-like or FileSpan) in tensor order; each
+    tensor's chunks must add up to exactly its planned size. All shards are renamed into
+    place together, and none is left behind on failure.
     """
     shard_of = [k for k, (a, b) in enumerate(groups) for _ in range(a, b)]
     headers = [encode_header(md, tensors[a:b]) for md, (a, b) in zip(metadatas, groups)]

@@ -2,7 +2,7 @@
 
 The input is memory-mapped with gguf.GGUFReader; tensors are visited in
 llama-quantize's order (rules.py), converted a block of rows at a time on a
-thread pool, and streamed to write_gguf. Tensors whose type does not change are
+thread pool, and streamed to the GGUF writer. Tensors whose type does not change are
 copied byte for byte. The output metadata is laid out as llama-quantize writes
 it (/work/shared/reference/quant-spec.md §7.10).
 """
@@ -16,15 +16,15 @@ import struct
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType
 
-from ..convert.pipeline import CHUNK_BYTES, ordered_parallel
-from ..convert.split import SplitOptions, plan_shards, shard_metadata
-from ..convert.write import Metadata, TensorEntry, write_gguf, write_gguf_shards
+from ..convert.pipeline import ordered_parallel, row_chunks
+from ..convert.split import SplitOptions, plan_shards, write_shards
+from ..convert.write import Metadata, TensorEntry
 from ..errors import UserError
+from . import native
 from .encode import encode
 from .presets import Preset, parse_preset
 from .rules import QuantOptions, TensorIn, TensorPlan, ggml_n_dims, plan_quantization
@@ -34,10 +34,6 @@ SUPPORTED_VERSIONS = (2, 3)
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 FLOAT_SOURCES = (T.F32, T.F16, T.BF16)
 
-try:
-    from . import native as _native
-except ImportError:  # extension not built: numpy paths below
-    _native = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,31 +269,18 @@ def to_f32(raw: np.ndarray, src: T, n_per_row: int) -> np.ndarray:
     if src == T.F32:
         return raw.view(np.float32)
     if src == T.F16:
-        return _native.f16_to_f32(raw.view(np.uint16)) if _native else raw.view(np.float16).astype(np.float32)
+        return native.f16_to_f32(raw.view(np.uint16))
     if src == T.BF16:
-        if _native:
-            return _native.bf16_to_f32(raw.view(np.uint16))
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    if _native and _native.supported(src):
-        return _native.dequantize(raw, src, raw.shape[0] * n_per_row)
+        return native.bf16_to_f32(raw.view(np.uint16))
+    if native.supported(src):
+        return native.dequantize(raw, src, raw.shape[0] * n_per_row)
     from gguf.quants import dequantize
     return dequantize(raw, src).reshape(raw.shape[0], n_per_row).astype(np.float32, copy=False)
 
 
 def count_nonfinite(raw: np.ndarray, src: T) -> int:
-    if _native:
-        if src == T.BF16:
-            return _native.count_nonfinite(raw.view(np.uint16), bf16=True)
-        return _native.count_nonfinite(raw.view(np.float32 if src == T.F32 else np.float16))
-    if src == T.BF16:
-        return int(((raw.view(np.uint16) & 0x7F80) == 0x7F80).sum())
-    return int((~np.isfinite(raw.view(np.float32 if src == T.F32 else np.float16))).sum())
-
-
-def row_chunks(n_rows: int, n_per_row: int) -> Iterator[tuple[int, int]]:
-    step = max(1, CHUNK_BYTES // max(1, 4 * n_per_row))
-    for start in range(0, n_rows, step):
-        yield start, min(n_rows, start + step)
+    view = {T.F32: np.float32, T.F16: np.float16, T.BF16: np.uint16}[src]
+    return native.count_nonfinite(raw.view(view), bf16=src == T.BF16)
 
 
 def convert_chunk(plan: TensorPlan, rows: np.ndarray):
@@ -380,11 +363,7 @@ def quantize_gguf(source_path, target_path, preset: str | Preset, options: Quant
             release_pages(*source)  # resumed only once the writer has written `data`
 
     def write(advance=None):
-        if len(shards) == 1:
-            write_gguf(target, metadata, entries, chunks, advance)
-        else:
-            write_gguf_shards([s.path for s in shards], shard_metadata(metadata, shards),
-                              [(s.start, s.stop) for s in shards], entries, chunks, advance)
+        write_shards(shards, metadata, entries, chunks, advance)
 
     total = sum(e.nbytes for e in entries)
     if progress_factory is None:
