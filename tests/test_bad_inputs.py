@@ -160,3 +160,10 @@ def test_unknown_outtype(good, tmp_path):
 def test_mtp_flags_on_an_arch_without_mtp_head(good, tmp_path):
     assert_clean_failure(good, tmp_path, "--no-mtp: qwen2moe models have no multi-token-prediction head", "--no-mtp")
     assert_clean_failure(good, tmp_path, "--mtp: qwen2moe models have no multi-token-prediction head", "--mtp")
+
+
+def test_config_value_too_large_for_its_gguf_key(good, tmp_path):
+    (good / "config.json").write_text(json.dumps(qwen2moe_config(max_position_embeddings=2**63)))
+    assert_clean_failure(good, tmp_path, "qwen2moe.context_length: 9223372036854775808 does not fit a UINT32")
+    (good / "config.json").write_text(json.dumps(qwen2moe_config(rms_norm_eps=3.4028235677973366e+38)))
+    assert_clean_failure(good, tmp_path, "layer_norm_rms_epsilon: 3.4028235677973366e+38 does not fit a FLOAT32")

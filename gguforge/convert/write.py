@@ -28,6 +28,22 @@ GGUF_VERSION = 3
 ALIGNMENT = 32
 
 
+_INT_RANGES = {
+    GGUFValueType.UINT8: (0, 2**8 - 1), GGUFValueType.INT8: (-2**7, 2**7 - 1),
+    GGUFValueType.UINT16: (0, 2**16 - 1), GGUFValueType.INT16: (-2**15, 2**15 - 1),
+    GGUFValueType.UINT32: (0, 2**32 - 1), GGUFValueType.INT32: (-2**31, 2**31 - 1),
+    GGUFValueType.UINT64: (0, 2**64 - 1), GGUFValueType.INT64: (-2**63, 2**63 - 1),
+}
+
+
+def _fits_float32(value: float) -> bool:
+    try:
+        struct.pack("<f", value)
+    except OverflowError:
+        return False
+    return True
+
+
 class Metadata:
     """Ordered GGUF key/value pairs with explicit value types."""
 
@@ -35,6 +51,15 @@ class Metadata:
         self.items: dict[str, tuple[GGUFValueType, Any, GGUFValueType | None]] = {}
 
     def set(self, key: str, value: Any, vtype: GGUFValueType, item_type: GGUFValueType | None = None):
+        # Values come from configs and override files: refuse what the file format cannot store.
+        if vtype in _INT_RANGES:
+            low, high = _INT_RANGES[vtype]
+            fits = low <= value <= high
+        else:
+            fits = vtype != GGUFValueType.FLOAT32 or _fits_float32(value)
+        if not fits:
+            raise UserError(f"metadata {key}: {value} does not fit a {vtype.name} (check config.json "
+                            f"or the --metadata file)")
         self.items.pop(key, None)  # re-setting moves the key to the end, like llama.cpp
         self.items[key] = (vtype, value, item_type)
 
