@@ -121,12 +121,17 @@ def dequantize(data: np.ndarray, qtype, n: int) -> np.ndarray:
     return out
 
 
+def _narrow(x, qtype: T, dtype) -> np.ndarray:
+    """float32 -> a 16-bit float type, through the C module's element-wise 'quantizer'."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty(x.shape, dtype=dtype)
+    _native.quantize(int(qtype), x.reshape(-1), out.reshape(-1).view(np.uint8), 0)
+    return out
+
+
 def f32_to_bf16(x) -> np.ndarray:
     """float32 -> bf16 bits (uint16), round to nearest even; NaN stays a quiet NaN."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.empty(x.shape, dtype=np.uint16)
-    _native.quantize(int(T.BF16), x.reshape(-1), out.reshape(-1).view(np.uint8), 0)
-    return out
+    return _narrow(x, T.BF16, np.uint16)
 
 
 def bf16_to_f32(x: np.ndarray) -> np.ndarray:
@@ -149,10 +154,7 @@ def bf16_to_f16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 def f32_to_f16(x) -> np.ndarray:
     """float32 -> float16, IEEE round to nearest even (same as numpy astype)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.empty(x.shape, dtype=np.float16)
-    _native.quantize(int(T.F16), x.reshape(-1), out.reshape(-1).view(np.uint8), 0)
-    return out
+    return _narrow(x, T.F16, np.float16)
 
 
 def f16_to_f32(x: np.ndarray) -> np.ndarray:
