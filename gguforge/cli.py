@@ -73,7 +73,7 @@ def convert_hf_cmd(
     if list_archs:
         _list_archs()
         return
-    from .convert.options import ConvertOptions
+    from .archs.options import ConvertOptions
     from .convert.pipeline import convert_hf
     from .progress import progress_factory
 
@@ -81,7 +81,7 @@ def convert_hf_cmd(
         raise UserError("--mtp and --no-mtp cannot be combined")
     overrides = {}
     if metadata is not None:
-        from .convert.read import read_json_object
+        from .checkpoint.read import read_json_object
         overrides = read_json_object(metadata, f"--metadata {metadata}")
     options = ConvertOptions(outtype=outtype, model_name=model_name, pre_tokenizer=pre_tokenizer,
                              metadata_overrides=overrides, threads=threads,
@@ -98,7 +98,7 @@ def convert_hf_cmd(
     plan, target = convert_hf(source, outfile, options, force=force, dry_run=dry_run,
                               progress_factory=progress_factory(quiet),
                               display_name=EMBEDDED_MODEL if model is None else None, split=split)
-    from .convert.split import plan_shards
+    from .format.split import plan_shards
     shards = plan_shards(target, plan.tensors, split)
     if dry_run:
         _print_plan(plan, target)
@@ -109,12 +109,12 @@ def convert_hf_cmd(
 
 
 def _split_options(max_size: Optional[str], max_tensors: int):
-    from .convert.split import SplitOptions, parse_size
+    from .format.split import SplitOptions, parse_size
     return SplitOptions(parse_size(max_size) if max_size else 0, max_tensors)
 
 
 def _print_shards(shards) -> None:
-    from .convert.split import format_shard_plan
+    from .format.split import format_shard_plan
     for line in format_shard_plan(shards):
         typer.echo(line)
 

@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as T, GGUFValueType as V
 
-from .convert.split import SPLIT_KEYS, split_siblings
+from .format.split import SPLIT_KEYS, split_siblings
 from .errors import UserError
-from .quantize.run import open_reader, raw_rows, row_chunks, to_f32
+from .format.reader import open_reader, raw_rows
+from .parallel import row_chunks
+from .quantize.run import to_f32
 
 ARRAY_PREVIEW = 5
 STRING_PREVIEW = 60

@@ -11,11 +11,11 @@ from gguforge.archs import lookup
 from gguforge.archs.qwen35 import Qwen35, Qwen35Moe, tiled_v_order
 from gguforge.archs.qwen3next import Qwen3Next, qkvz_rows
 from gguforge.cli import main
-from gguforge.convert.options import ConvertOptions
+from gguforge.archs.options import ConvertOptions
 from gguforge.convert.plan import float_type, map_tensors
-from gguforge.convert.read import Checkpoint, SourceTensor
-from gguforge.convert.transform import Lazy
-from gguforge.convert.write import Metadata
+from gguforge.checkpoint.read import Checkpoint, SourceTensor
+from gguforge.checkpoint.lazy import Lazy
+from gguforge.format.writer import Metadata
 
 HYBRID = ("qwen3next", "qwen35", "qwen35moe")
 

@@ -9,10 +9,10 @@ import pytest
 from gguf import GGMLQuantizationType as T, TokenType
 
 from gguforge.cli import main
-from gguforge.convert.options import ConvertOptions
+from gguforge.archs.options import ConvertOptions
 from gguforge.convert.plan import plan_conversion
-from gguforge.convert.read import open_checkpoint
-from gguforge.convert.transform import Lazy, concat_axis, concat_rows, stack
+from gguforge.checkpoint.read import open_checkpoint
+from gguforge.checkpoint.lazy import Lazy, concat_axis, concat_rows, stack
 from gguforge.convert.vocab import QWEN2_REGEX, detect_pre_tokenizer
 from gguforge.errors import UserError
 

@@ -10,9 +10,9 @@ from gguf import GGUFReader, GGUFValueType as V
 
 from gguforge.cli import main
 from gguforge.convert.metadata import general_info
-from gguforge.convert.options import ConvertOptions
+from gguforge.archs.options import ConvertOptions
 from gguforge.convert.plan import plan_conversion
-from gguforge.convert.read import open_checkpoint
+from gguforge.checkpoint.read import open_checkpoint
 
 from helpers import gguforge, qwen2moe_config, qwen2moe_tensors, write_checkpoint
 

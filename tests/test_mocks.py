@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 import unicodedata
 from pathlib import Path
@@ -304,7 +306,10 @@ def test_embedded_model_is_small_and_reproducible(tmp_path):
     names = sorted(p.name for p in emb.iterdir())
     assert names == sorted(p.name for p in fresh.iterdir())
     for n in names:
-        assert (emb / n).read_bytes() == (fresh / n).read_bytes(), f"{n}: run scripts/make_mocks.py --embedded"
+        a, b = (emb / n).read_bytes(), (fresh / n).read_bytes()
+        if n.endswith(".json"):  # the transformers release that wrote the file is not part of the model
+            a, b = (re.sub(rb'"transformers_version": "[^"]*"', b"", x) for x in (a, b))
+        assert a == b, f"{n}: run scripts/make_mocks.py --embedded"
 
 
 def test_make_mock_rejects_bad_arguments(tmp_path):

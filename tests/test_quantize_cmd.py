@@ -372,7 +372,9 @@ def test_one_pass_equals_two_steps(preset, tmp_path, capsys):
     one = tmp_path / f"tiny-qwen2moe-4x128K-{preset}.gguf"  # the preset names the file
     assert one.exists(), sorted(p.name for p in tmp_path.iterdir())
     a, b = tensors(one), tensors(two)
-    assert list(a) == list(b)
+    # convert-hf keeps the converter's tensor order for every outtype; quantize keeps llama-quantize's
+    assert list(a) == list(tensors(bf16_file))
+    assert sorted(a) == sorted(b)
     for name in a:
         assert a[name].tensor_type == b[name].tensor_type, name
         assert same_bytes(a[name].data.tobytes(), b[name].data.tobytes()), name

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from gguforge.cli import main
-from gguforge.convert.options import ConvertOptions
+from gguforge.archs.options import ConvertOptions
 from gguforge.convert.plan import plan_conversion
-from gguforge.convert.read import open_checkpoint
+from gguforge.checkpoint.read import open_checkpoint
 from gguforge.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, UserError
 
 from helpers import gguforge, read_gguf, qwen2moe_config, qwen2moe_tensors, write_checkpoint

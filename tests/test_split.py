@@ -7,8 +7,8 @@ import pytest
 from gguf import GGMLQuantizationType as T, GGUFValueType as V
 
 from gguforge.cli import main
-from gguforge.convert.split import SplitOptions, parse_size, plan_groups, shard_paths
-from gguforge.convert.write import TensorEntry
+from gguforge.format.split import SplitOptions, parse_size, plan_groups, shard_paths
+from gguforge.format.writer import TensorEntry
 from gguforge.errors import UserError
 
 from helpers import gguf_fields, gguforge, qwen2moe_config, qwen2moe_tensors, read_gguf, write_checkpoint

@@ -54,7 +54,7 @@ def registered() -> dict[str, type]:
 
 def architecture_name(config: dict) -> str:
     """architectures[0], unless a nested text config names its own architecture."""
-    from ..convert.read import text_config
+    from ..checkpoint.read import text_config
     text_archs = text_config(config).get("architectures")
     archs = text_archs if isinstance(text_archs, list) and text_archs else config.get("architectures")
     if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):

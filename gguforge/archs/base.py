@@ -8,15 +8,16 @@ differs and chain to this class with super().
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Iterator
 
 from gguf import GGUFValueType
 
-from ..convert.options import ConvertOptions
-from ..convert.transform import Lazy
-from ..convert.validate import Dim, Expected
-from ..convert.write import Metadata
+from .options import ConvertOptions
+from ..checkpoint.lazy import Lazy
+from .shapes import Dim, Expected
+from ..format.writer import Metadata
 from ..errors import UserError
 
 Emitted = Iterator[tuple[str, Lazy]]
@@ -68,9 +69,14 @@ class DecoderArch:
 
     @property
     def rope_parameters(self) -> dict:
+        """rope_parameters (or rope_scaling; its full_attention part), with top-level values it lacks."""
         params = self.hparams.get("rope_parameters") or self.hparams.get("rope_scaling") or {}
+        if not isinstance(params, dict) or not isinstance(params.get("full_attention", {}), dict):
+            raise UserError(f"config.json: rope_parameters must be an object, got {params!r}")
         params = dict(params.get("full_attention", params))
-        for key in ("rope_theta", "partial_rotary_factor"):
+        if "type" in params and "rope_type" not in params:
+            params["rope_type"] = params["type"]
+        for key in ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings"):
             if key not in params and self.hparams.get(key) is not None:
                 params[key] = self.hparams[key]
         return params
@@ -227,19 +233,49 @@ class DecoderArch:
             md.u32(f"{a}.attention.key_length", self.hparams["head_dim"])
             md.u32(f"{a}.attention.value_length", self.hparams["head_dim"])
 
-    def add_rope_metadata(self, md: Metadata) -> None:
-        a, rope = self.gguf_arch, self.rope_parameters
-        kind, factor = rope.get("rope_type", rope.get("type")), rope.get("factor")
-        if kind == "linear" and factor:
-            md.str(f"{a}.rope.scaling.type", "linear")
-            md.f32(f"{a}.rope.scaling.factor", factor)
-        elif kind == "yarn" and factor:
-            md.str(f"{a}.rope.scaling.type", "yarn")
-            md.f32(f"{a}.rope.scaling.factor", factor)
-            md.u32(f"{a}.rope.scaling.original_context_length", rope["original_max_position_embeddings"])
-        if "mrope_section" in rope:
-            sections = (list(rope["mrope_section"]) + [0, 0, 0, 0])[:4]
-            md.array(f"{a}.rope.dimension_sections", sections, GGUFValueType.INT32)
-        if rope.get("rope_theta") is not None:
-            md.f32(f"{a}.rope.freq_base", rope["rope_theta"])
+    # rope_type -> what llama.cpp reads for it; these are the types its loader implements for every arch
+    # here (llama-model.cpp: LLAMA_ROPE_SCALING_TYPE_*). "mrope" is Qwen2-VL's name for sectioned rope.
+    ROPE_TYPES = ("default", "linear", "yarn", "mrope")
 
+    def rope_number(self, rope: dict, key: str, *, positive: bool = True):
+        value = rope.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (positive and value <= 0):
+            raise UserError(f"config.json: rope_parameters.{key} must be a {'positive ' if positive else ''}"
+                            f"finite number, got {value!r}")
+        return value
+
+    def add_rope_metadata(self, md: Metadata) -> None:
+        """rope.scaling.* as llama.cpp's converter writes them (TextModel.set_gguf_parameters); a type
+        llama.cpp does not implement is refused rather than dropped (it would be wrong at long context)."""
+        a, rope = self.gguf_arch, self.rope_parameters
+        kind = rope.get("rope_type")
+        if kind is not None and kind not in self.ROPE_TYPES:
+            raise UserError(f"config.json: rope type {kind!r} is not supported for {a}",
+                            hint="supported: " + ", ".join(self.ROPE_TYPES))
+        if kind == "linear":
+            md.str(f"{a}.rope.scaling.type", "linear")
+            md.f32(f"{a}.rope.scaling.factor", self.rope_number(rope, "factor"))
+        elif kind == "yarn":
+            md.str(f"{a}.rope.scaling.type", "yarn")
+            md.f32(f"{a}.rope.scaling.factor", self.rope_number(rope, "factor"))
+            original = rope.get("original_max_position_embeddings")
+            if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+                raise UserError("config.json: yarn rope scaling needs original_max_position_embeddings "
+                                f"(a positive integer), got {original!r}")
+            md.u32(f"{a}.rope.scaling.original_context_length", original)
+            for hf_keys, key in ((("extrapolation_factor",), "yarn_ext_factor"),
+                                 (("attention_factor", "attn_factor"), "yarn_attn_factor"),
+                                 (("beta_fast",), "yarn_beta_fast"), (("beta_slow",), "yarn_beta_slow")):
+                present = [k for k in hf_keys if rope.get(k) is not None]
+                if present:
+                    md.f32(f"{a}.rope.scaling.{key}", self.rope_number(rope, present[0], positive=False))
+        if "mrope_section" in rope:
+            sections = rope["mrope_section"]
+            if not isinstance(sections, list) or len(sections) > 4 or \
+                    not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sections):
+                raise UserError(f"config.json: mrope_section must be a list of at most 4 non-negative integers, "
+                                f"got {sections!r}")
+            md.array(f"{a}.rope.dimension_sections", (list(sections) + [0, 0, 0, 0])[:4], GGUFValueType.INT32)
+        if rope.get("rope_theta") is not None:
+            md.f32(f"{a}.rope.freq_base", self.rope_number(rope, "rope_theta"))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 
-from ..convert.transform import Lazy, stack
-from ..convert.validate import ANY, Expected
-from ..convert.write import Metadata
+from ..checkpoint.lazy import Lazy, stack
+from .shapes import ANY, Expected
+from ..format.writer import Metadata
 from ..errors import UserError
 from . import register
 from .base import DecoderArch, Emitted

@@ -16,9 +16,9 @@ import re
 import numpy as np
 from gguf import GGUFValueType
 
-from ..convert.transform import Lazy
-from ..convert.validate import Expected
-from ..convert.write import Metadata
+from ..checkpoint.lazy import Lazy
+from .shapes import Expected
+from ..format.writer import Metadata
 from ..errors import UserError
 from . import register
 from .base import Emitted

@@ -16,7 +16,7 @@ import re
 from typing import Iterable, Iterator
 
 from ..errors import UserError
-from .transform import Lazy, concat_axis, concat_rows
+from ..checkpoint.lazy import Lazy, concat_axis, concat_rows
 
 QKV = re.compile(r"^blk\.(\d+)\.attn_([qkv])\.(weight|bias)$")
 GATE_UP = re.compile(r"^blk\.(\d+)\.ffn_(gate|up)_exps\.weight$")

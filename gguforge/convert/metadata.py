@@ -19,7 +19,7 @@ from gguf.metadata import Metadata as CardMetadata
 from gguf.utility import naming_convention
 
 from ..errors import UserError
-from .write import Metadata
+from ..format.writer import Metadata
 
 G = Keys.General
 # --metadata keys that set a gguf.Metadata field (as gguf.Metadata.load reads its override file).

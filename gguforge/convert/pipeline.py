@@ -5,8 +5,6 @@ from __future__ import annotations
 import mmap
 import os
 import queue
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -14,23 +12,16 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..errors import UserError
+from ..parallel import CHUNK_BYTES, ordered_parallel, row_chunks
 from ..quantize import native
 from ..quantize.encode import encode
-from .options import ConvertOptions
+from ..archs.options import ConvertOptions
 from .plan import Plan, PlannedTensor, output_path, plan_conversion
-from .read import SAFETENSORS_DTYPES, open_checkpoint, resolve_model
-from .split import SplitOptions, plan_shards, write_shards
-from .write import FileSpan
+from ..checkpoint.read import SAFETENSORS_DTYPES, open_checkpoint, resolve_model
+from ..format.split import SplitOptions, plan_shards, write_shards
+from ..format.writer import FileSpan
 
-CHUNK_BYTES = 16 << 20  # float32 bytes of source rows handled per job
 RAW_COPY = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16}
-
-
-def row_chunks(n_rows: int, row_elems: int) -> Iterator[tuple[int, int]]:
-    """Ranges of leading-axis rows holding about CHUNK_BYTES of float32 each."""
-    step = max(1, CHUNK_BYTES // max(1, row_elems * 4))
-    for start in range(0, n_rows, step):
-        yield start, min(n_rows, start + step)
 
 
 class BufferPool:
@@ -126,28 +117,6 @@ def _count_nonfinite(a: np.ndarray, source_dtype: str | None) -> int:
 def _nonfinite(t: PlannedTensor) -> UserError:
     return UserError(f"tensor {t.name} (from {', '.join(t.sources[:2])}) contains NaN or Inf values",
                      hint="the checkpoint is damaged; pass --allow-nonfinite to convert it anyway")
-
-
-def ordered_parallel(jobs, fn: Callable, threads: int, ahead: int) -> Iterator:
-    """fn(*job) for each job on a thread pool, results in job order, at most `ahead` in flight."""
-    if threads <= 1:
-        for job in jobs:
-            yield job, fn(*job)
-        return
-    with ThreadPoolExecutor(threads) as pool:
-        pending: deque = deque()
-        try:
-            for job in jobs:
-                pending.append((job, pool.submit(fn, *job)))
-                if len(pending) >= ahead:
-                    job0, fut = pending.popleft()
-                    yield job0, fut.result()
-            while pending:
-                job0, fut = pending.popleft()
-                yield job0, fut.result()
-        finally:
-            for _, fut in pending:
-                fut.cancel()
 
 
 def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,

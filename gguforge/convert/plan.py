@@ -13,32 +13,33 @@ from pathlib import Path
 
 import numpy as np
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType
+from gguf import GGMLQuantizationType as T, LlamaFileType
 from gguf.utility import naming_convention, size_label
 
 from ..archs import lookup
 from ..archs.base import DecoderArch, UnmappedTensor
 from ..errors import UserError
 from ..quantize.encode import encode
-from ..quantize.presets import Preset, parse_preset
+from ..quantize.presets import Preset, parse_preset, preset_names
 from ..quantize.rules import TensorIn, plan_quantization
 from . import fuse as fusion
 from .metadata import GeneralInfo, add_general_metadata, apply_overrides, general_info, model_id_for
-from .options import ConvertOptions
-from .read import Checkpoint
-from .transform import Lazy
+from ..archs.options import ConvertOptions
+from ..checkpoint.read import Checkpoint
+from ..checkpoint.lazy import Lazy
 from .validate import validate_checkpoint
 from .vocab import add_vocab_metadata, load_vocab
-from .write import Metadata, TensorEntry
+from ..format.types import FLOAT_TYPES, QUANT_VERSION, block_size
+from ..format.writer import Metadata, TensorEntry
 
-FLOAT_OUTTYPES = {
+# The reference converter's own output types (convert_hf_to_gguf.py --outtype): every tensor the dtype
+# policy does not keep in F32 gets this type, quantized from the checkpoint's float32 values.
+CONVERTER_OUTTYPES = {
     "f32": (T.F32, LlamaFileType.ALL_F32),
     "f16": (T.F16, LlamaFileType.MOSTLY_F16),
     "bf16": (T.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (T.Q8_0, LlamaFileType.MOSTLY_Q8_0),
 }
-# Quantized outtypes run llama-quantize's rules during conversion (one pass, no intermediate file).
-PRESET_OUTTYPES = ("q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q4_k", "q5_k")
-QUANT_VERSION = 2
 
 
 @dataclass
@@ -111,23 +112,35 @@ def map_tensors(checkpoint: Checkpoint, arch: DecoderArch) -> list[tuple[str, La
     return list(outputs.items())
 
 
+def checkpoint_float_type(checkpoint: Checkpoint) -> str | None:
+    """The stored type of the first tensor with two or more dimensions ('F32', 'F16', 'BF16'), as
+    llama.cpp's converter picks it for 'auto'."""
+    for t in checkpoint.tensors.values():
+        if len(t.shape) >= 2:
+            return t.dtype
+    return None
+
+
 def resolve_outtype(outtype: str, checkpoint: Checkpoint) -> str:
     """'auto' follows the checkpoint: bf16 for bf16 weights, else f16 (as llama.cpp's converter)."""
     if outtype != "auto":
         return outtype
-    for t in checkpoint.tensors.values():
-        if len(t.shape) >= 2:
-            return "bf16" if t.dtype == "BF16" else "f16"
-    return "f16"
+    return "bf16" if checkpoint_float_type(checkpoint) == "BF16" else "f16"
+
+
+def preset_base(checkpoint: Checkpoint) -> T:
+    """The float GGUF a one-pass preset equals llama-quantize of: the checkpoint's own float type, so
+    values are quantized as stored (float32 stays float32; bf16/f16 are widened exactly)."""
+    return {"BF16": T.BF16, "F16": T.F16}.get(checkpoint_float_type(checkpoint) or "", T.F32)
 
 
 def float_type(gguf_name: str, tensor: Lazy, outtype: T, arch: DecoderArch) -> T:
     """Dtype policy: 1-D tensors, norms and a few arch-specific tensors stay F32."""
     if tensor.ndim <= 1 or gguf_name.endswith("_norm.weight") or arch.keep_f32(gguf_name):
         return T.F32
-    if outtype in (T.F32, T.F16, T.BF16):
+    if outtype in FLOAT_TYPES:
         return outtype
-    block, _ = GGML_QUANT_SIZES[outtype]
+    block, _ = block_size(outtype)
     if tensor.shape[-1] % block:
         return T.F16  # as llama.cpp's converter: rows that do not fill whole blocks stay F16
     return outtype
@@ -154,16 +167,13 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
     arch = lookup(checkpoint.config)(hparams, options, list(checkpoint.tensors))
     validate_checkpoint(checkpoint, arch, check_tensors=not options.vocab_only)
     outtype = resolve_outtype(options.outtype.lower(), checkpoint)
-    preset = parse_preset(outtype) if outtype in PRESET_OUTTYPES else None
-    if preset is not None:
-        # Plan as the float file llama-quantize would be given ('auto': bf16 for a bf16 checkpoint).
-        base = resolve_outtype("auto", checkpoint)
-        ggml_out, file_type, outtype = FLOAT_OUTTYPES[base][0], preset.file_type, preset.name
-    elif outtype in FLOAT_OUTTYPES:
-        ggml_out, file_type = FLOAT_OUTTYPES[outtype]
+    preset = None
+    if outtype in CONVERTER_OUTTYPES:
+        ggml_out, file_type = CONVERTER_OUTTYPES[outtype]
     else:
-        raise UserError(f"unknown output type {options.outtype!r}",
-                        hint="choose one of: " + ", ".join([*FLOAT_OUTTYPES, "auto", *PRESET_OUTTYPES[:-2]]))
+        preset = parse_outtype_preset(options.outtype)
+        # Plan as the float file llama-quantize would be given: the checkpoint's own float type.
+        ggml_out, file_type, outtype = preset_base(checkpoint), preset.file_type, preset.name
 
     mapped = [] if options.vocab_only else map_tensors(checkpoint, arch)
     tensors = [PlannedTensor(name, t.shape, float_type(name, t, ggml_out, arch), t) for name, t in mapped]
@@ -187,22 +197,38 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
     return Plan(arch, md, tensors, file_type, outtype.upper(), name, label, general, options.vocab_only)
 
 
-def apply_preset(tensors: list[PlannedTensor], preset: Preset, md: Metadata, base: T) -> list[PlannedTensor]:
-    """Give each tensor the type llama-quantize would choose from the `base` float file, in its order.
+def parse_outtype_preset(outtype: str) -> Preset:
+    """A llama-quantize preset given as --outtype (any case); the converter's own types come first."""
+    try:
+        preset = parse_preset(outtype)
+    except UserError:
+        preset = None
+    if preset is None or preset.is_float or outtype.strip().isdigit():
+        raise UserError(f"unknown output type {outtype!r}",
+                        hint="choose one of: " + ", ".join([*CONVERTER_OUTTYPES, "auto"]) + ", or a quantize preset: "
+                        + ", ".join(n for n in preset_names() if not parse_preset(n).is_float))
+    return preset
 
-    Quantized tensors are rounded through `base` first, so the bytes equal llama-quantize run on the
-    float GGUF even where a transform computed values in float32.
+
+def apply_preset(tensors: list[PlannedTensor], preset: Preset, md: Metadata, base: T) -> list[PlannedTensor]:
+    """Give each tensor the type llama-quantize would choose from the `base` float file; the converter's
+    tensor order is kept (llama-quantize's order only decides its counters).
+
+    Tensors that are not the checkpoint's stored values (a transform computed them in float32) are
+    rounded through a 16-bit `base` first, so the bytes equal llama-quantize run on that float GGUF;
+    from a float32 checkpoint nothing is rounded.
     """
     arch = md.get("general.architecture")
     plans = plan_quantization([TensorIn(t.name, t.shape, t.ggml_type) for t in tensors], preset, arch=arch,
                               n_layer_all=int(md.get(f"{arch}.block_count", 0)),
                               n_expert=int(md.get(f"{arch}.expert_count", 0) or 0))
-    by_name = {t.name: t for t in tensors}
+    chosen = {p.name: p for p in plans}
     out = []
-    for p in plans:
-        t = by_name[p.name]
+    for t in tensors:
+        p = chosen[t.name]
         lazy = t.tensor
-        exact = lazy.source is not None and lazy.source.dtype == base.name  # untouched bf16/f16 weights
+        # stored values, at most moved around: already exactly representable in `base`
+        exact = lazy.stored is not None and lazy.stored[0] == base.name
         if p.dst_type != t.ggml_type and base in (T.F16, T.BF16) and not exact:
             lazy = lazy.per_rows(_round_through(base), dtype=np.float32)
         out.append(PlannedTensor(t.name, t.shape, p.dst_type, lazy))

@@ -15,8 +15,8 @@ from pathlib import Path
 from gguf import GGUFValueType, TokenType
 
 from ..errors import UserError
-from .read import read_json_object
-from .write import Metadata
+from ..checkpoint.read import read_json_object
+from ..format.writer import Metadata
 
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")

@@ -16,13 +16,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from gguforge.errors import UserError
+from gguforge.format.types import FLOAT_TYPES, block_size as _block_and_bytes, tensor_nbytes
 from gguforge.quantize.presets import Preset, parse_preset
 
-FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 NON_QUANTIZED_TYPES = (T.F32, T.F16, T.BF16, T.F64, T.I8, T.I16, T.I32, T.I64)
 
 ARCH_FALCON = "falcon"
@@ -34,7 +33,7 @@ def is_quantized(ggml_type: T) -> bool:
 
 
 def block_size(ggml_type: T) -> int:
-    return GGML_QUANT_SIZES[ggml_type][0]
+    return _block_and_bytes(ggml_type)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,14 +102,6 @@ def ggml_n_dims(shape: Sequence[int]) -> int:
         if ne[i] > 1:
             return i + 1
     return 1
-
-
-def tensor_nbytes(shape: Sequence[int], ggml_type: T) -> int:
-    blck, type_size = GGML_QUANT_SIZES[ggml_type]
-    row_len = shape[-1] if shape else 1
-    if row_len % blck:
-        raise ValueError(f"row length {row_len} is not a multiple of the {ggml_type.name} block size {blck}")
-    return math.prod(shape) // blck * type_size
 
 
 @dataclass(frozen=True)

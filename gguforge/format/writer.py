@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from ..errors import UserError
+from .types import tensor_nbytes
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -111,16 +112,6 @@ def _pack_value(vtype: GGUFValueType, value, item_type=None) -> bytes:
             return head + b"".join(_pack_string(v) for v in value)
         return head + np.asarray(value, dtype=_ARRAY_DTYPES[item_type]).tobytes()
     return struct.pack(_SCALAR_FORMATS[vtype], value)
-
-
-def tensor_nbytes(shape: tuple[int, ...], ggml_type: GGMLQuantizationType) -> int:
-    block, size = GGML_QUANT_SIZES[ggml_type]
-    n = 1
-    for d in shape:
-        n *= d
-    if shape and shape[-1] % block:
-        raise ValueError(f"row of {shape[-1]} elements is not a multiple of the {ggml_type.name} block ({block})")
-    return n // block * size
 
 
 @dataclass
@@ -243,7 +234,6 @@ def atomic_outputs(targets: list[Path]) -> Iterator[list[Any]]:
                     f.flush()
                     os.fsync(f.fileno())
             except OSError as e:
-                import errno
                 if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                     raise UserError(f"cannot write {targets[0]}: {e.strerror} (disk full or file size limit)") \
                         from None
