@@ -369,12 +369,15 @@ def _dump_json(path: Path, obj: dict) -> None:
 
 
 def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None = None, size: str = "tiny",
-              seed: int = 0, mtp: bool | None = None, num_experts: int | None = None) -> Path:
+              seed: int = 0, mtp: bool | None = None, num_experts: int | None = None,
+              num_hidden_layers: int | None = None) -> Path:
     """Build a mock checkpoint into out_dir (created/emptied) and return it.
 
     dtype: "float32" | "bfloat16"; default float32 for causal, bfloat16 for hub.
     mtp:   add mtp.* tensors; default True for hub (qwen3next/qwen35/qwen35moe), False otherwise.
     num_experts: routed experts for MoE archs (default 4; 8 triggers llama-quantize's 8-expert rules).
+    num_hidden_layers: decoder layers (default 2 or 4 by size; even for the hybrids, which alternate
+           linear and full attention); >= 16 makes llama-quantize's layer-position rules fire.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
@@ -399,6 +402,12 @@ def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None =
     ids = write_tokenizer(arch, out)
     cfg_cls, lm_cls, _, _ = _classes(arch)
     kw = text_config_kwargs(arch, size, num_experts)
+    if num_hidden_layers is not None:
+        if num_hidden_layers < 1 or ("layer_types" in kw and num_hidden_layers % 2):
+            raise ValueError(f"bad num_hidden_layers {num_hidden_layers} for {arch}")
+        kw["num_hidden_layers"] = num_hidden_layers
+        if "layer_types" in kw:
+            kw["layer_types"] = kw["layer_types"][:2] * (num_hidden_layers // 2)
     kw.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=None)
     cfg = cfg_cls(**kw)
     torch.manual_seed(seed)
