@@ -2,7 +2,9 @@
  * gguforge native quantizer.
  *
  * Produces the same bytes as ggml's reference quantizers (quantize_row_*_ref) for
- * Q8_0, Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1, plus exact F16/BF16 converters.
+ * Q8_0, Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, Q4_0, Q4_1, Q3_K and Q2_K, and as llama-quantize's
+ * IQ4_NL / IQ4_XS path (quantize_iq4_nl / quantize_iq4_xs without an imatrix, ntry = 7),
+ * plus exact F16/BF16 converters.
  * Facts (layouts, algorithms, rounding traps) come from shared/reference/quant-spec.md.
  *
  * Bit-exactness rules followed everywhere:
@@ -32,8 +34,9 @@
 #define QK_K 256
 #define GROUP_MAX_EPS 1e-15f
 
-enum { T_F32 = 0, T_F16 = 1, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
-       T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30 };
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
+       T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20,
+       T_IQ4_XS = 23, T_BF16 = 30 };
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -158,9 +161,10 @@ static void q5_1_block(const float *x, uint8_t *y) {
 /* K-quants: scalar reference path                                       */
 /* ===================================================================== */
 
-/* Asymmetric fit x ~ scale*L + min (spec 3.2), including the drifting `min`. */
+/* Asymmetric fit x ~ scale*L + min (spec 3.2), including the drifting `min`.
+ * use_mad: error is w*|diff| instead of w*diff^2 (ggml make_qkx2_quants, used so by Q2_K). */
 static float make_qkx2_quants(int n, int nmax, const float *x, const float *w, uint8_t *L,
-                              float *the_min, float rmin, float rdelta, int nstep) {
+                              float *the_min, float rmin, float rdelta, int nstep, int use_mad) {
     uint8_t Laux[32];
     float min = x[0], max = x[0];
     float sum_w = w[0], sum_x = sum_w * x[0];
@@ -183,7 +187,7 @@ static float make_qkx2_quants(int n, int nmax, const float *x, const float *w, u
         int l = nearest_int(iscale * (x[i] - min));
         L[i] = (uint8_t)MAXI(0, MINI(nmax, l));
         float diff = scale * (float)L[i] + min - x[i];
-        best_error += w[i] * (diff * diff);
+        best_error += w[i] * (use_mad ? fabsf(diff) : diff * diff);
     }
     for (int is = 0; is <= nstep; is++) {
         iscale = (rmin + rdelta * (float)is + (float)nmax) / (max - min);
@@ -208,7 +212,7 @@ static float make_qkx2_quants(int n, int nmax, const float *x, const float *w, u
             float cur_error = 0;
             for (int i = 0; i < n; i++) {
                 float diff = this_scale * (float)Laux[i] + this_min - x[i];
-                cur_error += w[i] * (diff * diff);
+                cur_error += w[i] * (use_mad ? fabsf(diff) : diff * diff);
             }
             if (cur_error < best_error) {
                 memcpy(L, Laux, (size_t)n);
@@ -291,7 +295,7 @@ static void kq45_block_scalar(const float *x, uint8_t *y, int nmax) {
         for (int l = 0; l < 32; l++) sum_x2 += xs[l] * xs[l];
         const float av_x = sqrtf(sum_x2 / 32.0f);
         for (int l = 0; l < 32; l++) w[l] = av_x + fabsf(xs[l]);
-        scales[j] = make_qkx2_quants(32, nmax, xs, w, L + 32 * j, &mins[j], rmin, 0.1f, nstep);
+        scales[j] = make_qkx2_quants(32, nmax, xs, w, L + 32 * j, &mins[j], rmin, 0.1f, nstep, 0);
     }
     kq45_finish(x, scales, mins, L, nmax, y);
 }
@@ -391,6 +395,313 @@ static void q6k_block_scalar(const float *x, uint8_t *y) {
 }
 
 /* ===================================================================== */
+/* Q4_0 / Q4_1 (ggml-quants.c quantize_row_q4_0_ref / quantize_row_q4_1_ref) */
+/* ===================================================================== */
+
+/* Q4_0: signed max (first of the largest |x|), d = max/-8, truncation via int8, clamp 15.
+ * Element j goes to the low nibble of qs[j], element j+16 to its high nibble. */
+static void q4_0_block(const float *x, uint8_t *y) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < 32; j++)
+        if (amax < fabsf(x[j])) { amax = fabsf(x[j]); max = x[j]; }
+    const float d = max / -8.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    put_u16(y, fp32_to_fp16(d));
+    for (int j = 0; j < 16; j++) {
+        const int8_t a = (int8_t)(int)(x[j] * id + 8.5f);
+        const int8_t b = (int8_t)(int)(x[j + 16] * id + 8.5f);
+        const uint8_t qa = (uint8_t)MINI(15, a), qb = (uint8_t)MINI(15, b);
+        y[2 + j] = (uint8_t)(qa | (qb << 4));
+    }
+}
+
+/* Q4_1: min/max from +-FLT_MAX, d = (max-min)/15, truncation via int8, clamp 15. */
+static void q4_1_block(const float *x, uint8_t *y) {
+    float min = FLT_MAX, max = -FLT_MAX;
+    for (int j = 0; j < 32; j++) {
+        if (x[j] < min) min = x[j];
+        if (x[j] > max) max = x[j];
+    }
+    const float d = (max - min) / 15.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    put_u16(y, fp32_to_fp16(d));
+    put_u16(y + 2, fp32_to_fp16(min));
+    for (int j = 0; j < 16; j++) {
+        const int8_t a = (int8_t)(int)((x[j] - min) * id + 0.5f);
+        const int8_t b = (int8_t)(int)((x[j + 16] - min) * id + 0.5f);
+        const uint8_t qa = (uint8_t)MINI(15, a), qb = (uint8_t)MINI(15, b);
+        y[4 + j] = (uint8_t)(qa | (qb << 4));
+    }
+}
+
+/* ===================================================================== */
+/* IQ4_NL / IQ4_XS: llama-quantize's path, ggml-quants.c                  */
+/* quantize_row_iq4_nl_impl(.., quant_weights = NULL, ntry = 7), i.e.     */
+/* quantize_iq4_nl / quantize_iq4_xs without an imatrix (weights x^2).    */
+/* (quantize_row_iq4_nl_ref uses ntry = -1 and gives other bytes.)        */
+/* ===================================================================== */
+
+/* ggml-common.h kvalues_iq4nl */
+static const int8_t kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                         1, 13, 25, 38, 53, 69, 89, 113};
+
+/* best_index_int8(16, kvalues_iq4nl, x): binary search, ties to the upper value. */
+ALWAYS_INLINE int iq4_index(float x) {
+    const int8_t *val = kvalues_iq4nl;
+    if (x <= (float)val[0]) return 0;
+    if (x >= (float)val[15]) return 15;
+    int ml = 0, mu = 15;
+    while (mu - ml > 1) {
+        const int mav = (ml + mu) / 2;
+        if (x < (float)val[mav]) mu = mav; else ml = mav;
+    }
+    return x - (float)val[mu - 1] < (float)val[mu] - x ? mu - 1 : mu;
+}
+
+/* The per-32 scale search of quantize_row_iq4_nl_impl (weights x^2, ntry = 7). */
+static float iq4_scale32(const float *xb) {
+    float w[32];
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < 32; j++) w[j] = xb[j] * xb[j];
+    for (int j = 0; j < 32; j++) {
+        const float ax = fabsf(xb[j]);
+        if (ax > amax) { amax = ax; max = xb[j]; }
+    }
+    if (amax < GROUP_MAX_EPS) return 0.0f;
+    float d = -max / (float)kvalues_iq4nl[0];
+    float id = 1.0f / d;
+    float sumqx = 0.0f, sumq2 = 0.0f;
+    for (int j = 0; j < 32; j++) {
+        const float q = (float)kvalues_iq4nl[iq4_index(id * xb[j])];
+        sumqx += w[j] * q * xb[j];
+        sumq2 += w[j] * q * q;
+    }
+    d = sumq2 > 0 ? sumqx / sumq2 : 0.0f;
+    float best = d * sumqx;
+    for (int itry = -7; itry <= 7; itry++) {
+        id = (float)(itry + kvalues_iq4nl[0]) / max;
+        sumqx = sumq2 = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            const float q = (float)kvalues_iq4nl[iq4_index(id * xb[j])];
+            sumqx += w[j] * q * xb[j];
+            sumq2 += w[j] * q * q;
+        }
+        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+            d = sumqx / sumq2;
+            best = d * sumqx;
+        }
+    }
+    return d;
+}
+
+ALWAYS_INLINE void iq4_pack32(const uint8_t *L, uint8_t *q) {
+    for (int j = 0; j < 16; j++) q[j] = (uint8_t)(L[j] | (L[16 + j] << 4));
+}
+
+/* IQ4_NL (18 bytes): fp16 d, then indices found again with the unrounded 1/d. */
+static void iq4nl_block(const float *x, uint8_t *y) {
+    const float s = iq4_scale32(x);
+    put_u16(y, fp32_to_fp16(s));
+    const float id = s != 0.0f ? 1.0f / s : 0.0f;
+    uint8_t L[32];
+    for (int j = 0; j < 32; j++) L[j] = (uint8_t)iq4_index(id * x[j]);
+    iq4_pack32(L, y + 2);
+}
+
+/* IQ4_XS (136 bytes): fp16 d = -max_scale/32, u16 scales_h, scales_l[4], qs[128]. Sub-block
+ * scales are 6-bit (offset 32); indices are found again with the unrounded float d*l. */
+static void iq4xs_block(const float *x, uint8_t *y) {
+    float scales[8], max_scale = 0.0f, amax_scale = 0.0f;
+    for (int ib = 0; ib < 8; ib++) {
+        scales[ib] = iq4_scale32(x + 32 * ib);
+        const float abs_d = fabsf(scales[ib]);
+        if (abs_d > amax_scale) { amax_scale = abs_d; max_scale = scales[ib]; }
+    }
+    const float d = -max_scale / 32.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    uint16_t sh = 0;
+    uint8_t *sl = y + 4, *qs = y + 8;
+    for (int ib = 0; ib < 8; ib++) {
+        int l = nearest_int(id * scales[ib]);
+        l = MAXI(-32, MINI(31, l));
+        const float dl = d * (float)l;
+        const float idl = dl != 0.0f ? 1.0f / dl : 0.0f;
+        uint8_t L[32];
+        for (int j = 0; j < 32; j++) L[j] = (uint8_t)iq4_index(idl * x[32 * ib + j]);
+        iq4_pack32(L, qs + 16 * ib);
+        l += 32;
+        const uint8_t l_l = (uint8_t)(l & 0xF), l_h = (uint8_t)(l >> 4);
+        if (ib % 2 == 0) sl[ib / 2] = l_l;
+        else sl[ib / 2] |= (uint8_t)(l_l << 4);
+        sh |= (uint16_t)(l_h << (2 * (ib % 8)));
+    }
+    put_u16(y, fp32_to_fp16(d));
+    put_u16(y + 2, sh);
+}
+
+/* ===================================================================== */
+/* Q2_K / Q3_K (ggml-quants.c quantize_row_q2_K_ref / quantize_row_q3_K_ref) */
+/* ===================================================================== */
+
+/* 2-bit indices of a 256 block: byte p*32+l holds elements 128p+l (+32, +64, +96). */
+ALWAYS_INLINE void pack_2bit(const uint8_t *L, uint8_t *qs) {
+    for (int p = 0; p < 2; p++)
+        for (int l = 0; l < 32; l++) {
+            const uint8_t *e = L + 128 * p + l;
+            qs[32 * p + l] = (uint8_t)(e[0] | (e[32] << 2) | (e[64] << 4) | (e[96] << 6));
+        }
+}
+
+/* Q2_K (84 bytes: scales[16], qs[64], fp16 d, fp16 dmin). Per 16: make_qkx2_quants(nmax 3,
+ * w = |x|, rmin -0.5, rdelta 0.1, 15 steps, mean absolute error); 4-bit scale and min. */
+static void q2k_block(const float *x, uint8_t *y) {
+    uint8_t L[QK_K];
+    float w[16], scales[16], mins[16];
+    float max_scale = 0.0f, max_min = 0.0f;
+    for (int j = 0; j < 16; j++) {
+        const float *xs = x + 16 * j;
+        for (int l = 0; l < 16; l++) w[l] = fabsf(xs[l]);
+        scales[j] = make_qkx2_quants(16, 3, xs, w, L + 16 * j, &mins[j], -0.5f, 0.1f, 15, 1);
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    uint8_t *sc = y, *qs = y + 16;
+    uint16_t dh, mh;
+    if (max_scale > 0) {
+        const float iscale = 15.0f / max_scale;
+        for (int j = 0; j < 16; j++) sc[j] = (uint8_t)nearest_int(iscale * scales[j]);
+        dh = fp32_to_fp16(max_scale / 15.0f);
+    } else {
+        memset(sc, 0, 16);
+        dh = fp32_to_fp16(0.0f);
+    }
+    if (max_min > 0) {
+        const float iscale = 15.0f / max_min;
+        for (int j = 0; j < 16; j++) sc[j] = (uint8_t)(sc[j] | (nearest_int(iscale * mins[j]) << 4));
+        mh = fp32_to_fp16(max_min / 15.0f);
+    } else {
+        mh = fp32_to_fp16(0.0f);
+    }
+    const float df = fp16_to_fp32(dh), mf = fp16_to_fp32(mh);
+    for (int j = 0; j < 16; j++) {
+        const float d = df * (float)(sc[j] & 0xF);
+        if (d == 0) continue;   /* keep the search's L */
+        const float dm = mf * (float)(sc[j] >> 4);
+        for (int i = 0; i < 16; i++) {
+            const int l = nearest_int((x[16 * j + i] + dm) / d);
+            L[16 * j + i] = (uint8_t)MAXI(0, MINI(3, l));
+        }
+    }
+    pack_2bit(L, qs);
+    put_u16(y + 80, dh);
+    put_u16(y + 82, mh);
+}
+
+/* ggml make_q3_quants(16, nmax = 4, do_rmse = true): symmetric fit, weights x^2, then up
+ * to 5 passes of coordinate descent on the indices. L gets l + 4 (0 for an all-zero group). */
+static float make_q3_quants16(const float *x, int8_t *L) {
+    const int nmax = 4;
+    float max = 0.0f, amax = 0.0f;
+    for (int i = 0; i < 16; i++) {
+        const float ax = fabsf(x[i]);
+        if (ax > amax) { amax = ax; max = x[i]; }
+    }
+    if (amax < GROUP_MAX_EPS) {
+        for (int i = 0; i < 16; i++) L[i] = 0;
+        return 0.0f;
+    }
+    const float iscale = (float)(-nmax) / max;
+    float sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < 16; i++) {
+        int l = nearest_int(iscale * x[i]);
+        l = MAXI(-nmax, MINI(nmax - 1, l));
+        L[i] = (int8_t)l;
+        const float w = x[i] * x[i];
+        sumlx += w * x[i] * (float)l;
+        suml2 += w * (float)l * (float)l;
+    }
+    for (int itry = 0; itry < 5; itry++) {
+        int n_changed = 0;
+        for (int i = 0; i < 16; i++) {
+            const float w = x[i] * x[i];
+            float slx = sumlx - w * x[i] * (float)L[i];
+            if (slx > 0) {
+                float sl2 = suml2 - w * (float)L[i] * (float)L[i];
+                int new_l = nearest_int(x[i] * sl2 / slx);
+                new_l = MAXI(-nmax, MINI(nmax - 1, new_l));
+                if (new_l != L[i]) {
+                    slx += w * x[i] * (float)new_l;
+                    sl2 += w * (float)new_l * (float)new_l;
+                    if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
+                        L[i] = (int8_t)new_l;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        n_changed++;
+                    }
+                }
+            }
+        }
+        if (!n_changed) break;
+    }
+    for (int i = 0; i < 16; i++) L[i] = (int8_t)(L[i] + nmax);
+    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+/* Q3_K scale j (6 bits, offset 32) from the 12 packed bytes. */
+ALWAYS_INLINE int q3k_scale(const uint8_t *sc, int j) {
+    const int lo = j < 8 ? sc[j] & 0xF : sc[j - 8] >> 4;
+    return (lo | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
+}
+
+/* Q3_K (110 bytes: hmask[32], qs[64], scales[12], fp16 d). */
+static void q3k_block(const float *x, uint8_t *y) {
+    int8_t L[QK_K];
+    float scales[16], max_scale = 0.0f, amax = 0.0f;
+    for (int j = 0; j < 16; j++) {
+        scales[j] = make_q3_quants16(x + 16 * j, L + 16 * j);
+        const float scale = fabsf(scales[j]);
+        if (scale > amax) { amax = scale; max_scale = scales[j]; }
+    }
+    uint8_t *hm = y, *qs = y + 32, *sc = y + 96;
+    memset(sc, 0, 12);
+    uint16_t dh;
+    if (max_scale != 0) {
+        const float iscale = -32.0f / max_scale;
+        for (int j = 0; j < 16; j++) {
+            int8_t l = (int8_t)nearest_int(iscale * scales[j]);
+            l = (int8_t)(MAXI(-32, MINI(31, l)) + 32);
+            if (j < 8) sc[j] = (uint8_t)(l & 0xF);
+            else sc[j - 8] |= (uint8_t)((l & 0xF) << 4);
+            l >>= 4;
+            sc[j % 4 + 8] |= (uint8_t)(l << (2 * (j / 4)));
+        }
+        dh = fp32_to_fp16(1.0f / iscale);
+    } else {
+        dh = fp32_to_fp16(0.0f);
+    }
+    const float df = fp16_to_fp32(dh);
+    for (int j = 0; j < 16; j++) {
+        const float d = df * (float)(int8_t)q3k_scale(sc, j);
+        if (d == 0) continue;   /* keep the search's L */
+        for (int i = 0; i < 16; i++) {
+            int l = nearest_int(x[16 * j + i] / d);
+            l = MAXI(-4, MINI(3, l));
+            L[16 * j + i] = (int8_t)(l + 4);
+        }
+    }
+    /* bit 2 of element j goes to hmask[j % 32], bit j / 32 */
+    uint8_t Lu[QK_K];
+    memset(hm, 0, 32);
+    for (int j = 0; j < QK_K; j++) {
+        int l = L[j];
+        if (l > 3) { hm[j % 32] |= (uint8_t)(1 << (j / 32)); l -= 4; }
+        Lu[j] = (uint8_t)l;
+    }
+    pack_2bit(Lu, qs);
+    put_u16(y + 108, dh);
+}
+
+/* ===================================================================== */
 /* K-quants: vector path (one sub-block per SIMD lane)                    */
 /* ===================================================================== */
 
@@ -470,6 +781,12 @@ static int block_info(int type, int *blck, int *bytes) {
     case T_Q8_0: *blck = 32; *bytes = 34; return 1;
     case T_Q5_0: *blck = 32; *bytes = 22; return 1;
     case T_Q5_1: *blck = 32; *bytes = 24; return 1;
+    case T_Q4_0: *blck = 32; *bytes = 18; return 1;
+    case T_Q4_1: *blck = 32; *bytes = 20; return 1;
+    case T_IQ4_NL: *blck = 32; *bytes = 18; return 1;
+    case T_IQ4_XS: *blck = 256; *bytes = 136; return 1;
+    case T_Q2_K: *blck = 256; *bytes = 84; return 1;
+    case T_Q3_K: *blck = 256; *bytes = 110; return 1;
     case T_Q4_K: *blck = 256; *bytes = 144; return 1;
     case T_Q5_K: *blck = 256; *bytes = 176; return 1;
     case T_Q6_K: *blck = 256; *bytes = 210; return 1;
@@ -504,6 +821,25 @@ static void quantize_blocks(int type, const float *x, uint8_t *y, int64_t nb, in
         return;
     case T_Q5_1:
         for (int64_t i = 0; i < nb; i++) q5_1_block(x + 32 * i, y + 24 * i);
+        return;
+    /* scalar only (every impl id gives these bytes) */
+    case T_Q4_0:
+        for (int64_t i = 0; i < nb; i++) q4_0_block(x + 32 * i, y + 18 * i);
+        return;
+    case T_Q4_1:
+        for (int64_t i = 0; i < nb; i++) q4_1_block(x + 32 * i, y + 20 * i);
+        return;
+    case T_IQ4_NL:
+        for (int64_t i = 0; i < nb; i++) iq4nl_block(x + 32 * i, y + 18 * i);
+        return;
+    case T_IQ4_XS:
+        for (int64_t i = 0; i < nb; i++) iq4xs_block(x + QK_K * i, y + 136 * i);
+        return;
+    case T_Q2_K:
+        for (int64_t i = 0; i < nb; i++) q2k_block(x + QK_K * i, y + 84 * i);
+        return;
+    case T_Q3_K:
+        for (int64_t i = 0; i < nb; i++) q3k_block(x + QK_K * i, y + 110 * i);
         return;
     case T_Q4_K: case T_Q5_K: {
         const int nmax = type == T_Q4_K ? 15 : 31, bytes = type == T_Q4_K ? 144 : 176;
@@ -569,6 +905,72 @@ static void dequantize_blocks(int type, const uint8_t *x, float *y, int64_t nb) 
                 float *o = y + 32 * i;
                 if (q51) { o[j] = (float)v0 * d + m; o[j + 16] = (float)v1 * d + m; }
                 else { o[j] = (float)(v0 - 16) * d; o[j + 16] = (float)(v1 - 16) * d; }
+            }
+            break;
+        }
+        case T_Q4_0: case T_Q4_1: {
+            /* dequantize_row_q4_0 / _q4_1 */
+            const int q41 = type == T_Q4_1;
+            const uint8_t *b = x + (q41 ? 20 : 18) * i, *qs = b + (q41 ? 4 : 2);
+            const float d = fp16_to_fp32(get_u16(b));
+            const float m = q41 ? fp16_to_fp32(get_u16(b + 2)) : 0.0f;
+            float *o = y + 32 * i;
+            for (int j = 0; j < 16; j++) {
+                const int v0 = qs[j] & 15, v1 = qs[j] >> 4;
+                if (q41) { o[j] = (float)v0 * d + m; o[j + 16] = (float)v1 * d + m; }
+                else { o[j] = (float)(v0 - 8) * d; o[j + 16] = (float)(v1 - 8) * d; }
+            }
+            break;
+        }
+        case T_IQ4_NL: {
+            /* dequantize_row_iq4_nl */
+            const uint8_t *b = x + 18 * i, *qs = b + 2;
+            const float d = fp16_to_fp32(get_u16(b));
+            float *o = y + 32 * i;
+            for (int j = 0; j < 16; j++) {
+                o[j] = d * (float)kvalues_iq4nl[qs[j] & 15];
+                o[j + 16] = d * (float)kvalues_iq4nl[qs[j] >> 4];
+            }
+            break;
+        }
+        case T_IQ4_XS: {
+            /* dequantize_row_iq4_xs */
+            const uint8_t *b = x + 136 * i;
+            const float d = fp16_to_fp32(get_u16(b));
+            const unsigned sh = get_u16(b + 2);
+            for (int ib = 0; ib < 8; ib++) {
+                const int ls = ((b[4 + ib / 2] >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4);
+                const float dl = d * (float)(ls - 32);
+                const uint8_t *qs = b + 8 + 16 * ib;
+                float *o = y + QK_K * i + 32 * ib;
+                for (int j = 0; j < 16; j++) {
+                    o[j] = dl * (float)kvalues_iq4nl[qs[j] & 15];
+                    o[j + 16] = dl * (float)kvalues_iq4nl[qs[j] >> 4];
+                }
+            }
+            break;
+        }
+        case T_Q2_K: {
+            /* dequantize_row_q2_K: element e uses scale byte e/16, 2 bits of qs[32*(e/128) + e%32] */
+            const uint8_t *b = x + 84 * i, *qs = b + 16;
+            const float d = fp16_to_fp32(get_u16(b + 80)), dmin = fp16_to_fp32(get_u16(b + 82));
+            for (int e = 0; e < QK_K; e++) {
+                const uint8_t sc = b[e / 16];
+                const float dl = d * (float)(sc & 15), ml = dmin * (float)(sc >> 4);
+                const int q = (qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
+                y[QK_K * i + e] = dl * (float)q - ml;
+            }
+            break;
+        }
+        case T_Q3_K: {
+            /* dequantize_row_q3_K: as Q2_K plus the high bit in hmask[e%32] bit e/32 (clear = -4) */
+            const uint8_t *b = x + 110 * i, *hm = b, *qs = b + 32, *sc = b + 96;
+            const float d_all = fp16_to_fp32(get_u16(b + 108));
+            for (int e = 0; e < QK_K; e++) {
+                const float dl = d_all * (float)q3k_scale(sc, e / 16);
+                const int q = (qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
+                const int v = q - ((hm[e % 32] >> (e / 32)) & 1 ? 0 : 4);
+                y[QK_K * i + e] = dl * (float)v;
             }
             break;
         }

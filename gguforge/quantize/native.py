@@ -1,7 +1,8 @@
 """Python API of the native quantizer (gguforge/quantize/_native.c).
 
-Output is byte-identical to ggml's reference quantizers (`quantize_row_*_ref`, which is
-what llama-quantize runs without an imatrix). Blocks are independent, so the bytes never
+Output is byte-identical to what llama-quantize runs without an imatrix: ggml's reference
+quantizers (`quantize_row_*_ref`), and for IQ4_NL / IQ4_XS `quantize_iq4_nl` / `quantize_iq4_xs`
+(the ntry=7 search of `quantize_row_iq4_nl_impl`, not `quantize_row_iq4_nl_ref`). Blocks are independent, so the bytes never
 depend on thread count or chunking.
 """
 
@@ -23,6 +24,12 @@ _BLOCKS = {
     T.Q8_0: (32, 34),
     T.Q5_0: (32, 22),
     T.Q5_1: (32, 24),
+    T.Q4_0: (32, 18),
+    T.Q4_1: (32, 20),
+    T.IQ4_NL: (32, 18),
+    T.IQ4_XS: (256, 136),
+    T.Q2_K: (256, 84),
+    T.Q3_K: (256, 110),
     T.Q4_K: (256, 144),
     T.Q5_K: (256, 176),
     T.Q6_K: (256, 210),
