@@ -1,0 +1,82 @@
+"""llama-quantize's layer-position rules against llama.cpp itself, on deep mocks.
+
+The byte-identity tests in test_quantize_vs_llama.py use mocks of 2-4 layers, where n/8 == 0 and
+the position rules (use_more_bits: the first and last eighth and every third layer between; Q4_K_S:
+the first eighth of ffn_down and the first four attn_v) barely fire. Here the mocks have 18 and 20
+layers: n/8, 7n/8 and n - n/8 all differ, and the hybrid's attn_v (full-attention layers only) count
+differs from its layer count. Dense (qwen35: attn_v and ffn_down by counters) and MoE (qwen2moe with
+4 experts: ffn_down by layer number, attn_v not masked by the 8-expert rule). Hidden size 256, the
+smallest that keeps K-quant rows, keeps them fast.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import gguf
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from gguforge.cli import main
+from gguforge.quantize.presets import parse_preset
+
+llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("torch")  # the mocks are built with transformers
+
+PRESETS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0")
+# (arch, layers, routed experts): 18 layers -> 9 attn_v in the hybrid; n - n/8 != 7n/8 for 9, 18, 20
+DEEP = [("qwen35", 18, None), ("qwen2moe", 20, 4)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quiet_llama():
+    """llama.cpp logs every tensor to stderr; keep the output readable."""
+    from llama_cpp._logger import llama_log_callback
+
+    @llama_cpp.llama_log_callback
+    def ignore(level, text, data):
+        pass
+
+    llama_cpp.llama_log_set(ignore, ctypes.c_void_p(0))
+    yield
+    llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
+
+
+@pytest.fixture(scope="module", params=DEEP, ids=[f"{a}-{n}layers" for a, n, _ in DEEP])
+def deep_bf16(request, mock_model, tmp_path_factory):
+    arch, layers, experts = request.param
+    kw = {"num_experts": experts} if experts else {}
+    src = mock_model(arch, dtype="bfloat16", size="q256", num_hidden_layers=layers, **kw)
+    out = tmp_path_factory.mktemp(f"deep-{arch}") / "model-bf16.gguf"
+    assert main(["convert-hf", str(src), "--outfile", str(out), "--outtype", "bf16", "-q"]) == 0
+    reader = gguf.GGUFReader(out)
+    assert reader.get_field(f"{arch}.block_count").contents() == layers
+    return out
+
+
+def llama_quantize(src, dst, preset: str) -> None:
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = int(parse_preset(preset).file_type)
+    p.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), p) == 0
+
+
+def types(path) -> dict[str, T]:
+    return {t.name: T(t.tensor_type) for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_layer_position_rules_match_llama_quantize(deep_bf16, preset, tmp_path):
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "llama.gguf"
+    assert main(["quantize", str(deep_bf16), str(ours), preset, "-q", "--threads", "2"]) == 0
+    llama_quantize(deep_bf16, theirs, preset)
+    a, b = types(ours), types(theirs)
+    assert list(a) == list(b)
+    wrong = {name: (a[name].name, b[name].name) for name in b if a[name] != b[name]}
+    assert not wrong, f"tensor types differ from llama-quantize's (ours, theirs): {wrong}"
+    if preset in ("Q4_K_M", "Q4_K_S", "Q5_K_M"):
+        # the position rules did fire: these presets give attn_v and ffn_down more than one type
+        for role in ("attn_v.weight", "ffn_down"):
+            assert len({t for name, t in b.items() if role in name}) > 1, (role, preset)
+    same = ours.read_bytes() == theirs.read_bytes()  # a bool: pytest would diff megabytes
+    assert same, "tensor types agree, yet the files differ"
