@@ -18,8 +18,12 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
+from gguforge.cli import main
 from gguforge.quantize import native
+from gguforge.quantize.presets import parse_preset
+from gguforge.quantize.rules import TensorIn, model_n_gqa, plan_quantization
 from test_native_quant import KINDS, array_rmse, make_case, quantize_fns_data
+from test_quant_rules import dense_model, moe_model
 
 F = np.float32
 NEW_TYPES = [T.Q4_0, T.Q4_1, T.IQ4_NL, T.IQ4_XS, T.Q3_K, T.Q2_K]
@@ -219,3 +223,228 @@ def test_threads_and_shapes(qtype):
         assert np.array_equal(native.quantize(x, qtype, threads=t), one)
     with pytest.raises(ValueError):
         native.quantize(np.zeros(SIZES[qtype][0] + 16, F), qtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole files against llama-quantize on synthetic llama-arch GGUFs: deep enough for the layer-position
+# rules, n_gqa 4 (the Q2_K / IQ4 attn_v rules), 8 experts, and rows that do not fit 256 or 32 blocks
+# (the Q4_0 / IQ4_NL / Q5_x / Q8_0 / F16 fallbacks). llama-quantize loads only the hparams, so the
+# tensors need not make a runnable model.
+
+LADDER = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q2_K")
+
+SYNTHETIC = {  # name: (n_layer, n_embd, n_ff, n_head, n_head_kv, n_expert)
+    "dense-gqa4-ff352": (16, 256, 352, 8, 2, 0),
+    "dense-embd288-ff360": (9, 288, 360, 4, 4, 0),
+    "moe8-ff96": (8, 256, 96, 4, 1, 8),
+}
+
+
+def write_synthetic(path: Path, n_layer: int, n_embd: int, n_ff: int, n_head: int, n_head_kv: int,
+                    n_expert: int) -> Path:
+    import gguf
+
+    rng = np.random.default_rng(n_layer * 1000 + n_ff)
+    head_dim = n_embd // n_head
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("ladder")
+    w.add_context_length(256)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(1e-5)
+    if n_expert:
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(2)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+
+    def matrix(name, *shape):
+        a = rng.standard_normal(shape).astype(F) * F(0.02)
+        a.reshape(-1)[rng.integers(0, a.size, 4)] *= 30  # a few outliers
+        bits = native.f32_to_bf16(a)
+        w.add_tensor(name, bits, raw_shape=bits.shape, raw_dtype=T.BF16)
+
+    def vector(name, n):
+        w.add_tensor(name, np.ones(n, F))
+
+    matrix("token_embd.weight", 64, n_embd)
+    matrix("output.weight", 64, n_embd)
+    vector("output_norm.weight", n_embd)
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        vector(p + "attn_norm.weight", n_embd)
+        vector(p + "ffn_norm.weight", n_embd)
+        matrix(p + "attn_q.weight", n_embd, n_embd)
+        matrix(p + "attn_k.weight", n_head_kv * head_dim, n_embd)
+        matrix(p + "attn_v.weight", n_head_kv * head_dim, n_embd)
+        matrix(p + "attn_output.weight", n_embd, n_embd)
+        if n_expert:
+            matrix(p + "ffn_gate_inp.weight", n_expert, n_embd)
+            matrix(p + "ffn_gate_exps.weight", n_expert, n_ff, n_embd)
+            matrix(p + "ffn_up_exps.weight", n_expert, n_ff, n_embd)
+            matrix(p + "ffn_down_exps.weight", n_expert, n_embd, n_ff)
+        else:
+            matrix(p + "ffn_gate.weight", n_ff, n_embd)
+            matrix(p + "ffn_up.weight", n_ff, n_embd)
+            matrix(p + "ffn_down.weight", n_embd, n_ff)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module", params=list(SYNTHETIC))
+def synthetic(request, tmp_path_factory):
+    return request.param, write_synthetic(tmp_path_factory.mktemp("ladder") / "in-bf16.gguf",
+                                          *SYNTHETIC[request.param])
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_quiet():
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llama_cpp._logger import llama_log_callback
+
+    @llama_cpp.llama_log_callback
+    def ignore(level, text, data):
+        pass
+
+    llama_cpp.llama_log_set(ignore, ctypes.c_void_p(0))
+    yield llama_cpp
+    llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
+
+
+@pytest.mark.parametrize("preset", LADDER)
+def test_synthetic_files_match_llama_quantize(synthetic, llama_cpp_quiet, preset, tmp_path):
+    import gguf
+
+    name, src = synthetic
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "llama.gguf"
+    assert main(["quantize", str(src), str(ours), preset, "-q", "--threads", "2"]) == 0
+    params = llama_cpp_quiet.llama_model_quantize_default_params()
+    params.ftype = int(parse_preset(preset).file_type)
+    params.nthread = 2
+    assert llama_cpp_quiet.llama_model_quantize(str(src).encode(), str(theirs).encode(), params) == 0
+    a, b = gguf.GGUFReader(ours).tensors, gguf.GGUFReader(theirs).tensors
+    assert [(t.name, T(t.tensor_type).name) for t in a] == [(t.name, T(t.tensor_type).name) for t in b]
+    for x, y in zip(a, b):
+        same = x.data.tobytes() == y.data.tobytes()
+        assert same, f"{name} {preset}: {x.name} ({T(x.tensor_type).name}) bytes differ"
+    same_file = ours.read_bytes() == theirs.read_bytes()
+    assert same_file, f"{name} {preset}: tensors agree, the files do not"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules (wave2-facts §2b), written from the spec, plus presets and refusals
+
+
+def test_presets_and_file_types():
+    spec = {"Q4_0": (2, T.Q4_0), "Q4_1": (3, T.Q4_1), "Q5_0": (8, T.Q5_0), "Q5_1": (9, T.Q5_1),
+            "Q2_K": (10, T.Q2_K), "Q3_K_S": (11, T.Q3_K), "Q3_K_M": (12, T.Q3_K), "Q3_K_L": (13, T.Q3_K),
+            "IQ4_NL": (25, T.IQ4_NL), "IQ4_XS": (30, T.IQ4_XS)}
+    for name, (ftype, default) in spec.items():
+        for text in (name, name.lower(), str(ftype)):
+            p = parse_preset(text)
+            assert (p.name, int(p.file_type), p.default_type) == (name, ftype, default), text
+    assert parse_preset("q3_k").name == "Q3_K_M"
+
+
+@pytest.mark.parametrize("text, why", [("Q2_K_S", "importance matrix"), ("21", "importance matrix"),
+                                       ("iq2_xxs", "lattice"), ("IQ3_M", "lattice"), ("IQ1_S", "lattice"),
+                                       ("27", "lattice")])  # 27 = IQ3_S
+def test_refused_presets(text, why, tmp_path, capsys):
+    src = write_synthetic(tmp_path / "in.gguf", 2, 256, 256, 4, 4, 0)
+    out = tmp_path / "out.gguf"
+    assert main(["quantize", str(src), str(out), text]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and why in err and not out.exists()
+
+
+def test_model_n_gqa():
+    def getter(**kv):
+        return lambda key: kv.get(key.split(".", 1)[1].replace(".", "_"))
+
+    assert model_n_gqa("a", getter(attention_head_count=16, attention_head_count_kv=2)) == 8
+    assert model_n_gqa("a", getter(attention_head_count=[16, 16], attention_head_count_kv=[4, 0])) == 4
+    assert model_n_gqa("a", getter(attention_head_count=np.array([6, 6]),
+                                   attention_head_count_kv=np.array([4, 4]))) == 1  # integer division
+    assert model_n_gqa("a", getter(attention_head_count=16)) == 1  # KV heads default to heads
+    assert model_n_gqa("a", getter(attention_head_count=16, attention_head_count_kv=0)) == 0
+    assert model_n_gqa("a", getter()) == 0
+
+
+def _plan(tensors, preset, **kw):
+    return {p.name: p for p in plan_quantization(tensors, preset, arch="llama", **kw)}
+
+
+def _dense(n_layer):
+    return dense_model(n_layer, n_embd=1024, n_ff=2816, n_kv=256)  # 2816 = 11*256
+
+
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+def test_dense_ladder_rules(gqa):
+    n = 16
+    for preset in LADDER:
+        plans = _plan(_dense(n), preset, n_layer_all=n, n_gqa=gqa)
+        d = parse_preset(preset).default_type
+        assert plans["output.weight"].dst_type == T.Q6_K
+        assert plans["token_embd.weight"].dst_type == d
+        for i in range(n):
+            def t(kind):
+                return plans[f"blk.{i}.{kind}.weight"].dst_type
+            assert t("attn_q") == t("attn_k") == t("ffn_gate") == t("ffn_up") == d, (preset, i)
+            v, down, out = t("attn_v"), t("ffn_down"), t("attn_output")
+            if preset == "Q2_K":
+                assert (v, down, out) == (T.Q4_K if gqa >= 4 else T.Q3_K, T.Q3_K, T.Q3_K)
+            elif preset == "Q3_K_M":
+                assert (v, down, out) == (T.Q5_K if i < 2 else T.Q4_K, T.Q5_K if i < n // 16 else T.Q4_K, T.Q4_K)
+            elif preset == "Q3_K_L":
+                assert (v, down, out) == (T.Q5_K, T.Q5_K, T.Q5_K)
+            elif preset in ("IQ4_NL", "IQ4_XS"):
+                assert (v, down, out) == (T.Q5_K if gqa >= 4 else d, T.Q5_K if i < n // 8 else d, d)
+            else:  # Q3_K_S, Q4_0, Q4_1, Q5_0, Q5_1: nothing without an imatrix
+                assert (v, down, out) == (d, d, d), (preset, i)
+        reasons = " | ".join(p.reason for p in plans.values())
+        if preset == "Q2_K":
+            assert f"n_gqa {gqa}" in reasons
+
+
+def test_eight_expert_rules():
+    for preset in LADDER:
+        plans = _plan(moe_model(4, 8), preset, n_layer_all=4, n_expert=8, n_gqa=1)
+        d = parse_preset(preset).default_type
+        assert plans["blk.0.attn_v.weight"].dst_type == plans["blk.3.attn_k.weight"].dst_type == T.Q8_0
+        bumped = preset in ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "IQ4_XS")  # Q3_K_L is not in the list
+        assert plans["blk.2.attn_output.weight"].dst_type == (T.Q5_K if bumped else d), preset
+        assert "8 experts" in plans["blk.2.attn_output.weight"].reason or not bumped
+
+
+@pytest.mark.parametrize("preset, ne0, want", [
+    ("IQ4_XS", 288, T.IQ4_NL), ("IQ4_XS", 40, T.F16), ("IQ4_NL", 40, T.F16), ("Q2_K", 288, T.Q4_0),
+    ("Q3_K_S", 288, T.Q4_0), ("Q3_K_L", 288, T.Q5_1), ("Q4_0", 40, T.F16), ("Q5_1", 96, T.Q5_1),
+])
+def test_shape_fallbacks(preset, ne0, want):
+    tensors = [TensorIn("token_embd.weight", (64, 256), T.BF16), TensorIn("output.weight", (64, 256), T.BF16),
+               TensorIn("blk.0.attn_v.weight", (64, ne0), T.BF16)]
+    plan = _plan(tensors, preset, n_layer_all=1)["blk.0.attn_v.weight"]
+    assert plan.dst_type == want
+    assert (plan.fallback_from is None) == ((preset, ne0) == ("Q5_1", 96))
+    assert (plan.fallback_from is None) or f"ne0={ne0}" in plan.reason
+
+
+def test_dry_run_shows_every_choice(tmp_path, capsys):
+    src = write_synthetic(tmp_path / "in.gguf", *SYNTHETIC["dense-gqa4-ff352"])
+    assert main(["quantize", str(src), str(tmp_path / "out.gguf"), "Q3_K_M", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("blk.", "output", "token"))}
+    assert "-> Q5_K" in lines["blk.0.attn_v.weight"] and "first 2" in lines["blk.0.attn_v.weight"]
+    assert "-> Q4_K" in lines["blk.2.attn_v.weight"]
+    assert "-> Q5_1" in lines["blk.0.ffn_down.weight"]
+    assert "fallback Q5_K->Q5_1 (ne0=352)" in lines["blk.0.ffn_down.weight"]
+    assert "-> Q5_0" in lines["blk.5.ffn_down.weight"]
+    assert "-> Q4_K" in lines["blk.3.attn_output.weight"]
+    assert "-> Q6_K" in lines["output.weight"]
+    assert not (tmp_path / "out.gguf").exists()

@@ -21,10 +21,14 @@ from gguforge.quantize.presets import parse_preset
 llama_cpp = pytest.importorskip("llama_cpp")
 pytest.importorskip("torch")  # the mocks are built with transformers
 
-PRESETS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0")
+K_PRESETS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0")
+LADDER = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q2_K")  # issue 13
+PRESETS = K_PRESETS + LADDER
 NEEDED_TYPES = {  # what each preset can write on the mocks (incl. shape fallbacks)
     "Q8_0": (T.Q8_0,),
-    **{p: (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q5_0, T.Q5_1) for p in PRESETS if p != "Q8_0"},
+    **{p: (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q5_0, T.Q5_1) for p in K_PRESETS if p != "Q8_0"},
+    **{p: (parse_preset(p).default_type, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0, T.IQ4_NL, T.Q5_0, T.Q5_1)
+       for p in LADDER},
 }
 
 

@@ -1,8 +1,9 @@
 """Python API of the native quantizer (gguforge/quantize/_native.c).
 
 Output is byte-identical to what llama-quantize runs without an imatrix: ggml's reference
-quantizers (`quantize_row_*_ref`), and for IQ4_NL / IQ4_XS `quantize_iq4_nl` / `quantize_iq4_xs`
-(the ntry=7 search of `quantize_row_iq4_nl_impl`, not `quantize_row_iq4_nl_ref`). Blocks are independent, so the bytes never
+quantizers (`quantize_row_*_ref`), and for IQ4_NL / IQ4_XS `quantize_iq4_nl` /
+`quantize_iq4_xs` (the ntry=7 search of `quantize_row_iq4_nl_impl`, not
+`quantize_row_iq4_nl_ref`). Blocks are independent, so the bytes never
 depend on thread count or chunking.
 """
 

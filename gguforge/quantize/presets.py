@@ -28,7 +28,17 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     p.name: p
-    for p in (
+    for p in (  # llama-quantize's listing order
+        Preset("Q4_0", FT.MOSTLY_Q4_0, T.Q4_0),
+        Preset("Q4_1", FT.MOSTLY_Q4_1, T.Q4_1),
+        Preset("Q5_0", FT.MOSTLY_Q5_0, T.Q5_0),
+        Preset("Q5_1", FT.MOSTLY_Q5_1, T.Q5_1),
+        Preset("Q2_K", FT.MOSTLY_Q2_K, T.Q2_K),
+        Preset("Q3_K_S", FT.MOSTLY_Q3_K_S, T.Q3_K),
+        Preset("Q3_K_M", FT.MOSTLY_Q3_K_M, T.Q3_K),
+        Preset("Q3_K_L", FT.MOSTLY_Q3_K_L, T.Q3_K),
+        Preset("IQ4_NL", FT.MOSTLY_IQ4_NL, T.IQ4_NL),
+        Preset("IQ4_XS", FT.MOSTLY_IQ4_XS, T.IQ4_XS),
         Preset("Q4_K_S", FT.MOSTLY_Q4_K_S, T.Q4_K),
         Preset("Q4_K_M", FT.MOSTLY_Q4_K_M, T.Q4_K),
         Preset("Q5_K_S", FT.MOSTLY_Q5_K_S, T.Q5_K),
@@ -41,7 +51,16 @@ PRESETS: dict[str, Preset] = {
     )
 }
 
-ALIASES: dict[str, str] = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+ALIASES: dict[str, str] = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+
+# llama-quantize presets gguforge cannot write yet: the lattice (codebook) types, and Q2_K_S, whose
+# Q2_K tensors llama-quantize only writes with an imatrix. name -> LLAMA_FTYPE, and why not.
+_LATTICE = "the IQ1/IQ2/IQ3 lattice (codebook) types are not implemented"
+UNSUPPORTED: dict[str, tuple[int, str]] = {
+    "Q2_K_S": (int(FT.MOSTLY_Q2_K_S), "its Q2_K tensors need an importance matrix (--imatrix is not supported yet)"),
+    **{name: (int(FT[f"MOSTLY_{name}"]), _LATTICE) for name in (
+        "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M")},
+}
 
 
 def preset_names() -> list[str]:
@@ -60,6 +79,10 @@ def parse_preset(name: str | Preset) -> Preset:
         for preset in PRESETS.values():
             if preset.file_type == int(key):
                 return preset
+        key = next((n for n, (ftype, _) in UNSUPPORTED.items() if ftype == int(key)), key)
+    if key in UNSUPPORTED:
+        raise UserError(f"gguforge cannot write {key} yet: {UNSUPPORTED[key][1]}",
+                        hint="supported types: " + ", ".join(preset_names()))
     raise UserError(
         f"unknown quantization type {name!r}",
         hint="valid types: " + ", ".join(preset_names()),

@@ -282,6 +282,24 @@ class _Model:
     n_layer_all: int
     n_expert: int
     is_70b: bool
+    n_gqa: int = 0
+    has_imatrix: bool = False  # no imatrix support yet; named for the rules that test it
+
+
+def model_n_gqa(arch: str, get) -> int:
+    """llama_hparams::n_gqa(0) (llama-hparams.cpp): head_count / head_count_kv of layer 0, 0 when there are
+    no KV heads. head_count_kv defaults to head_count; either may be a per-layer array (llama-model.cpp
+    load_hparams, get_key_or_arr). `get(key)` reads a GGUF metadata value."""
+    def first(value):
+        if value is None or isinstance(value, (int, float)):
+            return value
+        values = list(value)
+        return values[0] if values else None
+
+    n_head = int(first(get(f"{arch}.attention.head_count")) or 0)
+    n_head_kv = first(get(f"{arch}.attention.head_count_kv"))
+    n_head_kv = n_head if n_head_kv is None else int(n_head_kv)
+    return n_head // n_head_kv if n_head_kv else 0
 
 
 @dataclass
@@ -334,7 +352,18 @@ def _mixture_type(name: str, ne0: int, category: Category, preset: Preset, model
         i, n = counters.i_attention_wv, counters.n_attention_wv
         counters.i_attention_wv += 1
         new_type, why = d, f"attn_v-like {i}/{n}"
-        if ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
+        gqa = model.n_gqa
+        if ftype == "Q2_K":
+            new_type = T.Q4_K if gqa >= 4 else T.Q3_K
+            why = f"attn_v-like, n_gqa {gqa} {'>=' if gqa >= 4 else '<'} 4"
+        elif ftype == "Q3_K_M":
+            new_type = T.Q5_K if i < 2 else T.Q4_K
+            why = f"attn_v-like {i}/{n} {'first 2' if i < 2 else 'after 2'}"
+        elif ftype == "Q3_K_L":
+            new_type, why = T.Q5_K, f"attn_v-like {i}/{n}"
+        elif ftype in ("IQ4_NL", "IQ4_XS") and gqa >= 4:
+            new_type, why = T.Q5_K, f"attn_v-like, n_gqa {gqa} >= 4"
+        elif ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
             new_type, why = T.Q6_K, f"attn_v-like {i}/{n} use_more_bits"
         elif ftype == "Q4_K_S" and i < 4:
             new_type, why = T.Q5_K, f"attn_v-like {i}/{n} first 4"
@@ -356,22 +385,45 @@ def _mixture_type(name: str, ne0: int, category: Category, preset: Preset, model
         i = _ffn_layer(counters, model, category, name)
         n = model.n_layer_all
         counters.i_ffn[category] += 1
+        if ftype == "Q2_K":
+            return T.Q3_K, f"ffn_down layer {i}/{n}"
+        if ftype == "Q3_K_M":
+            if i < n // 16:
+                return T.Q5_K, f"ffn_down layer {i}/{n} < n/16"
+            if not falcon or use_more_bits(i, n):
+                return T.Q4_K, f"ffn_down layer {i}/{n}" + (" use_more_bits (falcon)" if falcon else "")
+            return d, f"ffn_down layer {i}/{n} (falcon)"
+        if ftype == "Q3_K_L":
+            return (T.Q4_K, f"ffn_down layer {i}/{n} (falcon)") if falcon else (T.Q5_K, f"ffn_down layer {i}/{n}")
         if ftype == "Q4_K_M" and falcon:
             if i < n // 16:
                 return T.Q6_K, f"ffn_down layer {i}/{n} < n/16 (falcon)"
             if use_more_bits(i, n):
                 return T.Q5_K, f"ffn_down layer {i}/{n} use_more_bits (falcon)"
             return T.Q4_K, f"ffn_down layer {i}/{n} (falcon)"
-        if ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
+        if ftype == "Q4_K_M" and use_more_bits(i, n):
+            return T.Q6_K, f"ffn_down layer {i}/{n} use_more_bits"
+        if ftype == "Q4_K_M":
+            return d, f"ffn_down layer {i}/{n}"
+        if ftype in ("IQ4_NL", "IQ4_XS") and i < n // 8 and not model.has_imatrix:
+            return T.Q5_K, f"ffn_down layer {i}/{n} < n/8, no imatrix"
+        if ftype == "Q5_K_M" and use_more_bits(i, n):
             return T.Q6_K, f"ffn_down layer {i}/{n} use_more_bits"
         if ftype == "Q4_K_S" and not falcon and i < n // 8:
             return T.Q5_K, f"ffn_down layer {i}/{n} < n/8"
+        if ftype in ("Q4_0", "Q5_0") and model.has_imatrix and i < n // 8:
+            return (T.Q4_1 if ftype == "Q4_0" else T.Q5_1), f"ffn_down layer {i}/{n} < n/8, imatrix"
         return d, f"ffn_down layer {i}/{n}"
 
     if category == Category.ATTENTION_OUTPUT:
-        if not falcon and model.n_expert == 8 and ftype in ("Q4_K_S", "Q4_K_M"):
-            return T.Q5_K, "attn_output, 8 experts"
-        return d, "attn_output"
+        if falcon:
+            return (T.Q4_K, "attn_output (falcon)") if ftype == "Q3_K_L" else (d, "attn_output")
+        if model.n_expert == 8:
+            if ftype in ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS"):
+                return T.Q5_K, "attn_output, 8 experts"
+            return d, "attn_output"
+        bumped = {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(ftype)
+        return (bumped, f"attn_output ({ftype})") if bumped else (d, "attn_output")
 
     if category in (Category.FFN_GATE, Category.FFN_UP):
         # No rule for our presets, but the layer lookup still runs (and can fail) and counts.
@@ -458,6 +510,29 @@ def _fallback_error(fallbacks: list[TensorPlan]) -> UserError:
     )
 
 
+# llama.cpp's LLM_TYPE_70B, the one model size llama-quantize's rules look at (more bits for attn_v),
+# as each architecture's load_hparams sets it (src/models/<arch>.cpp; llama.cpp's
+# llama_quant_model_from_metadata keeps only the llama rule). arch -> (block count, needs GQA).
+LLM_TYPE_70B = {"llama": (80, True), "qwen2": (80, False), "deci": (80, False), "olmo": (80, False),
+                "jais2": (68, False)}
+
+
+def model_is_70b(arch: str, get) -> bool:
+    """Whether llama.cpp loads this model as LLM_TYPE_70B; `get(key)` reads a GGUF metadata value."""
+    rule = LLM_TYPE_70B.get(arch)
+    if rule is None or get(f"{arch}.block_count") != rule[0]:
+        return False
+    if not rule[1]:
+        return True
+
+    def first(value):  # per-layer arrays: llama.cpp's n_head() is layer 0's
+        return value[0] if isinstance(value, (list, tuple)) and value else value
+
+    n_head = first(get(f"{arch}.attention.head_count"))
+    n_head_kv = first(get(f"{arch}.attention.head_count_kv"))
+    return n_head != (n_head if n_head_kv is None else n_head_kv)  # the 65B has as many KV heads as heads
+
+
 def plan_quantization(
     tensors: Sequence[TensorIn],
     preset: str | Preset,
@@ -467,15 +542,17 @@ def plan_quantization(
     n_expert: int = 0,
     options: QuantOptions | None = None,
     model_is_70b: bool = False,
+    n_gqa: int = 0,
 ) -> list[TensorPlan]:
     """Decide every tensor's output type like llama-quantize; plans come back in its output order.
 
     arch is general.architecture, n_layer_all is {arch}.block_count (MTP layers included), n_expert is
-    {arch}.expert_count (0 if absent). model_is_70b stands for llama.cpp's LLM_TYPE_70B.
+    {arch}.expert_count (0 if absent). model_is_70b stands for llama.cpp's LLM_TYPE_70B; n_gqa is
+    llama.cpp's n_gqa() (see model_n_gqa), which the Q2_K and IQ4_NL/IQ4_XS attn_v rules test.
     """
     preset = parse_preset(preset)
     options = options or QuantOptions()
-    model = _Model(arch=arch, n_layer_all=n_layer_all, n_expert=n_expert, is_70b=model_is_70b)
+    model = _Model(arch=arch, n_layer_all=n_layer_all, n_expert=n_expert, is_70b=model_is_70b, n_gqa=n_gqa)
     overrides = _compile_overrides(options.tensor_type_overrides)
 
     ordered = sorted(tensors, key=lambda t: sort_key(t.name))
@@ -568,4 +645,5 @@ def plan_for_gguf(path: str, preset: str | Preset, options: QuantOptions | None 
         n_layer_all=int(block_count),
         n_expert=int(kv(f"{arch}.expert_count") or 0),
         options=options,
+        n_gqa=model_n_gqa(arch, kv),
     )

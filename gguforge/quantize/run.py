@@ -26,7 +26,7 @@ from ..errors import UserError
 from . import native
 from .encode import encode
 from .presets import Preset, parse_preset
-from .rules import QuantOptions, TensorIn, TensorPlan, ggml_n_dims, plan_quantization
+from .rules import QuantOptions, TensorIn, TensorPlan, ggml_n_dims, model_is_70b, model_n_gqa, plan_quantization
 
 
 
@@ -40,7 +40,9 @@ def plan_file(source: SourceGGUF, preset: Preset, options: QuantOptions) -> list
         raise UserError(f"{source.path} has no {source.arch}.block_count, which the {preset.name} rules need")
     tensors = [TensorIn(t.name, numpy_shape(t), t.tensor_type) for t in source.tensors]
     return plan_quantization(tensors, preset, arch=source.arch, n_layer_all=source.n_layer_all or 0,
-                             n_expert=source.n_expert, options=options)
+                             n_expert=source.n_expert, options=options,
+                             model_is_70b=model_is_70b(source.arch, source.field),
+                             n_gqa=model_n_gqa(source.arch, source.field))
 
 
 def output_metadata(source: SourceGGUF, preset: Preset) -> Metadata:
