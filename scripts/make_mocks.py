@@ -15,7 +15,8 @@ Layouts
           It is produced by rewriting the causal safetensors, so trunk weights are identical.
 
 All drawn values are rounded to bf16, so float32 and bfloat16 mocks of one seed hold the same
-numbers and a bf16 -> f32 conversion is exact.
+numbers and a bf16 -> f32 conversion is exact; full_precision=True keeps float32 draws instead, to
+expose any rounding through a 16-bit type.
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ VISION_STUB = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, p
 # --------------------------------------------------------------------------------------------
 
 
-def _draw(name: str, shape, zero_centred: bool, g):
+def _draw(name: str, shape, zero_centred: bool, g, bf16_exact: bool = True):
     """One parameter's values. Every rule makes the tensor matter (no ones/zeros left)."""
     import torch
 
@@ -245,10 +246,12 @@ def _draw(name: str, shape, zero_centred: bool, g):
     else:
         fan_in = math.prod(shape[1:]) if len(shape) > 2 and "experts" not in name else shape[-1]
         x = randn() / math.sqrt(fan_in)
+    if not bf16_exact:
+        return x  # full-precision float32: what a float32 fine-tune holds (not representable in bf16/f16)
     return x.to(torch.bfloat16).to(torch.float32)  # bf16-exact values, see module doc
 
 
-def init_weights(module, arch: str, seed: int, prefix: str = "") -> None:
+def init_weights(module, arch: str, seed: int, prefix: str = "", bf16_exact: bool = True) -> None:
     """Deterministically overwrite every parameter of `module` (named_parameters order)."""
     import torch
 
@@ -256,7 +259,7 @@ def init_weights(module, arch: str, seed: int, prefix: str = "") -> None:
     zero_centred = arch != "qwen2moe"
     with torch.no_grad():
         for name, p in module.named_parameters():
-            p.copy_(_draw(prefix + name, tuple(p.shape), zero_centred, g))
+            p.copy_(_draw(prefix + name, tuple(p.shape), zero_centred, g, bf16_exact))
 
 
 def _unpack_experts(sd: dict) -> dict:
@@ -370,10 +373,11 @@ def _dump_json(path: Path, obj: dict) -> None:
 
 def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None = None, size: str = "tiny",
               seed: int = 0, mtp: bool | None = None, num_experts: int | None = None,
-              num_hidden_layers: int | None = None) -> Path:
+              num_hidden_layers: int | None = None, full_precision: bool = False) -> Path:
     """Build a mock checkpoint into out_dir (created/emptied) and return it.
 
-    dtype: "float32" | "bfloat16"; default float32 for causal, bfloat16 for hub.
+    dtype: "float32" | "bfloat16" | "float16"; default float32 for causal, bfloat16 for hub.
+    full_precision: draw float32 values that bf16/f16 cannot represent (default: bf16-exact values).
     mtp:   add mtp.* tensors; default True for hub (qwen3next/qwen35/qwen35moe), False otherwise.
     num_experts: routed experts for MoE archs (default 4; 8 triggers llama-quantize's 8-expert rules).
     num_hidden_layers: decoder layers (default 2 or 4 by size; even for the hybrids, which alternate
@@ -389,7 +393,7 @@ def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None =
     from safetensors.torch import load_file, save_file
 
     dtype = dtype or ("bfloat16" if layout == "hub" else "float32")
-    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     mtp = (layout == "hub") if mtp is None else mtp
     if mtp and arch == "qwen2moe":
         raise ValueError("qwen2moe has no MTP head")
@@ -412,7 +416,7 @@ def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None =
     cfg = cfg_cls(**kw)
     torch.manual_seed(seed)
     model = lm_cls(cfg)
-    init_weights(model, arch, seed)
+    init_weights(model, arch, seed, bf16_exact=not full_precision)
     model.to(tdtype)
     model.config.dtype = dtype
 
@@ -474,7 +478,7 @@ def main(argv=None) -> int:
     ap.add_argument("arch", nargs="?", choices=ARCHS)
     ap.add_argument("out", nargs="?")
     ap.add_argument("--layout", choices=("causal", "hub"), default="causal")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"))
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--size", choices=SIZES, default="tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-experts", type=int)

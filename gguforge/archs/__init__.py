@@ -8,19 +8,32 @@ packages add theirs through the entry-point group "gguforge.archs".
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from importlib.metadata import entry_points
+
+import gguf
 
 from ..errors import UserError
 
-BUILTIN_MODULES = ("qwen2moe", "qwen3next", "qwen35")
+# Modules of this package that are not architectures (everything else is one, found automatically).
+SUPPORT_MODULES = frozenset({"api", "base", "options", "rules", "shapes"})
 ENTRY_POINT_GROUP = "gguforge.archs"
 
 _registry: dict[str, type] = {}
 _loaded = False
 
 
+def builtin_modules() -> list[str]:
+    """The architecture modules shipped in this package: every module but the support ones."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in SUPPORT_MODULES)
+
+
 def register(*hf_architectures: str):
+    """Class decorator: convert checkpoints whose config names one of `hf_architectures` with this class.
+    Its gguf_arch must be an architecture gguf-py (and so llama.cpp) knows."""
     def add(cls):
+        if cls.gguf_arch not in gguf.MODEL_ARCH_NAMES.values():
+            raise TypeError(f"{cls.__name__}.gguf_arch {cls.gguf_arch!r} is not an architecture gguf-py knows")
         for name in hf_architectures:
             _registry[name] = cls
         cls.hf_architectures = tuple(dict.fromkeys(cls.__dict__.get("hf_architectures", ()) + hf_architectures))
@@ -33,7 +46,7 @@ def _load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    for module in BUILTIN_MODULES:
+    for module in builtin_modules():
         try:
             importlib.import_module(f"{__name__}.{module}")
         except ModuleNotFoundError as e:

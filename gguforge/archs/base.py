@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from typing import Iterator
 
 from gguf import GGUFValueType
 
 from .options import ConvertOptions
 from ..checkpoint.lazy import Lazy
+from .rules import Rule
 from .shapes import Dim, Expected
 from ..format.writer import Metadata
 from ..errors import UserError
@@ -32,18 +34,25 @@ class UnmappedTensor(Exception):
     """Raised by transform() for a tensor no rule consumed; the planner collects and reports them all."""
 
 
+class MtpHead:
+    """Capability: the architecture has multi-token-prediction blocks (--mtp writes only them,
+    --no-mtp drops them). Mixed into the classes that have one."""
+
+
 class DecoderArch:
     gguf_arch: str = ""
     hf_architectures: tuple[str, ...] = ()
     # Optional fusions this architecture's llama.cpp loader accepts ("gate_up_exps", "qkv").
     fusions: frozenset[str] = frozenset()
-    has_mtp_head = False  # multi-token-prediction blocks (--mtp / --no-mtp)
+    file_type: int | None = None  # general.file_type, set by the planner before add_metadata()
+    output_required = False  # the loader needs output.weight even when the checkpoint ties it
+    vocab = "bpe"  # the vocabulary loader (convert/vocab.py VOCAB_LOADERS) for this family's tokenizers
 
     def __init__(self, hparams: dict, options: ConvertOptions | None = None, tensor_names=()):
         self.hparams = hparams
         self.options = options or ConvertOptions()
         self.hf_names = list(tensor_names)
-        if (self.options.mtp_only or self.options.no_mtp) and not self.has_mtp_head:
+        if (self.options.mtp_only or self.options.no_mtp) and not isinstance(self, MtpHead):
             flag = "--mtp" if self.options.mtp_only else "--no-mtp"
             raise UserError(f"{flag}: {self.gguf_arch} models have no multi-token-prediction head")
 
@@ -81,52 +90,82 @@ class DecoderArch:
                 params[key] = self.hparams[key]
         return params
 
-    # -- tensor names ---------------------------------------------------------
+    # -- tensor rules ----------------------------------------------------------
     def rename(self, name: str) -> str | None:
         """Normalise a checkpoint name, or None to skip the tensor (multimodal towers, buffers)."""
         if any(part in name for part in DROPPED_PARTS):
             return None
         return name.replace("language_model.", "")
 
-    def global_names(self) -> dict[str, str]:
-        return {
-            "model.embed_tokens.weight": "token_embd.weight",
-            "lm_head.weight": "output.weight",
-            "model.norm.weight": "output_norm.weight",
-        }
+    def global_rules(self) -> Iterator[Rule]:
+        """Rules for the tensors outside the decoder layers (whole names)."""
+        V, H = self.dim("vocab_size", "n_vocab"), self.hidden
+        yield Rule("model.embed_tokens.weight", "token_embd.weight", (V, H))
+        yield Rule("lm_head.weight", "output.weight", (V, H), optional=self.tied_embeddings)
+        yield Rule("model.norm.weight", "output_norm.weight", (H,))
 
-    def block_names(self) -> dict[str, str]:
-        """HF name after 'model.layers.N.' -> GGUF name after 'blk.N.'."""
-        names = {
-            "input_layernorm.weight": "attn_norm.weight",
-            "post_attention_layernorm.weight": "ffn_norm.weight",
-            "self_attn.o_proj.weight": "attn_output.weight",
-            "self_attn.q_norm.weight": "attn_q_norm.weight",
-            "self_attn.k_norm.weight": "attn_k_norm.weight",
-            "mlp.gate_proj.weight": "ffn_gate.weight",
-            "mlp.up_proj.weight": "ffn_up.weight",
-            "mlp.down_proj.weight": "ffn_down.weight",
-        }
-        for x in "qkv":
-            names[f"self_attn.{x}_proj.weight"] = f"attn_{x}.weight"
-            names[f"self_attn.{x}_proj.bias"] = f"attn_{x}.bias"
-        return names
+    def layer_rules(self, layer: int) -> Iterator[Rule]:
+        """Rules for decoder layer `layer`: leaf names after 'model.layers.N.' and 'blk.N.'."""
+        H = self.hidden
+        yield Rule("input_layernorm.weight", "attn_norm.weight", (H,))
+        yield Rule("post_attention_layernorm.weight", "ffn_norm.weight", (H,))
+        yield from self.attention_rules(layer)
+        yield from self.mlp_rules(layer)
 
-    def gguf_name(self, name: str) -> str:
-        if name in (table := self.global_names()):
-            return table[name]
-        m = LAYER_NAME.match(name)
-        if m and m.group(2) in (table := self.block_names()) and int(m.group(1)) < self.block_count:
-            return f"blk.{m.group(1)}.{table[m.group(2)]}"
-        raise UnmappedTensor(name)
+    def attention_rules(self, layer: int) -> Iterator[Rule]:
+        H, hd = self.hidden, self.head_dim()
+        nH = self.dim("num_attention_heads", "n_head", "n_heads")
+        nKV = self.dim("num_key_value_heads", "n_kv_heads", default=nH)
+        q, kv = nH * hd, nKV * hd
+        with_bias = bool(self.hparams.get("qkv_bias") or self.hparams.get("attention_bias"))
+        for x, rows in (("q", q), ("k", kv), ("v", kv)):
+            yield Rule(f"self_attn.{x}_proj.weight", f"attn_{x}.weight", (rows, H))
+            yield Rule(f"self_attn.{x}_proj.bias", f"attn_{x}.bias", (rows,), optional=not with_bias)
+        yield Rule("self_attn.o_proj.weight", "attn_output.weight", (H, q))
+        yield Rule("self_attn.q_norm.weight", "attn_q_norm.weight", (hd,), optional=True)
+        yield Rule("self_attn.k_norm.weight", "attn_k_norm.weight", (hd,), optional=True)
+
+    def mlp_rules(self, layer: int) -> Iterator[Rule]:
+        H, F = self.hidden, self.dim("intermediate_size", "n_inner", "hidden_dim")
+        yield Rule("mlp.gate_proj.weight", "ffn_gate.weight", (F, H))
+        yield Rule("mlp.up_proj.weight", "ffn_up.weight", (F, H))
+        yield Rule("mlp.down_proj.weight", "ffn_down.weight", (H, F))
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return self.hparams.get("tie_word_embeddings") is not False  # HF's default is tied
+
+    def rules(self) -> dict[str, Rule]:
+        """{checkpoint name after rename(): Rule with whole names}, built once."""
+        if getattr(self, "_rules", None) is None:
+            table = {r.hf: r for r in self.global_rules()}
+            for layer in range(self.block_count):
+                hf, gg = f"model.layers.{layer}.", f"blk.{layer}."
+                for r in self.layer_rules(layer):
+                    table[hf + r.hf] = replace(r, hf=hf + r.hf, gguf=None if r.gguf is None else gg + r.gguf)
+            self._rules = table
+        return self._rules
+
+    def expected_shapes(self) -> dict[str, Expected]:
+        """{checkpoint name after rename(): Expected} for every tensor this architecture knows."""
+        return {name: r.expected for name, r in self.rules().items()}
 
     # -- the transform generator ---------------------------------------------
     def transform(self, name: str, tensor: Lazy) -> Emitted:
-        """(checkpoint name, tensor) in, zero or more (GGUF name, tensor) out."""
-        yield self.gguf_name(name), tensor
+        """(checkpoint name, tensor) in, zero or more (GGUF name, tensor) out. The base applies the
+        tensor's rule; subclasses intercept the dynamic cases (rules with gguf=None) before it."""
+        rule = self.rules().get(name)
+        if rule is None or rule.gguf is None:
+            raise UnmappedTensor(name)
+        yield rule.gguf, rule.apply(tensor, name)
 
     def finish(self) -> Emitted:
         """Called after the last tensor: emit or complain about anything still buffered."""
+        return iter(())
+
+    def extra_tensors(self) -> Emitted:
+        """Tensors computed from the config rather than read (e.g. rope_freqs); written first, as
+        llama.cpp's converter writes generate_extra_tensors() before the model's own."""
         return iter(())
 
     # -- expected shapes (checked by convert/validate.py before anything is written) ---------
@@ -160,48 +199,6 @@ class DecoderArch:
             self._present_names = {r for n in self.hf_names if (r := self.rename(n)) is not None}
         return self._present_names
 
-    def expected_shapes(self) -> dict[str, Expected]:
-        """{checkpoint name after rename(): Expected} for every tensor this architecture knows."""
-        V, H = self.dim("vocab_size", "n_vocab"), self.hidden
-        tied = self.hparams.get("tie_word_embeddings") is not False  # HF's default is tied
-        shapes = {
-            "model.embed_tokens.weight": Expected.of(V, H),
-            "lm_head.weight": Expected.of(V, H, optional=tied),
-            "model.norm.weight": Expected.of(H),
-        }
-        for layer in range(self.block_count):
-            shapes.update({f"model.layers.{layer}.{leaf}": e for leaf, e in self.layer_shapes(layer).items()})
-        return shapes
-
-    def layer_shapes(self, layer: int) -> dict[str, Expected]:
-        """Leaf name (after 'model.layers.N.') -> Expected."""
-        H = self.hidden
-        return {"input_layernorm.weight": Expected.of(H), "post_attention_layernorm.weight": Expected.of(H),
-                **self.attention_shapes(layer), **self.mlp_shapes(layer)}
-
-    def attention_shapes(self, layer: int) -> dict[str, Expected]:
-        H, hd = self.hidden, self.head_dim()
-        nH = self.dim("num_attention_heads", "n_head", "n_heads")
-        nKV = self.dim("num_key_value_heads", "n_kv_heads", default=nH)
-        q, kv = nH * hd, nKV * hd
-        with_bias = bool(self.hparams.get("qkv_bias") or self.hparams.get("attention_bias"))
-        shapes = {
-            "self_attn.q_proj.weight": Expected.of(q, H),
-            "self_attn.k_proj.weight": Expected.of(kv, H),
-            "self_attn.v_proj.weight": Expected.of(kv, H),
-            "self_attn.o_proj.weight": Expected.of(H, q),
-            "self_attn.q_norm.weight": Expected.of(hd, optional=True),
-            "self_attn.k_norm.weight": Expected.of(hd, optional=True),
-        }
-        for x, rows in (("q", q), ("k", kv), ("v", kv)):
-            shapes[f"self_attn.{x}_proj.bias"] = Expected.of(rows, optional=not with_bias)
-        return shapes
-
-    def mlp_shapes(self, layer: int) -> dict[str, Expected]:
-        H, F = self.hidden, self.dim("intermediate_size", "n_inner", "hidden_dim")
-        return {"mlp.gate_proj.weight": Expected.of(F, H), "mlp.up_proj.weight": Expected.of(F, H),
-                "mlp.down_proj.weight": Expected.of(H, F)}
-
     # -- dtype policy -----------------------------------------------------------
     def keep_f32(self, gguf_name: str) -> bool:
         """Tensors llama.cpp wants in F32 whatever the output type (beyond 1-D tensors and norms)."""
@@ -232,6 +229,8 @@ class DecoderArch:
         if self.hparams.get("head_dim") is not None:
             md.u32(f"{a}.attention.key_length", self.hparams["head_dim"])
             md.u32(f"{a}.attention.value_length", self.hparams["head_dim"])
+        if self.file_type is not None:  # where llama.cpp's converter writes it: after the common keys
+            md.u32("general.file_type", self.file_type)
 
     # rope_type -> what llama.cpp reads for it; these are the types its loader implements for every arch
     # here (llama-model.cpp: LLAMA_ROPE_SCALING_TYPE_*). "mrope" is Qwen2-VL's name for sectioned rope.

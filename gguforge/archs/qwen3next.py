@@ -2,8 +2,8 @@
 
 On top of Qwen2-MoE:
 - norms are stored zero-centred (HF computes x*(1+w)); llama.cpp multiplies by w, so every
-  *norm.weight gets +1, except the gated linear_attn.norm, which HF already applies as plain w;
-- GDN tensors: ssm_a = -exp(A_log), dt_bias -> ssm_dt.bias, conv1d [C,1,K] squeezed to [C,K],
+  *norm.weight gets AddOne, except the gated linear_attn.norm, which HF already applies as plain w;
+- GDN tensors: ssm_a = NegExp(A_log), dt_bias -> ssm_dt.bias, conv1d [C,1,K] Squeezed to [C,K],
   in_proj_qkvz regrouped from per-K-head groups into all-Q | all-K | all-V rows plus a z gate;
 - full-attention q_proj holds query and output gate per head and is kept whole;
 - mtp.* (multi-token prediction) becomes extra blocks L..L+M-1 after the trunk (see rename()).
@@ -12,16 +12,13 @@ On top of Qwen2-MoE:
 from __future__ import annotations
 
 import re
+from typing import Iterator
 
 import numpy as np
 from gguf import GGUFValueType
 
-from ..checkpoint.lazy import Lazy
-from .shapes import Expected
-from ..format.writer import Metadata
-from ..errors import UserError
-from . import register
-from .base import Emitted
+from .api import AddOne, Emitted, Expected, Lazy, Metadata, MtpHead, NegExp, Rule, SelectRows, Squeeze, UserError, \
+    register
 from .qwen2moe import Qwen2Moe
 
 MTP_NAME = re.compile(r"^(?:model\.)?mtp\.(.+)$")
@@ -50,17 +47,21 @@ def qkvz_rows(nk: int, dk: int, nv: int, dv: int) -> tuple[np.ndarray, np.ndarra
     return np.concatenate([q, k, v]), z
 
 
+def zero_centred(rule: Rule) -> bool:
+    """Norms HF applies as x*(1+w): every norm but the gated linear-attention one."""
+    return rule.hf.endswith("norm.weight") and not rule.hf.endswith("linear_attn.norm.weight")
+
+
 @register("Qwen3NextForCausalLM")
-class Qwen3Next(Qwen2Moe):
+class Qwen3Next(MtpHead, Qwen2Moe):
     gguf_arch = "qwen3next"
     fusions = frozenset({"qkv", "gate_up_exps"})  # the loader accepts fused QKV and gate/up experts
-    has_mtp_head = True
+    output_required = False  # tied checkpoints need no output.weight copy: the loader falls back to token_embd
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.options.no_mtp and self.options.mtp_only:
             raise UserError("--mtp and --no-mtp cannot be combined")
-        self._has_output = True  # tied checkpoints need no output.weight copy: the loader falls back to token_embd
         self.mtp_in_checkpoint = self._count_mtp_layers()
         if self.options.mtp_only and not self.mtp_in_checkpoint:
             raise UserError("--mtp: the checkpoint has no MTP (mtp.*) tensors")
@@ -113,61 +114,37 @@ class Qwen3Next(Qwen2Moe):
             return f"model.layers.{L}.{MTP_HEAD[rest]}"
         return f"mtp.{rest}"  # unknown: left unmapped so the planner reports it
 
-    def block_names(self) -> dict[str, str]:
-        names = super().block_names()
-        del names["post_attention_layernorm.weight"]  # ffn_norm in Qwen2-MoE
-        return {
-            **names,
-            "post_attention_layernorm.weight": "post_attention_norm.weight",
-            # in_proj_qkvz arrives here already split under the Qwen3.5 names (see transform).
-            "linear_attn.in_proj_qkv.weight": "attn_qkv.weight",
-            "linear_attn.in_proj_z.weight": "attn_gate.weight",
-            "linear_attn.in_proj_ba.weight": "ssm_ba.weight",
-            "linear_attn.conv1d.weight": "ssm_conv1d.weight",
-            "linear_attn.A_log": "ssm_a",
-            "linear_attn.dt_bias": "ssm_dt.bias",
-            "linear_attn.norm.weight": "ssm_norm.weight",
-            "linear_attn.out_proj.weight": "ssm_out.weight",
-            "eh_proj.weight": "nextn.eh_proj.weight",
-            "enorm.weight": "nextn.enorm.weight",
-            "hnorm.weight": "nextn.hnorm.weight",
-            "shared_head.norm.weight": "nextn.shared_head_norm.weight",
-        }
+    # -- rules ------------------------------------------------------------------------------
+    def global_rules(self) -> Iterator[Rule]:
+        for rule in super().global_rules():
+            yield rule.then(AddOne()) if zero_centred(rule) else rule
 
-    # -- expected shapes ------------------------------------------------------------------
-    def expected_shapes(self) -> dict[str, Expected]:
-        shapes = super().expected_shapes()
-        L, H = self.n_layers, self.hidden
-        for name, e in list(shapes.items()):
-            layer = self._layer_number(name)
-            if layer is not None and layer >= L:
-                shapes[name] = Expected(e.shapes, optional=True)  # MTP blocks are optional
-            elif self.options.mtp_only and name not in DRAFT_SHARED:
-                del shapes[name]  # a draft-head-only file reads no trunk layers
-        if self.n_mtp:
-            shapes[f"model.layers.{L}.eh_proj.weight"] = Expected.of(H, 2 * H, optional=True)
-            for norm in ("enorm", "hnorm", "shared_head.norm"):
-                shapes[f"model.layers.{L}.{norm}.weight"] = Expected.of(H, optional=True)
-        return shapes
+    def layer_rules(self, layer: int) -> Iterator[Rule]:
+        H = self.hidden
+        for rule in super().layer_rules(layer):
+            if rule.hf == "post_attention_layernorm.weight":  # ffn_norm in Qwen2-MoE
+                rule = Rule(rule.hf, "post_attention_norm.weight", rule.shape)
+            yield rule.then(AddOne()) if zero_centred(rule) else rule
+        if layer == self.n_layers and self.n_mtp:  # the MTP head's own tensors, on its first block
+            yield Rule("eh_proj.weight", "nextn.eh_proj.weight", (H, 2 * H), optional=True)
+            for norm in ("enorm", "hnorm"):
+                yield Rule(f"{norm}.weight", f"nextn.{norm}.weight", (H,), op=AddOne(), optional=True)
+            yield Rule("shared_head.norm.weight", "nextn.shared_head_norm.weight", (H,), op=AddOne(), optional=True)
 
-    @staticmethod
-    def _layer_number(name: str) -> int | None:
-        parts = name.split(".")
-        return int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else None
-
-    def attention_shapes(self, layer: int) -> dict[str, Expected]:
+    def attention_rules(self, layer: int) -> Iterator[Rule]:
         if layer < self.n_layers and self.recurrent_layers()[layer]:
-            return self.linear_attention_shapes()
-        shapes = super().attention_shapes(layer)
+            yield from self.linear_attention_rules()
+            return
         H, hd, nH = self.hidden, self.head_dim(), self.dim("num_attention_heads")
         q = 2 * nH * hd  # query and output gate per head
-        shapes["self_attn.q_proj.weight"] = Expected.of(q, H)
-        shapes["self_attn.q_proj.bias"] = Expected.of(q, optional=shapes["self_attn.q_proj.bias"].optional)
-        for x in "qk":
-            shapes[f"self_attn.{x}_norm.weight"] = Expected.of(hd)
-        return shapes
+        for rule in super().attention_rules(layer):
+            if rule.hf.startswith("self_attn.q_proj."):
+                rule = Rule(rule.hf, rule.gguf, (q, H) if rule.hf.endswith("weight") else (q,), optional=rule.optional)
+            elif rule.hf in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
+                rule = Rule(rule.hf, rule.gguf, rule.shape)  # required here
+            yield rule
 
-    def linear_attention_shapes(self) -> dict[str, Expected]:
+    def linear_attention_rules(self) -> Iterator[Rule]:
         """Gated DeltaNet layer tensors (Qwen3-Next's fused in_proj_qkvz and in_proj_ba)."""
         H = self.hidden
         nk, dk = self.dim("linear_num_key_heads"), self.dim("linear_key_head_dim")
@@ -175,31 +152,44 @@ class Qwen3Next(Qwen2Moe):
         K = self.dim("linear_conv_kernel_dim")
         C = 2 * nk * dk + nv * dv  # conv channels: Q, K and V
         la = "linear_attn."
-        return {
-            la + "in_proj_qkvz.weight": Expected.of(2 * nk * dk + 2 * nv * dv, H),
-            la + "in_proj_ba.weight": Expected.of(2 * nv, H),
-            la + "conv1d.weight": Expected(((C, 1, K), (C, K))),  # depthwise [C, 1, K], or already squeezed
-            la + "A_log": Expected.of(nv),
-            la + "dt_bias": Expected.of(nv),
-            la + "norm.weight": Expected.of(dv),
-            la + "out_proj.weight": Expected.of(H, nv * dv),
-        }
+        yield from self.linear_projection_rules()
+        # depthwise [C, 1, K], or already squeezed
+        yield Rule(la + "conv1d.weight", "ssm_conv1d.weight", Expected(((C, 1, K), (C, K))), op=Squeeze())
+        yield Rule(la + "A_log", "ssm_a", (nv,), op=NegExp())
+        yield Rule(la + "dt_bias", "ssm_dt.bias", (nv,))
+        yield Rule(la + "norm.weight", "ssm_norm.weight", (dv,))
+        yield Rule(la + "out_proj.weight", "ssm_out.weight", (H, nv * dv))
 
-    # -- values ------------------------------------------------------------------------
+    def linear_projection_rules(self) -> Iterator[Rule]:
+        H = self.hidden
+        nk, dk = self.dim("linear_num_key_heads"), self.dim("linear_key_head_dim")
+        nv, dv = self.dim("linear_num_value_heads"), self.dim("linear_value_head_dim")
+        yield Rule("linear_attn.in_proj_qkvz.weight", None, (2 * nk * dk + 2 * nv * dv, H))  # split in transform
+        yield Rule("linear_attn.in_proj_ba.weight", "ssm_ba.weight", (2 * nv, H))
+
+    def expected_shapes(self) -> dict[str, Expected]:
+        shapes = super().expected_shapes()
+        for name, e in list(shapes.items()):
+            layer = self._layer_number(name)
+            if layer is not None and layer >= self.n_layers:
+                shapes[name] = Expected(e.shapes, optional=True)  # MTP blocks are optional
+            elif self.options.mtp_only and name not in DRAFT_SHARED:
+                del shapes[name]  # a draft-head-only file reads no trunk layers
+        return shapes
+
+    @staticmethod
+    def _layer_number(name: str) -> int | None:
+        parts = name.split(".")
+        return int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else None
+
+    # -- the dynamic part ---------------------------------------------------------------------
     def transform(self, name: str, tensor: Lazy) -> Emitted:
         if name.endswith("linear_attn.in_proj_qkvz.weight"):
             qkv, z = qkvz_rows(*self.linear_dims())
-            stem = name[: -len("in_proj_qkvz.weight")]
-            yield from super().transform(stem + "in_proj_qkv.weight", tensor.take_rows(qkv))
-            yield from super().transform(stem + "in_proj_z.weight", tensor.take_rows(z))
+            blk = f"blk.{self._layer_number(name)}."
+            yield blk + "attn_qkv.weight", SelectRows(qkv, "q, k, v of each K-head group")(tensor)
+            yield blk + "attn_gate.weight", SelectRows(z, "z of each K-head group")(tensor)
             return
-        if name.endswith("linear_attn.A_log"):
-            # exp through float64: numpy's float32 exp is not correctly rounded (torch's is, here)
-            tensor = tensor.map(lambda a: -np.exp(a.astype(np.float64)))
-        elif name.endswith("linear_attn.conv1d.weight") and tensor.ndim == 3:
-            tensor = tensor.reshape_rest([d for d in tensor.shape[1:] if d != 1])  # depthwise [C,1,K] -> [C,K]
-        elif name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
-            tensor = tensor.map(lambda a: a + 1)
         yield from super().transform(name, tensor)
 
     def linear_dims(self) -> tuple[int, int, int, int]:
@@ -233,4 +223,3 @@ class Qwen3Next(Qwen2Moe):
         head_dim = self.hp("head_dim", default=None) or self.hp("hidden_size") // self.hp("num_attention_heads")
         rotary = self.rope_parameters.get("partial_rotary_factor", 0.25)
         md.u32(f"{a}.rope.dimension_count", int(head_dim * rotary))
-

@@ -33,6 +33,15 @@ class Lazy:
         # (sliced, gathered, stacked): then a tensor written in its stored type skips the float
         # round trip. Value-changing operations drop it.
         self.stored = stored
+        # Named steps applied on the way from the checkpoint (shown by --dry-run), e.g. ("AddOne",).
+        self.notes: tuple[str, ...] = ()
+
+    def noted(self, *notes: str) -> "Lazy":
+        """This tensor with `notes` appended to the steps it records (the data is shared)."""
+        out = object.__new__(Lazy)
+        out.__dict__.update(self.__dict__)
+        out.notes = self.notes + tuple(n for n in notes if n)
+        return out
 
     # -- construction -----------------------------------------------------
     @classmethod

@@ -21,7 +21,7 @@ from ..archs.base import DecoderArch, UnmappedTensor
 from ..errors import UserError
 from ..quantize.encode import encode
 from ..quantize.presets import Preset, parse_preset, preset_names
-from ..quantize.rules import TensorIn, plan_quantization
+from ..quantize.rules import TensorIn, model_is_70b, model_n_gqa, plan_quantization
 from . import fuse as fusion
 from .metadata import GeneralInfo, add_general_metadata, apply_overrides, general_info, model_id_for
 from ..archs.options import ConvertOptions
@@ -88,6 +88,7 @@ def map_tensors(checkpoint: Checkpoint, arch: DecoderArch) -> list[tuple[str, La
     unmapped: list[str] = []
 
     def transformed():
+        yield from arch.extra_tensors()
         for name, source in checkpoint.tensors.items():
             renamed = arch.rename(name)
             if renamed is None:
@@ -187,8 +188,10 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
     md.str("general.architecture", arch.gguf_arch)
     md.str("general.type", "model")
     add_general_metadata(md, general.meta)
+    arch.file_type = int(file_type)
     arch.add_metadata(md)
-    md.u32("general.file_type", int(file_type))
+    if "general.file_type" not in md:
+        md.u32("general.file_type", int(file_type))
     md.u32("general.quantization_version", QUANT_VERSION)
     add_vocab_metadata(md, load_vocab(checkpoint.root, hparams, options.pre_tokenizer))
     apply_overrides(md, options.metadata_overrides)
@@ -221,7 +224,8 @@ def apply_preset(tensors: list[PlannedTensor], preset: Preset, md: Metadata, bas
     arch = md.get("general.architecture")
     plans = plan_quantization([TensorIn(t.name, t.shape, t.ggml_type) for t in tensors], preset, arch=arch,
                               n_layer_all=int(md.get(f"{arch}.block_count", 0)),
-                              n_expert=int(md.get(f"{arch}.expert_count", 0) or 0))
+                              n_expert=int(md.get(f"{arch}.expert_count", 0) or 0),
+                              model_is_70b=model_is_70b(arch, md.get), n_gqa=model_n_gqa(arch, md.get))
     chosen = {p.name: p for p in plans}
     out = []
     for t in tensors:

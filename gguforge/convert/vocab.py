@@ -197,9 +197,8 @@ def add_vocab_metadata(md: Metadata, vocab: Vocab) -> None:
     md.array("tokenizer.ggml.tokens", vocab.tokens, GGUFValueType.STRING)
     md.array("tokenizer.ggml.token_type", vocab.types, GGUFValueType.INT32)
     md.array("tokenizer.ggml.merges", vocab.merges, GGUFValueType.STRING)
-    for kind, key in SPECIAL_TOKEN_KINDS.items():
-        if kind in vocab.special_ids:
-            md.u32(key, vocab.special_ids[kind])
+    for kind, token_id in vocab.special_ids.items():  # in the order found, as gguf.SpecialVocab writes them
+        md.u32(SPECIAL_TOKEN_KINDS[kind], token_id)
     for kind, flag in vocab.add_flags.items():
         md.bool(f"tokenizer.ggml.add_{kind}_token", flag)
     if vocab.chat_template is not None:
