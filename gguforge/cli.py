@@ -8,6 +8,7 @@ on stderr and exits with EXIT_BAD_INPUT; a bug prints a traceback only with
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -33,10 +34,63 @@ def _say(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def _echo(line: str) -> None:
+    """One line of results on stdout. A stdout that cannot be written (a closed pipe, a full disk) is a
+    user error (exit 2), never a verdict: `diff` must not report "different" because `| head` closed."""
+    try:
+        typer.echo(line)
+    except OSError as e:
+        _detach_stdout()
+        raise UserError(f"cannot write to standard output: {e.strerror or e}") from None
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail a second time."""
+    import os
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (captured by tests)
+        pass
+
+
+MAX_THREADS = 4096
+
+
+def _check_output_arg(text: str | None, what: str) -> None:
+    """An output name ending in '/' names a directory: it must exist (never write a file called like it)."""
+    if text and text.endswith("/") and not Path(text).is_dir():
+        raise UserError(f"{what} {text}: no such directory", hint="create it first, or drop the trailing '/'")
+
+
+def version_line() -> str:
+    """gguforge's version and the gguf-py version it writes files with."""
+    from importlib.metadata import PackageNotFoundError, version
+    from . import __version__
+    try:
+        gguf_version = version("gguf")
+    except PackageNotFoundError:
+        gguf_version = "unknown"
+    return f"gguforge {__version__} (gguf-py {gguf_version})"
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        _echo(version_line())
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                       help="print gguforge's and gguf-py's versions and exit")):
+    """Convert Hugging Face checkpoints to GGUF and quantize them."""
+
+
 def _list_archs() -> None:
     from .archs import registered
     for hf_name, cls in registered().items():
-        typer.echo(f"{hf_name:45s} -> {cls.gguf_arch}")
+        _echo(f"{hf_name:45s} -> {cls.gguf_arch}")
 
 
 @app.command("convert-hf")
@@ -52,7 +106,8 @@ def convert_hf_cmd(
     fuse_qkv: bool = typer.Option(False, "--fuse-qkv", help="fuse attention Q, K, V into attn_qkv"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, write nothing"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="worker threads (default: all cores)"),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, max=MAX_THREADS,
+                                          help="worker threads (default: all cores)"),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="convert weights containing NaN/Inf"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="load pytorch_model*.bin pickle checkpoints "
                                       "with torch (weights only; needs torch)"),
@@ -79,6 +134,7 @@ def convert_hf_cmd(
 
     if mtp_only and no_mtp:
         raise UserError("--mtp and --no-mtp cannot be combined")
+    _check_output_arg(outfile, "--outfile")
     overrides = {}
     if metadata is not None:
         from .checkpoint.read import read_json_object
@@ -116,7 +172,7 @@ def _split_options(max_size: Optional[str], max_tensors: int):
 def _print_shards(shards) -> None:
     from .format.split import format_shard_plan
     for line in format_shard_plan(shards):
-        typer.echo(line)
+        _echo(line)
 
 
 def _print_plan(plan, target) -> None:
@@ -132,7 +188,7 @@ def _print_plan(plan, target) -> None:
 @app.command("quantize")
 def quantize_cmd(
     source: Path = typer.Argument(..., help="input GGUF file"),
-    target: Path = typer.Argument(..., help="output GGUF file"),
+    target: str = typer.Argument(..., help="output GGUF file"),
     qtype: str = typer.Argument(..., metavar="TYPE", help="Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q8_0, F16, BF16, F32"),
     pure: bool = typer.Option(False, "--pure", help="every quantizable tensor gets TYPE's default type"),
     output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="type for output.weight"),
@@ -145,7 +201,8 @@ def quantize_cmd(
     no_fallback: bool = typer.Option(False, "--no-fallback", help="refuse instead of falling back to another "
                                      "type when rows do not fill whole blocks"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the per-tensor plan, write nothing"),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="worker threads (default: all cores)"),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, max=MAX_THREADS,
+                                          help="worker threads (default: all cores)"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
     split_max_size: Optional[str] = typer.Option(None, "--split-max-size", metavar="N[K|M|G]",
                                                  help="split the output into shards of at most this size"),
@@ -163,6 +220,8 @@ def quantize_cmd(
     from .quantize.rules import QuantOptions, fallback_summary, size_summary
     from .quantize.run import format_plan, quantize_gguf
 
+    _check_output_arg(target, "output")
+    target = Path(target)
     preset = parse_preset(qtype)
     options = QuantOptions(
         pure=pure,
@@ -182,9 +241,9 @@ def quantize_cmd(
     warning = fallback_summary(result.plans)
     if dry_run:
         for line in format_plan(result.plans):
-            typer.echo(line)
+            _echo(line)
         _print_shards(result.shards)
-        typer.echo(f"{totals} ({preset.name}; dry run: nothing written)")
+        _echo(f"{totals} ({preset.name}; dry run: nothing written)")
     elif not quiet:
         where = target if len(result.shards) <= 1 else f"{len(result.shards)} shards {result.shards[0].path} ..."
         _say(f"wrote {where} ({preset.name}): {totals}")
@@ -201,7 +260,7 @@ def inspect_cmd(
     _state["verbose"] = verbose
     from .inspect import inspect_lines, load
     for line in inspect_lines(load(gguf_file)):
-        typer.echo(line)
+        _echo(line)
 
 
 @app.command("diff")
@@ -219,7 +278,7 @@ def diff_cmd(
         raise UserError("--tol must be a number >= 0")
     result = diff(load(a), load(b), tol)
     for line in result.lines:
-        typer.echo(line)
+        _echo(line)
     if not result.equal:
         raise typer.Exit(1)
 
@@ -233,24 +292,62 @@ def verify_cmd(
 ):
     """Run the HF model (transformers) and the GGUF (llama.cpp) on the same tokens and compare."""
     _state["verbose"] = verbose
-    try:
-        from .verify import verify
-    except ImportError as e:
-        raise UserError(f"verify needs the optional dependencies ({e.name} is missing)",
-                        hint='pip install "gguforge[verify]" (install torch==2.13.0 first)') from None
+    _require("verify", VERIFY_MODULES, hint='pip install "gguforge[verify]" (install torch==2.13.0 first)')
+    from .verify import verify
     report = verify(hf_dir, gguf_file)
-    typer.echo(report.format())
+    _echo(report.format())
     if max_nmse is not None and not report.nmse <= max_nmse:
         raise UserError(f"NMSE {report.nmse:.3e} is above --max-nmse {max_nmse:.3e}")
     if not report.tokenizer_ok:
         raise UserError(f"tokenizer parity failed on {len(report.token_mismatches)} text(s)")
 
 
-def main(argv: List[str] | None = None) -> int:
-    import click
+VERIFY_MODULES = ("torch", "transformers", "llama_cpp")
 
+
+def _require(command: str, modules: tuple[str, ...], hint: str) -> None:
+    """Optional dependencies of a command, imported up front: a missing one is a user error, not a crash
+    halfway through."""
+    import importlib
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise UserError(f"{command} needs the optional dependencies ({name} is missing)", hint=hint) from None
+
+
+def main(argv: List[str] | None = None) -> int:
+    """Run one command; every termination signal unwinds it (cleanup runs) and exits 128 + signal."""
+    from .signals import termination_as_exception
+    with termination_as_exception():
+        return _run(argv)
+
+
+def _click_classes(name: str) -> tuple[type, ...]:
+    """Click's exception class `name` as the installed typer raises it: from click itself (older typer)
+    and from the copy of click that newer typer vendors (typer._click), whichever exist."""
+    import importlib
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+# OS errors about a named file that the user can fix (a name too long, no permission, a full disk ...).
+USER_ERRNOS = {getattr(errno, name) for name in ("ENAMETOOLONG", "EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT",
+                                                  "EFBIG", "ENOTDIR", "EISDIR", "ELOOP", "ENOENT", "ETXTBSY")
+               if hasattr(errno, name)}
+
+
+def _run(argv: List[str] | None) -> int:
+    from .signals import Terminated, signal_name
     try:
-        result = app(args=argv, standalone_mode=False)
+        result = app(args=argv, standalone_mode=False, prog_name="gguforge")
         if result == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt into this exit code, silently
             _say("interrupted")
         return result if isinstance(result, int) else 0
@@ -259,20 +356,30 @@ def main(argv: List[str] | None = None) -> int:
         if e.hint:
             _say(f"hint: {e.hint}")
         return EXIT_BAD_INPUT
-    except click.exceptions.Abort:
-        _say("interrupted")
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        _say("interrupted")
-        return EXIT_INTERRUPTED
-    except click.ClickException as e:
+    except _click_classes("ClickException") as e:  # usage errors: usage line, "Error: ...", exit 2
         e.show()
-        return e.exit_code
-    except Exception as e:  # a bug: say so plainly
-        if _state["verbose"]:
-            raise
-        _say(f"internal error: {type(e).__name__}: {e} (run with --verbose for a traceback)")
-        return EXIT_INTERNAL
+        return EXIT_BAD_INPUT
+    except (KeyboardInterrupt, *_click_classes("Abort")):
+        _say("interrupted")
+        return EXIT_INTERRUPTED
+    except Terminated as e:
+        _say(f"interrupted by {signal_name(e.signum)}")
+        return 128 + e.signum
+    except OSError as e:
+        if e.errno not in USER_ERRNOS or e.filename is None:
+            return _internal_error(e)
+        _say(f"error: cannot use {e.filename}: {e.strerror}")  # about the user's files, not a bug
+        return EXIT_BAD_INPUT
+    except Exception as e:
+        return _internal_error(e)
+
+
+def _internal_error(e: Exception) -> int:
+    """A bug: say so plainly (the traceback with --verbose)."""
+    if _state["verbose"]:
+        raise e
+    _say(f"internal error: {type(e).__name__}: {e} (run with --verbose for a traceback)")
+    return EXIT_INTERNAL
 
 
 def run() -> None:

@@ -17,3 +17,18 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def not_a_file(path) -> UserError:
+    """The error for a path that should name an existing regular file but does not: says what it is."""
+    import os
+    import stat
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return UserError(f"{path}: no such file")
+    except OSError as e:
+        return UserError(f"{path}: cannot read ({e.strerror})")
+    if stat.S_ISDIR(mode):
+        return UserError(f"{path} is a directory, not a file")
+    return UserError(f"{path} is not a regular file")

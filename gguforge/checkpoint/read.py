@@ -232,6 +232,23 @@ def load_config(root: Path) -> dict:
     return read_json_object(path)
 
 
+def inside(root: Path, name, index_path: Path) -> Path:
+    """A file an index names, which must lie inside the model directory: a relative path without '..',
+    whose folder (after resolving symbolic links) is the model directory or below it. The file itself
+    may be a symbolic link, as every file of a Hugging Face cache snapshot is (to ../../blobs/...)."""
+    text = name if isinstance(name, str) else None
+    parts = Path(text).parts if text and "\0" not in text else ()
+    if not parts or Path(text).is_absolute() or ".." in parts:
+        raise UserError(f"{index_path}: file name {name!r} is not inside the model directory",
+                        hint="a checkpoint may only name files of its own; the index is corrupt or crafted")
+    path = root / text
+    folder = path.parent.resolve()
+    if folder != root.resolve() and root.resolve() not in folder.parents:
+        raise UserError(f"{index_path}: {text} lies in a folder outside the model directory (a symbolic link)",
+                        hint="a checkpoint may only name files of its own")
+    return path
+
+
 def _index_shards(root: Path) -> list[tuple[Path, set[str] | None]]:
     """Safetensors files to read and, when an index exists, the names each must hold."""
     index_path = root / "model.safetensors.index.json"
@@ -244,7 +261,8 @@ def _index_shards(root: Path) -> list[tuple[Path, set[str] | None]]:
             raise UserError(f"{index_path}: not a valid safetensors index (needs a 'weight_map' object)") from None
         by_file: dict[str, set[str]] = {}
         for name, fname in weight_map.items():
-            by_file.setdefault(str(fname), set()).add(name)
+            inside(root, fname, index_path)
+            by_file.setdefault(fname, set()).add(name)
         missing = [f for f in sorted(by_file) if not (root / f).is_file()]
         if missing:
             raise UserError(f"{root}: shard {missing[0]} named in model.safetensors.index.json is missing"
@@ -304,9 +322,10 @@ def pickle_files(root: Path) -> list[Path]:
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted({str(f) for f in weight_map.values()})
+            files = set(weight_map.values())
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise UserError(f"{index_path}: not a valid index (needs a 'weight_map' object)") from None
+        names = sorted(f for f in files if inside(root, f, index_path))
         missing = [f for f in names if not (root / f).is_file()]
         if missing:
             raise UserError(f"{root}: {missing[0]} named in {index_path.name} is missing",
@@ -407,3 +426,5 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
                         hint="check the network, or unset HF_HUB_OFFLINE") from None
     except (HfHubHTTPError, OSError) as e:
         raise UserError(f"{model}: download failed: {e}") from None
+    except ValueError as e:  # HFValidationError: "Qwen/a..b" looks like an id but is not a valid one
+        raise UserError(f"{model}: no such directory, and not a valid hub model id ({e})") from None

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType
 
-from ..errors import UserError
+from ..errors import UserError, not_a_file
 from .split import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS_COUNT, split_siblings
 
 SUPPORTED_VERSIONS = (2, 3)
@@ -128,7 +128,7 @@ def open_reader(path: Path):
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such file")
+        raise not_a_file(path)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":

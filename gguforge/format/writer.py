@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import struct
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from ..errors import UserError
+from .atomic import commit, create_temp, expect, unlink_quietly
 from .types import tensor_nbytes
 
 GGUF_MAGIC = b"GGUF"
@@ -144,34 +143,10 @@ def encode_header(metadata: Metadata, tensors: list[TensorEntry]) -> bytes:
     return header + b"\0" * _pad(len(header))
 
 
-class _Terminated(BaseException):
-    """Raised from the SIGTERM handler so cleanup runs as for Ctrl-C."""
-
-
-@contextmanager
-def _sigterm_as_exception():
-    try:
-        previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(_Terminated()))
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 @dataclass
@@ -212,48 +187,49 @@ def _write_chunk(f, data) -> int:
     return done
 
 
+WRITE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
 @contextmanager
 def atomic_outputs(targets: list[Path]) -> Iterator[list[Any]]:
-    """Binary files beside each target, renamed onto them only when all are complete (else all removed)."""
+    """Binary files beside each target, moved onto them only when all are complete (else all removed).
+
+    What may be replaced is decided here, once: a target absent now must still be absent at the end;
+    one present now must be a regular file and still the same file at the end (format/atomic.py).
+    """
     targets = [Path(t) for t in targets]
     temps: list[str] = []
     files: list[Any] = []
     try:
-        with _sigterm_as_exception():
-            try:
-                for target in targets:
-                    directory = target.parent if str(target.parent) else Path(".")
-                    if not directory.is_dir():
-                        raise UserError(f"output directory {directory} does not exist")
-                    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=directory)
-                    temps.append(tmp)
-                    os.fchmod(fd, 0o666 & ~_umask())
-                    files.append(os.fdopen(fd, "wb", buffering=8 << 20))
-                yield files
-                for f in files:
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                    raise UserError(f"cannot write {targets[0]}: {e.strerror} (disk full or file size limit)") \
-                        from None
-                raise
-            finally:
-                for f in files:
-                    try:
-                        f.close()
-                    except OSError:  # its buffer could not be written: the error above already says why
-                        pass
-        for tmp, target in zip(temps, targets):
-            os.replace(tmp, target)
-    except _Terminated:
+        expected = [expect(t) for t in targets]
+        try:
+            for target in targets:
+                fd, tmp = create_temp(target)
+                temps.append(tmp)
+                os.fchmod(fd, 0o666 & ~_umask())
+                files.append(os.fdopen(fd, "wb", buffering=8 << 20))
+            yield files
+            for f in files:
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            if e.errno in WRITE_ERRORS:
+                raise UserError(f"cannot write {targets[0]}: {e.strerror} (disk full or file size limit)") \
+                    from None
+            raise
+        finally:
+            for f in files:
+                try:
+                    f.close()
+                except OSError:  # its buffer could not be written: the error above already says why
+                    pass
+        try:
+            commit(temps, targets, expected)
+        except OSError as e:
+            raise UserError(f"cannot write {e.filename or targets[0]}: {e.strerror}") from None
+    finally:
         for tmp in temps:
-            _unlink(tmp)
-        raise KeyboardInterrupt from None
-    except BaseException:
-        for tmp in temps:
-            _unlink(tmp)
-        raise
+            unlink_quietly(tmp)
 
 
 def write_gguf_shards(targets: list[Path], metadatas: list[Metadata], groups: list[tuple[int, int]],
