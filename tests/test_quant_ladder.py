@@ -142,6 +142,21 @@ def test_mixed_rows_match_ggml(ggml, qtype):
         assert bad.size == 0, f"{qtype.name} seed={seed} rows {bad[:5]}"
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("qtype", NEW_TYPES, ids=lambda t: t.name)
+def test_vector_paths_equal_scalar(qtype):
+    """Lane-parallel implementations (IQ4's scale search) give the scalar path's bytes, for block counts
+    that leave partial lane groups and partial batches."""
+    rng = np.random.default_rng(int(qtype) + 7)
+    blk = SIZES[qtype][0]
+    for nblocks in (1, 3, 17, 65, 259):
+        x = np.concatenate([case(ALL_KINDS[i % len(ALL_KINDS)], rng)[:blk] for i in range(nblocks)])
+        want = native.quantize(x, qtype, threads=1, impl=0)
+        for impl in sorted(native.IMPLS)[1:]:
+            got = native.quantize(x, qtype, threads=1, impl=impl)
+            assert np.array_equal(got, want), (qtype.name, native.IMPLS[impl], nblocks)
+
+
 def test_ties_in_the_iq4_table(ggml):
     """Values exactly halfway between two kvalues_iq4nl entries (after scaling) and on them."""
     k = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], F)

@@ -15,7 +15,8 @@
  * Two implementations exist (selectable, for tests and benchmarks):
  *   - "scalar": one block at a time, a direct restatement of the spec;
  *   - "vector": the same per-block float sequence, but many sub-blocks processed in
- *     lockstep, one per SIMD lane (GCC vector extensions). This file includes itself
+ *     lockstep, one per SIMD lane (GCC vector extensions; Q8_0, Q4_K, Q5_K, Q6_K and the
+ *     IQ4 scale search; the other types run the scalar code under every id). This file includes itself
  *     once per instruction set (baseline, AVX2, AVX-512F; see KERNEL_PASS) and the
  *     best one is chosen at run time. Lanes never mix, so every lane performs
  *     exactly the scalar IEEE operations.
@@ -445,17 +446,15 @@ static void q4_1_block(const float *x, uint8_t *y) {
 static const int8_t kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
                                          1, 13, 25, 38, 53, 69, 89, 113};
 
-/* best_index_int8(16, kvalues_iq4nl, x): binary search, ties to the upper value. */
+/* best_index_int8(16, kvalues_iq4nl, x) (ggml-quants.c), without its branches. Its binary search
+ * ends at the mu with val[mu-1] <= x < val[mu] (1 <= mu <= 15), which is 1 + #{j in 1..14 : val[j] <= x};
+ * then the same distance test picks mu-1 or mu. Its early exits (x <= val[0] -> 0, x >= val[15] -> 15,
+ * infinities included) come out of that test too; only NaN needs its own case (the search ends at 15). */
 ALWAYS_INLINE int iq4_index(float x) {
-    const int8_t *val = kvalues_iq4nl;
-    if (x <= (float)val[0]) return 0;
-    if (x >= (float)val[15]) return 15;
-    int ml = 0, mu = 15;
-    while (mu - ml > 1) {
-        const int mav = (ml + mu) / 2;
-        if (x < (float)val[mav]) mu = mav; else ml = mav;
-    }
-    return x - (float)val[mu - 1] < (float)val[mu] - x ? mu - 1 : mu;
+    if (x != x) return 15;
+    int mu = 1;
+    for (int j = 1; j < 15; j++) mu += (float)kvalues_iq4nl[j] <= x;
+    return x - (float)kvalues_iq4nl[mu - 1] < (float)kvalues_iq4nl[mu] - x ? mu - 1 : mu;
 }
 
 /* The per-32 scale search of quantize_row_iq4_nl_impl (weights x^2, ntry = 7). */
@@ -499,8 +498,7 @@ ALWAYS_INLINE void iq4_pack32(const uint8_t *L, uint8_t *q) {
 }
 
 /* IQ4_NL (18 bytes): fp16 d, then indices found again with the unrounded 1/d. */
-static void iq4nl_block(const float *x, uint8_t *y) {
-    const float s = iq4_scale32(x);
+ALWAYS_INLINE void iq4nl_finish(const float *x, float s, uint8_t *y) {
     put_u16(y, fp32_to_fp16(s));
     const float id = s != 0.0f ? 1.0f / s : 0.0f;
     uint8_t L[32];
@@ -508,12 +506,13 @@ static void iq4nl_block(const float *x, uint8_t *y) {
     iq4_pack32(L, y + 2);
 }
 
+static void iq4nl_block(const float *x, uint8_t *y) { iq4nl_finish(x, iq4_scale32(x), y); }
+
 /* IQ4_XS (136 bytes): fp16 d = -max_scale/32, u16 scales_h, scales_l[4], qs[128]. Sub-block
  * scales are 6-bit (offset 32); indices are found again with the unrounded float d*l. */
-static void iq4xs_block(const float *x, uint8_t *y) {
-    float scales[8], max_scale = 0.0f, amax_scale = 0.0f;
+ALWAYS_INLINE void iq4xs_finish(const float *x, const float *scales, uint8_t *y) {
+    float max_scale = 0.0f, amax_scale = 0.0f;
     for (int ib = 0; ib < 8; ib++) {
-        scales[ib] = iq4_scale32(x + 32 * ib);
         const float abs_d = fabsf(scales[ib]);
         if (abs_d > amax_scale) { amax_scale = abs_d; max_scale = scales[ib]; }
     }
@@ -537,6 +536,31 @@ static void iq4xs_block(const float *x, uint8_t *y) {
     }
     put_u16(y, fp32_to_fp16(d));
     put_u16(y + 2, sh);
+}
+
+static void iq4xs_block(const float *x, uint8_t *y) {
+    float scales[8];
+    for (int ib = 0; ib < 8; ib++) scales[ib] = iq4_scale32(x + 32 * ib);
+    iq4xs_finish(x, scales, y);
+}
+
+/* IQ4 with the scale searches of many 32-blocks done lane-parallel (iq4_scales_*, below), the rest
+ * scalar: nb32 consecutive 32-blocks, in batches; the bytes are the scalar path's. */
+typedef void (*iq4_scales_fn)(const float *x, float *scales, int64_t nb32);
+
+static void iq4_batched(iq4_scales_fn scales_of, int xs, const float *x, uint8_t *y, int64_t nb) {
+    enum { BATCH = 64 };   /* 32-blocks per batch: 8 IQ4_XS super-blocks */
+    float scales[BATCH];
+    const int per = xs ? 8 : 1, bytes = xs ? 136 : 18;
+    for (int64_t b = 0; b < nb; b += BATCH / per) {
+        const int n = (int)(nb - b < BATCH / per ? nb - b : BATCH / per);
+        const float *xb = x + b * 32 * per;
+        scales_of(xb, scales, (int64_t)n * per);
+        for (int i = 0; i < n; i++) {
+            if (xs) iq4xs_finish(xb + 256 * i, scales + 8 * i, y + (b + i) * bytes);
+            else iq4nl_finish(xb + 32 * i, scales[i], y + (b + i) * bytes);
+        }
+    }
 }
 
 /* ===================================================================== */
@@ -822,19 +846,27 @@ static void quantize_blocks(int type, const float *x, uint8_t *y, int64_t nb, in
     case T_Q5_1:
         for (int64_t i = 0; i < nb; i++) q5_1_block(x + 32 * i, y + 24 * i);
         return;
-    /* scalar only (every impl id gives these bytes) */
+    /* scalar only (every impl id gives these bytes); IQ4 below has a lane-parallel scale search */
     case T_Q4_0:
         for (int64_t i = 0; i < nb; i++) q4_0_block(x + 32 * i, y + 18 * i);
         return;
     case T_Q4_1:
         for (int64_t i = 0; i < nb; i++) q4_1_block(x + 32 * i, y + 20 * i);
         return;
-    case T_IQ4_NL:
-        for (int64_t i = 0; i < nb; i++) iq4nl_block(x + 32 * i, y + 18 * i);
-        return;
-    case T_IQ4_XS:
-        for (int64_t i = 0; i < nb; i++) iq4xs_block(x + QK_K * i, y + 136 * i);
-        return;
+    case T_IQ4_NL: case T_IQ4_XS: {
+        const int xs = type == T_IQ4_XS;
+        switch (impl) {
+#ifdef HAVE_X86_DISPATCH
+        case IMPL_AVX512: iq4_batched(iq4_scales_avx512, xs, x, y, nb); return;
+        case IMPL_AVX2: iq4_batched(iq4_scales_avx2, xs, x, y, nb); return;
+#endif
+        case IMPL_BASE: iq4_batched(iq4_scales_base, xs, x, y, nb); return;
+        default:
+            if (xs) for (int64_t i = 0; i < nb; i++) iq4xs_block(x + QK_K * i, y + 136 * i);
+            else for (int64_t i = 0; i < nb; i++) iq4nl_block(x + 32 * i, y + 18 * i);
+            return;
+        }
+    }
     case T_Q2_K:
         for (int64_t i = 0; i < nb; i++) q2k_block(x + QK_K * i, y + 84 * i);
         return;
@@ -1477,6 +1509,65 @@ static void N(q8_0_vec)(const float *x, uint8_t *y, int64_t nb) {
             vb b = __builtin_convertvector(t, vb);                  /* low byte of each */
             memcpy(yb + 2 + k * VW, &b, VW);
         }
+    }
+}
+
+/* IQ4: kvalues_iq4nl[iq4_index(x)] per lane, as a float. lo/hi end as val[mu-1]/val[mu] of
+ * iq4_index; NaN lanes get val[15] like the scalar code. */
+ALWAYS_INLINE vf N(iq4_vq)(vf x) {
+    const vf zero = (vf){};
+    vf lo = zero + (float)kvalues_iq4nl[0], hi = zero + (float)kvalues_iq4nl[1];
+    for (int j = 1; j < 15; j++) {
+        const vi m = (zero + (float)kvalues_iq4nl[j]) <= x;
+        lo = vsel(m, zero + (float)kvalues_iq4nl[j], lo);
+        hi = vsel(m, zero + (float)kvalues_iq4nl[j + 1], hi);
+    }
+    const vf q = vsel((x - lo) < (hi - x), lo, hi);
+    return vsel(x != x, zero + (float)kvalues_iq4nl[15], q);
+}
+
+/* iq4_scale32 for VW 32-blocks at once (lane k = block k of the batch; pad lanes hold zeros). */
+static void N(iq4_scales)(const float *x, float *scales, int64_t nb) {
+    const vf zero = (vf){};
+    for (int64_t b = 0; b < nb; b += VW) {
+        const int n = (int)(nb - b < VW ? nb - b : VW);
+        vf xt[32], w[32];
+        for (int l = 0; l < 32; l++)
+            for (int k = 0; k < VW; k++) xt[l][k] = k < n ? x[(b + k) * 32 + l] : 0.0f;
+        vf amax = zero, max = zero;
+        for (int l = 0; l < 32; l++) {
+            w[l] = xt[l] * xt[l];
+            const vf ax = vabs(xt[l]);
+            const vi m = ax > amax;
+            amax = vsel(m, ax, amax);
+            max = vsel(m, xt[l], max);
+        }
+        const vi tiny = amax < GROUP_MAX_EPS;
+        vf d = -max / (zero + (float)kvalues_iq4nl[0]);
+        vf id = 1.0f / d;
+        vf sumqx = zero, sumq2 = zero;
+        for (int l = 0; l < 32; l++) {
+            const vf q = N(iq4_vq)(id * xt[l]);
+            sumqx += w[l] * q * xt[l];
+            sumq2 += w[l] * q * q;
+        }
+        d = vsel(sumq2 > 0, sumqx / sumq2, zero);
+        vf best = d * sumqx;
+        for (int itry = -7; itry <= 7; itry++) {
+            id = (float)(itry + kvalues_iq4nl[0]) / max;
+            sumqx = sumq2 = zero;
+            for (int l = 0; l < 32; l++) {
+                const vf q = N(iq4_vq)(id * xt[l]);
+                sumqx += w[l] * q * xt[l];
+                sumq2 += w[l] * q * q;
+            }
+            const vi acc = (sumq2 > 0) & (sumqx * sumqx > best * sumq2);
+            const vf nd = sumqx / sumq2;
+            d = vsel(acc, nd, d);
+            best = vsel(acc, nd * sumqx, best);
+        }
+        d = vsel(tiny, zero, d);
+        for (int k = 0; k < n; k++) scales[b + k] = d[k];
     }
 }
 
