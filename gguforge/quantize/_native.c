@@ -15,8 +15,8 @@
  * Two implementations exist (selectable, for tests and benchmarks):
  *   - "scalar": one block at a time, a direct restatement of the spec;
  *   - "vector": the same per-block float sequence, but many sub-blocks processed in
- *     lockstep, one per SIMD lane (GCC vector extensions; Q8_0, Q4_K, Q5_K, Q6_K and the
- *     IQ4 scale search; the other types run the scalar code under every id). This file includes itself
+ *     lockstep, one per SIMD lane (GCC vector extensions; Q8_0, Q2_K, Q4_K, Q5_K, Q6_K and
+ *     the IQ4 scale search; the other types run the scalar code under every id). This file includes itself
  *     once per instruction set (baseline, AVX2, AVX-512F; see KERNEL_PASS) and the
  *     best one is chosen at run time. Lanes never mix, so every lane performs
  *     exactly the scalar IEEE operations.
@@ -578,14 +578,10 @@ ALWAYS_INLINE void pack_2bit(const uint8_t *L, uint8_t *qs) {
 
 /* Q2_K (84 bytes: scales[16], qs[64], fp16 d, fp16 dmin). Per 16: make_qkx2_quants(nmax 3,
  * w = |x|, rmin -0.5, rdelta 0.1, 15 steps, mean absolute error); 4-bit scale and min. */
-static void q2k_block(const float *x, uint8_t *y) {
-    uint8_t L[QK_K];
-    float w[16], scales[16], mins[16];
+/* Q2_K after the 16 searches: 4-bit scales and mins, fp16 d/dmin, re-quantize, pack. */
+ALWAYS_INLINE void q2k_finish(const float *x, const float *scales, const float *mins, uint8_t *L, uint8_t *y) {
     float max_scale = 0.0f, max_min = 0.0f;
     for (int j = 0; j < 16; j++) {
-        const float *xs = x + 16 * j;
-        for (int l = 0; l < 16; l++) w[l] = fabsf(xs[l]);
-        scales[j] = make_qkx2_quants(16, 3, xs, w, L + 16 * j, &mins[j], -0.5f, 0.1f, 15, 1);
         if (scales[j] > max_scale) max_scale = scales[j];
         if (mins[j] > max_min) max_min = mins[j];
     }
@@ -619,6 +615,17 @@ static void q2k_block(const float *x, uint8_t *y) {
     pack_2bit(L, qs);
     put_u16(y + 80, dh);
     put_u16(y + 82, mh);
+}
+
+static void q2k_block(const float *x, uint8_t *y) {
+    uint8_t L[QK_K];
+    float w[16], scales[16], mins[16];
+    for (int j = 0; j < 16; j++) {
+        const float *xs = x + 16 * j;
+        for (int l = 0; l < 16; l++) w[l] = fabsf(xs[l]);
+        scales[j] = make_qkx2_quants(16, 3, xs, w, L + 16 * j, &mins[j], -0.5f, 0.1f, 15, 1);
+    }
+    q2k_finish(x, scales, mins, L, y);
 }
 
 /* ggml make_q3_quants(16, nmax = 4, do_rmse = true): symmetric fit, weights x^2, then up
@@ -868,8 +875,16 @@ static void quantize_blocks(int type, const float *x, uint8_t *y, int64_t nb, in
         }
     }
     case T_Q2_K:
-        for (int64_t i = 0; i < nb; i++) q2k_block(x + QK_K * i, y + 84 * i);
-        return;
+        switch (impl) {
+#ifdef HAVE_X86_DISPATCH
+        case IMPL_AVX512: q2k_vec_avx512(x, y, nb); return;
+        case IMPL_AVX2: q2k_vec_avx2(x, y, nb); return;
+#endif
+        case IMPL_BASE: q2k_vec_base(x, y, nb); return;
+        default:
+            for (int64_t i = 0; i < nb; i++) q2k_block(x + QK_K * i, y + 84 * i);
+            return;
+        }
     case T_Q3_K:
         for (int64_t i = 0; i < nb; i++) q3k_block(x + QK_K * i, y + 110 * i);
         return;
@@ -1511,6 +1526,100 @@ static void N(q8_0_vec)(const float *x, uint8_t *y, int64_t nb) {
         }
     }
 }
+
+/* Q2_K: make_qkx2_quants(16, nmax 3, w = |x|, rmin -0.5, rdelta 0.1, 15 steps, use_mad) for the 16
+ * sub-blocks of one super-block at once: NV2 = 16/VW vectors, lane e of vector v = sub-block v*VW+e.
+ * The qkx2_vec recipe (per-lane selects, drifting min) with n = 16 and absolute errors. */
+#define NV2 (16 / VW)
+static void N(q2k_vec)(const float *x, uint8_t *y, int64_t nsb) {
+    const vf zero = (vf){};
+    for (int64_t b = 0; b < nsb; b++) {
+        const float *xb = x + b * QK_K;
+        vf xt[16][NV2], w[16][NV2], Lb[16][NV2], Laux[16][NV2];
+        vf min[NV2], max[NV2], sum_w[NV2], sum_x[NV2], scale[NV2], best[NV2], isc[NV2];
+        vi degen[NV2];
+        for (int v = 0; v < NV2; v++)
+            for (int e = 0; e < VW; e++)
+                for (int i = 0; i < 16; i++) xt[i][v][e] = xb[16 * (v * VW + e) + i];
+        for (int i = 0; i < 16; i++)
+            for (int v = 0; v < NV2; v++) w[i][v] = vabs(xt[i][v]);
+        for (int v = 0; v < NV2; v++) {
+            min[v] = max[v] = xt[0][v];
+            sum_w[v] = w[0][v];
+            sum_x[v] = sum_w[v] * xt[0][v];
+        }
+        for (int i = 1; i < 16; i++)
+            for (int v = 0; v < NV2; v++) {
+                min[v] = vsel(xt[i][v] < min[v], xt[i][v], min[v]);
+                max[v] = vsel(xt[i][v] > max[v], xt[i][v], max[v]);
+                sum_w[v] += w[i][v];
+                sum_x[v] += w[i][v] * xt[i][v];
+            }
+        for (int v = 0; v < NV2; v++) {
+            min[v] = vsel(min[v] > 0, zero, min[v]);
+            degen[v] = max[v] == min[v];
+            isc[v] = 3.0f / (max[v] - min[v]);
+            scale[v] = 1.0f / isc[v];
+            best[v] = zero;
+        }
+        for (int i = 0; i < 16; i++)
+            for (int v = 0; v < NV2; v++) {
+                const vf l = vnearest_clamp(isc[v] * (xt[i][v] - min[v]), 0, 3);
+                Lb[i][v] = l;
+                best[v] += w[i][v] * vabs(scale[v] * l + min[v] - xt[i][v]);
+            }
+        for (int is = 0; is <= 15; is++) {
+            const float c = -0.5f + 0.1f * (float)is + 3.0f;
+            vf sum_l[NV2], sum_l2[NV2], sum_xl[NV2], ts[NV2], tm[NV2], cur[NV2];
+            vi ok[NV2];
+            for (int v = 0; v < NV2; v++) {
+                isc[v] = c / (max[v] - min[v]);
+                sum_l[v] = sum_l2[v] = sum_xl[v] = zero;
+            }
+            for (int i = 0; i < 16; i++)
+                for (int v = 0; v < NV2; v++) {
+                    const vf l = vnearest_clamp(isc[v] * (xt[i][v] - min[v]), 0, 3);
+                    Laux[i][v] = l;
+                    const vf wl = w[i][v] * l;
+                    sum_l[v] += wl;
+                    sum_l2[v] += wl * l;
+                    sum_xl[v] += wl * xt[i][v];
+                }
+            for (int v = 0; v < NV2; v++) {
+                const vf D = sum_w[v] * sum_l2[v] - sum_l[v] * sum_l[v];
+                ts[v] = (sum_w[v] * sum_xl[v] - sum_x[v] * sum_l[v]) / D;
+                tm[v] = (sum_l2[v] * sum_x[v] - sum_l[v] * sum_xl[v]) / D;
+                const vi pos = tm[v] > 0;
+                tm[v] = vsel(pos, zero, tm[v]);
+                ts[v] = vsel(pos, sum_xl[v] / sum_l2[v], ts[v]);
+                cur[v] = zero;
+                ok[v] = (D > 0) & ~degen[v];
+            }
+            for (int i = 0; i < 16; i++)
+                for (int v = 0; v < NV2; v++)
+                    cur[v] += w[i][v] * vabs(ts[v] * Laux[i][v] + tm[v] - xt[i][v]);
+            for (int v = 0; v < NV2; v++) {
+                const vi acc = ok[v] & (cur[v] < best[v]);
+                for (int i = 0; i < 16; i++) Lb[i][v] = vsel(acc, Laux[i][v], Lb[i][v]);
+                best[v] = vsel(acc, cur[v], best[v]);
+                scale[v] = vsel(acc, ts[v], scale[v]);
+                min[v] = vsel(acc, tm[v], min[v]);
+            }
+        }
+        float scales[16], mins[16];
+        uint8_t L[QK_K];
+        for (int v = 0; v < NV2; v++)
+            for (int e = 0; e < VW; e++) {
+                const int j = v * VW + e;
+                const int dg = degen[v][e] != 0;
+                scales[j] = dg ? 0.0f : scale[v][e];
+                mins[j] = -min[v][e];
+                for (int i = 0; i < 16; i++) L[16 * j + i] = dg ? 0 : (uint8_t)(int)Lb[i][v][e];
+            }
+        q2k_finish(xb, scales, mins, L, y + b * 84);
+    }
+}
+#undef NV2
 
 /* IQ4: kvalues_iq4nl[iq4_index(x)] per lane, as a float. lo/hi end as val[mu-1]/val[mu] of
  * iq4_index; NaN lanes get val[15] like the scalar code. */
