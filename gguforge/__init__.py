@@ -1,3 +1,49 @@
-"""gguforge: Hugging Face checkpoints to GGUF, streaming and torch-free."""
+"""gguforge: Hugging Face checkpoints to GGUF, streaming and torch-free.
+
+The library API mirrors the two main commands; both are importable without torch:
+
+    import gguforge
+    gguf_path = gguforge.convert_hf("Qwen/Qwen3.5-4B", "qwen.gguf", outtype="bf16")
+    gguforge.quantize(gguf_path, "qwen-Q4_K_M.gguf", "Q4_K_M")
+
+Bad input raises gguforge.UserError (the CLI prints it as one line and exits 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserError
 
 __version__ = "0.1.0"
+__all__ = ["UserError", "__version__", "convert_hf", "quantize"]  # quantize: see __getattr__
+
+
+def convert_hf(model: str | Path, outfile: str | Path | None = None, *, outtype: str = "auto", force: bool = False,
+               split_max_size: int = 0, split_max_tensors: int = 0, **options) -> Path:
+    """Convert a Hugging Face checkpoint (local directory or hub id) to GGUF; returns the path written
+    (the first shard of a split output).
+
+    outtype: f32, f16, bf16, q8_0, auto, or a quantize preset (Q4_K_M, ...) written in one pass.
+    outfile: a file, a directory, or a template with {ftype}; None: llama.cpp's file naming in the
+    current directory. Other keyword arguments are `ConvertOptions` fields (threads, model_name,
+    no_mtp, mtp_only, fuse_qkv, fuse_gate_up_exps, pre_tokenizer, metadata_overrides, vocab_only,
+    allow_nonfinite, allow_pickle).
+    """
+    from .archs.options import ConvertOptions
+    from .convert.pipeline import convert_hf as run
+    from .format.split import SplitOptions, plan_shards
+
+    opts = ConvertOptions(outtype=outtype, **options)
+    split = SplitOptions(split_max_size, split_max_tensors)
+    plan, target = run(str(model), None if outfile is None else str(outfile), opts, force=force, split=split)
+    return plan_shards(target, plan.tensors, split)[0].path
+
+
+def __getattr__(name: str):
+    # gguforge.quantize is both the subpackage and the library function: the subpackage is callable
+    # (gguforge/quantize/__init__.py), so importing it keeps gguforge.quantize(...) working.
+    if name == "quantize":
+        import importlib
+        return importlib.import_module(".quantize", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,25 @@
+"""gguforge.quantize(...) as a library call (the package itself is callable, see __init__.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .presets import parse_ggml_type
+from .rules import QuantOptions
+from .run import quantize_gguf
+
+
+def quantize_file(source: str | Path, target: str | Path, qtype: str, *, threads: int | None = None,
+                  force: bool = False, **options) -> Path:
+    """Quantize a GGUF file as llama-quantize would (same per-tensor types, byte-identical tensors);
+    returns the output path (the first shard of a split output). Other keyword arguments are
+    `QuantOptions` fields (pure, output_tensor_type, token_embedding_type, leave_output_tensor,
+    tensor_type_overrides, allow_requantize, no_fallback); types may be given by name ("Q8_0")."""
+    for key in ("output_tensor_type", "token_embedding_type"):
+        if isinstance(options.get(key), str):
+            options[key] = parse_ggml_type(options[key])
+    if "tensor_type_overrides" in options:
+        options["tensor_type_overrides"] = [(pattern, parse_ggml_type(t) if isinstance(t, str) else t)
+                                            for pattern, t in options["tensor_type_overrides"]]
+    result = quantize_gguf(source, target, qtype, QuantOptions(**options), threads=threads, force=force)
+    return result.shards[0].path if result.shards else Path(target)
