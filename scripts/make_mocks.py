@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Tiny deterministic mock Hugging Face checkpoints for the four Qwen MoE/hybrid architectures.
+"""Tiny deterministic mock Hugging Face checkpoints for every registered architecture with a mock spec.
 
 Library:  make_mock(arch, out_dir, layout=..., dtype=..., size=..., seed=..., mtp=..., num_experts=...)
 CLI:      python scripts/make_mocks.py ARCH OUT [--layout hub] [--dtype bfloat16] [--size q256] [--seed N]
@@ -29,7 +29,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-ARCHS = ("qwen2moe", "qwen3next", "qwen35", "qwen35moe")
+
+
+def arch_classes() -> dict:
+    """gguf arch name -> the architecture class, for every registered class with a mock spec."""
+    from gguforge.archs import registered
+    return {cls.gguf_arch: cls for cls in registered().values() if cls.mock is not None}
+
+
+ARCHS = tuple(sorted(arch_classes()))
 SIZES = ("tiny", "q256")
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED_DIR = REPO / "gguforge" / "data" / "tiny-qwen2moe"
@@ -85,7 +93,7 @@ def tokenizer_json(arch: str) -> str:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
     from tokenizers.models import BPE
 
-    regex = QWEN35_REGEX if arch in ("qwen35", "qwen35moe") else QWEN2_REGEX
+    regex = QWEN35_REGEX if spec(arch).tokenizer == "qwen35" else QWEN2_REGEX
     tok = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
                         fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()  # as in Qwen's tokenizer.json (test texts are NFC already)
@@ -125,7 +133,7 @@ def write_tokenizer(arch: str, out: Path) -> dict[str, int]:
         "pad_token": "<|endoftext|>",
         "split_special_tokens": False,
         # transformers rebuilds the pipeline from this class; its regex equals ours.
-        "tokenizer_class": "Qwen3_5Tokenizer" if arch in ("qwen35", "qwen35moe") else "Qwen2Tokenizer",
+        "tokenizer_class": "Qwen3_5Tokenizer" if spec(arch).tokenizer == "qwen35" else "Qwen2Tokenizer",
         "unk_token": None,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -136,74 +144,24 @@ def write_tokenizer(arch: str, out: Path) -> dict[str, int]:
 # Configs
 # --------------------------------------------------------------------------------------------
 
-def text_config_kwargs(arch: str, size: str = "tiny", num_experts: int | None = None) -> dict:
-    """Config kwargs for the CausalLM class of `arch` (dims documented in the return value)."""
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
-    q = size == "q256"
-    H = 256 if q else 64
-    kw: dict = dict(
-        vocab_size=512,  # tokenizer has 400 entries; the tail is padding, as in Qwen configs
-        hidden_size=H,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        hidden_act="silu",
-    )
-    moe = dict(
-        num_experts=num_experts or 4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=256 if q else 32,
-        shared_expert_intermediate_size=256 if q else 64,
-    )
-    if arch == "qwen2moe":
-        # head_dim is implicit: H / nH (llama.cpp's qwen2moe assumes nH*hd == H).
-        kw.update(moe, num_hidden_layers=2, intermediate_size=512 if q else 128, qkv_bias=True,
-                  norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
-                  use_sliding_window=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-        return kw
-    hd = 64 if q else 16
-    L = 2 if q else 4
-    rope = {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.5}
-    kw.update(
-        num_hidden_layers=L,
-        layer_types=["linear_attention", "full_attention"] * (L // 2),
-        head_dim=hd,
-        attention_bias=False,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,  # != key heads, so the Qwen3.5 V-head reorder matters
-        linear_key_head_dim=hd,
-        linear_value_head_dim=hd,  # llama.cpp assumes dk == dv
-        linear_conv_kernel_dim=4,
-        rope_parameters=rope,
-    )
-    if arch == "qwen3next":
-        kw.update(moe, intermediate_size=512 if q else 128, norm_topk_prob=True,
-                  decoder_sparse_step=1, mlp_only_layers=[])
-    elif arch == "qwen35":
-        kw.update(intermediate_size=512 if q else 128)
-    elif arch == "qwen35moe":
-        kw.update(moe)  # no intermediate_size, like the released configs
-    else:
+def spec(arch: str):
+    if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
-    if arch in ("qwen35", "qwen35moe"):
-        half_rot = int(hd * rope["partial_rotary_factor"]) // 2  # mrope sections sum to rotary_dim/2
-        a = half_rot - 2 * (half_rot // 3)
-        rope.update(mrope_section=[a, half_rot // 3, half_rot // 3], mrope_interleaved=True)
-    return kw
+    return arch_classes()[arch].mock
+
+
+def text_config_kwargs(arch: str, size: str = "tiny", num_experts: int | None = None) -> dict:
+    """Config kwargs for the CausalLM class of `arch`: the architecture's own mock_config()."""
+    from gguforge.archs.api import MockSizes
+    spec(arch)
+    return arch_classes()[arch].mock_config(MockSizes.of(size, num_experts))
 
 
 def _classes(arch: str):
-    import transformers as T
-    return {
-        "qwen2moe": (T.Qwen2MoeConfig, T.Qwen2MoeForCausalLM, None, None),
-        "qwen3next": (T.Qwen3NextConfig, T.Qwen3NextForCausalLM, None, None),
-        "qwen35": (T.Qwen3_5TextConfig, T.Qwen3_5ForCausalLM, T.Qwen3_5Config, T.Qwen3_5ForConditionalGeneration),
-        "qwen35moe": (T.Qwen3_5MoeTextConfig, T.Qwen3_5MoeForCausalLM, T.Qwen3_5MoeConfig,
-                      T.Qwen3_5MoeForConditionalGeneration),
-    }[arch]
+    """(config, CausalLM, wrapper config or None, wrapper model or None) transformers classes."""
+    import transformers
+    names = spec(arch).classes
+    return tuple(getattr(transformers, n) for n in names) + (None,) * (4 - len(names))
 
 
 # A minimal vision tower so the hub layout carries model.visual.* tensors to be dropped.
@@ -256,7 +214,7 @@ def init_weights(module, arch: str, seed: int, prefix: str = "", bf16_exact: boo
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    zero_centred = arch != "qwen2moe"
+    zero_centred = arch_classes()[arch].zero_centred_norms
     with torch.no_grad():
         for name, p in module.named_parameters():
             p.copy_(_draw(prefix + name, tuple(p.shape), zero_centred, g, bf16_exact))
@@ -383,20 +341,20 @@ def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None =
     num_hidden_layers: decoder layers (default 2 or 4 by size; even for the hybrids, which alternate
            linear and full attention); >= 16 makes llama-quantize's layer-position rules fire.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    mock = spec(arch)
     if layout not in ("causal", "hub"):
         raise ValueError(f"layout must be 'causal' or 'hub', got {layout!r}")
-    if layout == "hub" and arch == "qwen2moe":
-        raise ValueError("the hub layout exists for qwen3next/qwen35/qwen35moe only")
+    if layout == "hub" and not mock.hub:
+        raise ValueError(f"the hub layout exists for {', '.join(a for a in ARCHS if spec(a).hub)} only")
     import torch
     from safetensors.torch import load_file, save_file
 
     dtype = dtype or ("bfloat16" if layout == "hub" else "float32")
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     mtp = (layout == "hub") if mtp is None else mtp
-    if mtp and arch == "qwen2moe":
-        raise ValueError("qwen2moe has no MTP head")
+    from gguforge.archs.api import MtpHead
+    if mtp and not issubclass(arch_classes()[arch], MtpHead):
+        raise ValueError(f"{arch} has no MTP head")
 
     out = Path(out_dir)
     if out.exists():
@@ -432,7 +390,7 @@ def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None =
         config["full_attention_interval"] = 2
     if mtp:
         sd.update({k: v.to(tdtype) for k, v in mtp_tensors(model, arch, seed).items()})
-        if arch != "qwen3next":  # Qwen3-Next configs never name the MTP depth
+        if mock.mtp_depth_in_config:  # (Qwen3-Next configs never name the MTP depth)
             config["mtp_num_hidden_layers"] = 1
             config["mtp_use_dedicated_embeddings"] = False
 
@@ -441,10 +399,10 @@ def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None =
         _dump_json(out / "config.json", config)
         return out
 
-    if arch in ("qwen35", "qwen35moe"):
+    if mock.wrapped:
         sd = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
               for k, v in sd.items()}
-        if arch == "qwen35moe":  # Qwen3.5-MoE Hub: packed trunk experts, per-expert MTP experts
+        if mock.hub_packed_experts:  # e.g. Qwen3.5-MoE Hub: packed trunk experts, per-expert MTP experts
             sd = pack_experts(sd, "model.language_model.")
         vis, full_cfg = vision_tensors(arch, cfg, seed)
         sd.update({k: v.to(tdtype) for k, v in vis.items()})

@@ -95,8 +95,8 @@ def test_gguf_commands_load_no_conversion_or_architecture_module(tmp_path, comma
 
 def test_builtin_architectures_are_discovered_not_listed():
     from gguforge.archs import builtin_modules, registered
-    modules = {p.stem for p in (PACKAGE / "archs").glob("*.py")} - {"__init__", "api", "base", "options", "rules",
-                                                                    "shapes"}
+    modules = {p.stem for p in (PACKAGE / "archs").glob("*.py")} - {"__init__", "api", "base", "mock", "options",
+                                                                    "rules", "shapes"}
     assert set(builtin_modules()) == modules
     assert {cls.__module__.rsplit(".", 1)[1] for cls in registered().values()} == modules
 
@@ -141,3 +141,9 @@ def test_every_emitted_tensor_name_is_one_gguf_py_lists_for_the_arch(mock_model,
         parts = stem.split(".")
         generic = ".".join(["blk", "{bid}", *parts[2:]]) if parts[0] == "blk" else stem
         assert generic in allowed or ".".join(parts[2:]) in NEWER_THAN_GGUF_PY, (arch, name)
+
+
+def test_every_architecture_has_a_mock_so_it_joins_the_test_matrix():
+    import make_mocks
+    from gguforge.archs import registered
+    assert set(make_mocks.ARCHS) == {cls.gguf_arch for cls in registered().values()}

@@ -13,12 +13,13 @@ from ..errors import UserError
 from ..format.writer import Metadata
 from . import register
 from .base import DecoderArch, Emitted, MtpHead, UnmappedTensor
+from .mock import MockSizes, MockSpec
 from .options import ConvertOptions
 from .rules import AddOne, Chain, NegExp, Op, Rule, SelectRows, Squeeze, TiledVHeads, tiled_v_order
 from .shapes import ANY, Dim, Expected
 
 __all__ = [
     "ANY", "AddOne", "Chain", "ConvertOptions", "DecoderArch", "Dim", "Emitted", "Expected", "Lazy", "Metadata",
-    "MtpHead", "NegExp", "Op", "Rule", "SelectRows", "Squeeze", "TiledVHeads", "UnmappedTensor", "UserError",
+    "MockSizes", "MockSpec", "MtpHead", "NegExp", "Op", "Rule", "SelectRows", "Squeeze", "TiledVHeads", "UnmappedTensor", "UserError",
     "concat_axis", "concat_rows", "register", "stack", "tiled_v_order",
 ]

@@ -17,6 +17,7 @@ from gguf import GGUFValueType
 
 from .options import ConvertOptions
 from ..checkpoint.lazy import Lazy
+from .mock import MockSizes, MockSpec
 from .rules import Rule
 from .shapes import Dim, Expected
 from ..format.writer import Metadata
@@ -46,6 +47,8 @@ class DecoderArch:
     fusions: frozenset[str] = frozenset()
     file_type: int | None = None  # general.file_type, set by the planner before add_metadata()
     output_required = False  # the loader needs output.weight even when the checkpoint ties it
+    zero_centred_norms = False  # HF computes x*(1+w) for its RMS norms (the converter adds 1)
+    mock: MockSpec | None = None  # how scripts/make_mocks.py builds a tiny checkpoint of this arch
     vocab = "bpe"  # the vocabulary loader (convert/vocab.py VOCAB_LOADERS) for this family's tokenizers
 
     def __init__(self, hparams: dict, options: ConvertOptions | None = None, tensor_names=()):
@@ -203,6 +206,14 @@ class DecoderArch:
     def keep_f32(self, gguf_name: str) -> bool:
         """Tensors llama.cpp wants in F32 whatever the output type (beyond 1-D tensors and norms)."""
         return gguf_name.endswith(".bias") or not gguf_name.endswith(".weight")
+
+    # -- test mocks --------------------------------------------------------------
+    @classmethod
+    def mock_config(cls, s: MockSizes) -> dict:
+        """Config kwargs of a tiny checkpoint of this architecture (its transformers config class)."""
+        return dict(vocab_size=512, hidden_size=s.hidden, num_attention_heads=4, num_key_value_heads=2,
+                    max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                    hidden_act="silu", num_hidden_layers=s.layers, intermediate_size=s.ffn)
 
     # -- metadata ----------------------------------------------------------------
     def add_metadata(self, md: Metadata) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Iterator
 
-from .api import ANY, DecoderArch, Emitted, Lazy, Metadata, Rule, UserError, register, stack
+from .api import ANY, DecoderArch, Emitted, Lazy, Metadata, MockSizes, MockSpec, Rule, UserError, register, stack
 
 PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 PACKED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj(\.weight)?$")
@@ -24,6 +24,20 @@ class Qwen2Moe(DecoderArch):
     fusions = frozenset({"qkv"})  # the qwen2moe loader has no fused gate/up experts path
     # llama.cpp's qwen2moe loader requires output.weight: a tied checkpoint gets a copy of the embedding.
     output_required = True
+
+    mock = MockSpec(("Qwen2MoeConfig", "Qwen2MoeForCausalLM"))
+
+    @classmethod
+    def mock_config(cls, s: MockSizes) -> dict:
+        # head_dim is implicit: H / nH (llama.cpp's qwen2moe assumes nH*hd == H)
+        return dict(super().mock_config(s), **cls.mock_experts(s), num_hidden_layers=2, qkv_bias=True,
+                    norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+
+    @staticmethod
+    def mock_experts(s: MockSizes) -> dict:
+        return dict(num_experts=s.experts, num_experts_per_tok=2, moe_intermediate_size=s.expert_ffn,
+                    shared_expert_intermediate_size=s.shared_ffn)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

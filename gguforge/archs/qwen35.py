@@ -15,7 +15,8 @@ from typing import Iterator
 
 from gguf import GGUFValueType
 
-from .api import Metadata, Rule, TiledVHeads, register, tiled_v_order  # noqa: F401  (tiled_v_order: public name)
+from .api import Metadata, MockSizes, MockSpec, Rule, TiledVHeads, register, tiled_v_order  # noqa: F401
+# (tiled_v_order: a public name of this module)
 from .qwen3next import Qwen3Next
 
 DEFAULT_MROPE_SECTIONS = [11, 11, 10, 0]
@@ -24,6 +25,20 @@ DEFAULT_MROPE_SECTIONS = [11, 11, 10, 0]
 @register("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration")
 class Qwen35(Qwen3Next):
     gguf_arch = "qwen35"
+    mock = MockSpec(("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", "Qwen3_5Config", "Qwen3_5ForConditionalGeneration"),
+                    tokenizer="qwen35", hub=True)
+
+    @classmethod
+    def mock_config(cls, s: MockSizes) -> dict:
+        cfg = super().mock_config(s)
+        for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+                    "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"):
+            del cfg[key]
+        half_rot = int(s.head_dim * cfg["rope_parameters"]["partial_rotary_factor"]) // 2  # sections sum to it
+        a = half_rot - 2 * (half_rot // 3)
+        cfg["rope_parameters"] = dict(cfg["rope_parameters"], mrope_section=[a, half_rot // 3, half_rot // 3],
+                                      mrope_interleaved=True)
+        return cfg
 
     def linear_projection_rules(self) -> Iterator[Rule]:
         """Qwen3.5 stores the Gated DeltaNet input projections split: qkv, z, b, a."""
@@ -61,3 +76,11 @@ class Qwen35(Qwen3Next):
 @register("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration")
 class Qwen35Moe(Qwen35):
     gguf_arch = "qwen35moe"
+    mock = MockSpec(("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", "Qwen3_5MoeConfig",
+                     "Qwen3_5MoeForConditionalGeneration"), tokenizer="qwen35", hub=True, hub_packed_experts=True)
+
+    @classmethod
+    def mock_config(cls, s: MockSizes) -> dict:
+        cfg = dict(super().mock_config(s), **cls.mock_experts(s))
+        del cfg["intermediate_size"]  # like the released configs
+        return cfg

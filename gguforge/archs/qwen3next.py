@@ -17,8 +17,8 @@ from typing import Iterator
 import numpy as np
 from gguf import GGUFValueType
 
-from .api import AddOne, Emitted, Expected, Lazy, Metadata, MtpHead, NegExp, Rule, SelectRows, Squeeze, UserError, \
-    register
+from .api import AddOne, Emitted, Expected, Lazy, Metadata, MockSizes, MockSpec, MtpHead, NegExp, Rule, SelectRows, \
+    Squeeze, UserError, register
 from .qwen2moe import Qwen2Moe
 
 MTP_NAME = re.compile(r"^(?:model\.)?mtp\.(.+)$")
@@ -48,7 +48,7 @@ def qkvz_rows(nk: int, dk: int, nv: int, dv: int) -> tuple[np.ndarray, np.ndarra
 
 
 def zero_centred(rule: Rule) -> bool:
-    """Norms HF applies as x*(1+w): every norm but the gated linear-attention one."""
+    """Norms HF applies as x*(1+w) (zero_centred_norms): every norm but the gated linear-attention one."""
     return rule.hf.endswith("norm.weight") and not rule.hf.endswith("linear_attn.norm.weight")
 
 
@@ -57,6 +57,20 @@ class Qwen3Next(MtpHead, Qwen2Moe):
     gguf_arch = "qwen3next"
     fusions = frozenset({"qkv", "gate_up_exps"})  # the loader accepts fused QKV and gate/up experts
     output_required = False  # tied checkpoints need no output.weight copy: the loader falls back to token_embd
+    zero_centred_norms = True
+    mock = MockSpec(("Qwen3NextConfig", "Qwen3NextForCausalLM"), hub=True, mtp_depth_in_config=False)
+
+    @classmethod
+    def mock_config(cls, s: MockSizes) -> dict:
+        cfg = dict(super().mock_config(s), norm_topk_prob=True, num_hidden_layers=s.layers,
+                   layer_types=["linear_attention", "full_attention"] * (s.layers // 2), head_dim=s.head_dim,
+                   attention_bias=False, linear_num_key_heads=2,
+                   linear_num_value_heads=4,  # != key heads, so the Qwen3.5 V-head reorder matters
+                   linear_key_head_dim=s.head_dim, linear_value_head_dim=s.head_dim,  # llama.cpp: dk == dv
+                   linear_conv_kernel_dim=4,
+                   rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.5})
+        del cfg["qkv_bias"], cfg["use_sliding_window"]
+        return cfg
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
