@@ -1,4 +1,4 @@
-"""Tensor data byte-identical to llama.cpp's own convert_hf_to_gguf.py, for every arch and layout."""
+"""Tensor data and metadata identical to llama.cpp's own convert_hf_to_gguf.py, for every arch and layout."""
 
 from __future__ import annotations
 
@@ -7,6 +7,41 @@ import pytest
 from gguforge.cli import main
 
 from helpers import llama_cpp_tree, read_gguf, run_reference_converter
+
+# Every metadata key, its GGUF type, its value and the key order must match llama.cpp's converter,
+# except these known, deliberate differences: key -> (ours, llama.cpp's, reason); None = key absent.
+# (Not a difference: tokenizer.ggml.pre. llama.cpp names pre-tokenizers by hashing the tokenizer's
+# output against a table of released models and refuses the mock tokenizers; the runner hands it the
+# name gguforge must derive, so a wrong name from gguforge still fails here.)
+KNOWN_METADATA_DIFFERENCES = {
+    "tokenizer.ggml.add_eos_token": (
+        False, None,
+        "a TemplateProcessing post-processor whose single template ends with the sequence: gguforge says "
+        "add_eos_token = false, llama.cpp's converter leaves the key out; llama.cpp reads a missing key "
+        "as false for BPE vocabularies, so the loaded model is the same"),
+}
+
+
+def metadata(path) -> dict:
+    from gguf import GGUFReader
+    fields = GGUFReader(str(path)).fields
+    return {k: ([t.name for t in f.types], f.contents()) for k, f in fields.items() if not k.startswith("GGUF.")}
+
+
+def assert_same_metadata(ours, ref, context) -> list[str]:
+    """Compare all metadata; return the keys that differed in a known, allowed way."""
+    a, b = metadata(ours), metadata(ref)
+    allowed = []
+    for key in a.keys() | b.keys():
+        if a.get(key) != b.get(key):
+            ours_value, ref_value = (a[key][1] if key in a else None), (b[key][1] if key in b else None)
+            known = KNOWN_METADATA_DIFFERENCES.get(key, (object(), object()))[:2]
+            assert (ours_value, ref_value) == known, (context, key, str(a.get(key))[:300], str(b.get(key))[:300])
+            allowed.append(key)
+    common = [k for k in a if k in b]
+    assert common == [k for k in b if k in a], (context, "the key order differs")
+    return allowed
+
 
 pytest.importorskip("torch")
 
@@ -46,3 +81,53 @@ def test_same_tensors_as_llama_cpp_converter(tree, mock_model, tmp_path, arch, l
             assert a[name].tensor_type == b[name].tensor_type, (outtype, name)
             assert list(a[name].shape) == list(b[name].shape), (outtype, name)
             assert a[name].data.tobytes() == b[name].data.tobytes(), (outtype, name)
+        assert assert_same_metadata(ours, ref, outtype) == []  # no known difference applies to the mocks
+
+
+def template_processing(tokenizer: dict) -> None:
+    """A BOS-adding TemplateProcessing post-processor ("<|endoftext|> $A"), as Llama-3-style tokenizers have."""
+    bos = "<|endoftext|>"
+    ids = [t["id"] for t in tokenizer["added_tokens"] if t["content"] == bos]
+    tokenizer["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": ids, "tokens": [bos]}},
+    }
+
+
+# Tokenizer setups the mocks do not have: (tokenizer.json edit, tokenizer_config.json edit, chat
+# template moved to chat_template.jinja, keys allowed to differ as listed above)
+TOKENIZER_VARIANTS = {
+    # no post-processor: add_bos/add_eos come from tokenizer_config, BOS from its bos_token
+    "config-flags": (lambda t: t.update(post_processor=None),
+                     lambda c: c.update(add_bos_token=True, add_eos_token=True, bos_token="<|im_start|>"),
+                     True, []),
+    "template-processing": (template_processing, lambda c: c.update(bos_token="<|endoftext|>"), False,
+                            ["tokenizer.ggml.add_eos_token"]),
+}
+
+
+@pytest.mark.parametrize("variant", list(TOKENIZER_VARIANTS))
+def test_tokenizer_metadata_as_llama_cpp_converter(tree, mock_model, tmp_path, variant):
+    import json
+    import shutil
+
+    edit_tokenizer, edit_config, jinja, allowed = TOKENIZER_VARIANTS[variant]
+    model = tmp_path / "model"
+    shutil.copytree(mock_model("qwen2moe"), model)
+    tokenizer = json.loads((model / "tokenizer.json").read_text(encoding="utf-8"))
+    edit_tokenizer(tokenizer)
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+    config = json.loads((model / "tokenizer_config.json").read_text(encoding="utf-8"))
+    edit_config(config)
+    if jinja:
+        (model / "chat_template.jinja").write_text(config.pop("chat_template") + "{# from the .jinja file #}",
+                                                   encoding="utf-8")
+    (model / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    assert main(["convert-hf", str(model), "--outfile", str(ours), "--outtype", "f16", "--quiet"]) == 0
+    r = run_reference_converter(tree, model, ref, "f16", "qwen2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(assert_same_metadata(ours, ref, variant)) == allowed
