@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -85,13 +86,19 @@ def test_tiled_v_order_is_the_grouped_to_tiled_permutation():
     assert blocks.tolist()[:6] == [0, 1, 2, 9, 10, 11]
 
 
-def test_qwen35_reorders_all_seven_v_tensors_consistently():
-    hp = small_hparams()
+@pytest.mark.parametrize("nk,nv", [(2, 4), (2, 6), (3, 6)])  # r = nv/nk equal to, above and below nk
+def test_qwen35_reorders_all_seven_v_tensors_consistently(nk, nv):
+    hp = small_hparams(linear_num_key_heads=nk, linear_num_value_heads=nv)
     arch = Qwen35(hp)
-    nk, dk, nv, dv, K, H = 2, 3, 4, 2, 4, 8
+    dk, dv, K, H = 3, 2, 4, 8
     qk, C = 2 * nk * dk, 2 * nk * dk + nv * dv
-    heads = tiled_v_order(nk, nv, 1)
-    cols = tiled_v_order(nk, nv, dv)
+    # Expected order from the definition, not from tiled_v_order: in HF's grouped layout V head
+    # g*r+j (r = nv/nk) reads K head g; ggml tiles K heads, so its V head p reads K head p % nk.
+    # Output head p = j*nk + g is therefore HF head g*r + j (a group's heads keep their order).
+    r = nv // nk
+    heads = np.array([(p % nk) * r + p // nk for p in range(nv)])
+    assert sorted(heads) == list(range(nv)) and all(heads[p] // r == p % nk for p in range(nv))
+    cols = (heads[:, None] * dv + np.arange(dv)).reshape(-1)  # each head's dv channels move together
     p = "model.layers.0.linear_attn."
     w = {"in_proj_qkv.weight": rand(C, H, seed=1), "in_proj_z.weight": rand(nv * dv, H, seed=2),
          "in_proj_b.weight": rand(nv, H, seed=3), "in_proj_a.weight": rand(nv, H, seed=4),
@@ -120,6 +127,30 @@ def test_qwen35_reorders_all_seven_v_tensors_consistently():
     x = rand(H, seed=10)
     hf = w["out_proj.weight"] @ (w["in_proj_qkv.weight"][qk:] @ x)
     np.testing.assert_allclose(out[blk + "ssm_out.weight"] @ (qkv[qk:] @ x), hf, rtol=1e-5, atol=1e-6)
+
+
+def float32_exp_misrounded(count: int = 64) -> np.ndarray:
+    """A_log values where numpy's float32 exp is not exp correctly rounded to float32, found by search
+    (so they hold on whichever SIMD path numpy takes on this machine). Expected values come from
+    math.exp (float64, another implementation) rounded once to float32."""
+    x = np.linspace(-2.0, 4.0, 6001, dtype=np.float32)  # A_log of released models lies in [0, 2.8]
+    correct = np.array([np.float32(math.exp(float(v))) for v in x])
+    misrounded = x[np.exp(x) != correct]
+    return misrounded[:: max(1, len(misrounded) // count)][:count]
+
+
+@pytest.mark.parametrize("cls", [Qwen3Next, Qwen35])
+def test_ssm_a_is_minus_exp_rounded_once_where_float32_exp_is_not(cls):
+    a_log = float32_exp_misrounded()
+    if len(a_log) < 8:
+        pytest.skip("numpy's float32 exp is correctly rounded here: nothing to tell the paths apart")
+    expected = np.array([np.float32(-math.exp(float(v))) for v in a_log])
+    assert np.all(-np.exp(a_log) != expected)  # a float32 exp would be caught on every input
+    n = len(a_log)  # as many V (and K, so no reorder) heads as values
+    arch = cls(small_hparams(linear_num_key_heads=n, linear_num_value_heads=n))
+    got = run(arch, "model.layers.0.linear_attn.A_log", a_log)["blk.0.ssm_a"]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
 def test_qwen35_without_extra_v_heads_keeps_the_order():
