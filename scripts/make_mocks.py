@@ -331,11 +331,14 @@ def _dump_json(path: Path, obj: dict) -> None:
 
 def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None = None, size: str = "tiny",
               seed: int = 0, mtp: bool | None = None, num_experts: int | None = None,
-              num_hidden_layers: int | None = None, full_precision: bool = False) -> Path:
+              num_hidden_layers: int | None = None, full_precision: bool = False, tied: bool = False,
+              rope_scaling: dict | None = None) -> Path:
     """Build a mock checkpoint into out_dir (created/emptied) and return it.
 
     dtype: "float32" | "bfloat16" | "float16"; default float32 for causal, bfloat16 for hub.
     full_precision: draw float32 values that bf16/f16 cannot represent (default: bf16-exact values).
+    tied: tie the output head to the embedding (no lm_head.weight in the checkpoint).
+    rope_scaling: extra rope_parameters entries, e.g. {"rope_type": "yarn", "factor": 4.0, ...}.
     mtp:   add mtp.* tensors; default True for hub (qwen3next/qwen35/qwen35moe), False otherwise.
     num_experts: routed experts for MoE archs (default 4; 8 triggers llama-quantize's 8-expert rules).
     num_hidden_layers: decoder layers (default 2 or 4 by size; even for the hybrids, which alternate
@@ -364,6 +367,10 @@ def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None =
     ids = write_tokenizer(arch, out)
     cfg_cls, lm_cls, _, _ = _classes(arch)
     kw = text_config_kwargs(arch, size, num_experts)
+    if tied:
+        kw["tie_word_embeddings"] = True
+    if rope_scaling:
+        kw["rope_parameters"] = dict(kw.get("rope_parameters") or {}, **rope_scaling)
     if num_hidden_layers is not None:
         if num_hidden_layers < 1 or ("layer_types" in kw and num_hidden_layers % 2):
             raise ValueError(f"bad num_hidden_layers {num_hidden_layers} for {arch}")

@@ -25,9 +25,9 @@ def mock_model(tmp_path_factory):
 
     def build(arch: str, layout: str = "causal", dtype: str | None = None, size: str = "tiny",
               seed: int = 0, **kw) -> Path:
-        key = (arch, layout, dtype, size, seed, tuple(sorted(kw.items())))
+        key = (arch, layout, dtype, size, seed, repr(sorted(kw.items())))  # (values may be dicts)
         if key not in cache:
-            name = "-".join(str(x) for x in key[:5]) + "".join(f"-{k}{v}" for k, v in key[5])
+            name = "-".join(str(x) for x in key[:5]) + "".join(f"-{k}" for k in sorted(kw)) + f"-{len(cache)}"
             out = tmp_path_factory.mktemp("mocks") / name
             cache[key] = make_mocks.make_mock(arch, out, layout=layout, dtype=dtype, size=size, seed=seed, **kw)
         return cache[key]

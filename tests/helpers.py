@@ -154,6 +154,15 @@ _REFERENCE_RUNNER = """
 import sys, runpy
 tree, pre = sys.argv.pop(1), sys.argv.pop(1)
 sys.path.insert(0, tree)
+import importlib.machinery, types
+if "sentencepiece" not in sys.modules:  # Qwen2Model.set_vocab imports it before looking for tokenizer.model
+    try:
+        import sentencepiece
+    except ImportError:
+        stub = types.ModuleType("sentencepiece")
+        stub.SentencePieceProcessor = None
+        stub.__spec__ = importlib.machinery.ModuleSpec("sentencepiece", None)
+        sys.modules["sentencepiece"] = stub
 import conversion.base as base
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
 sys.argv = sys.argv[1:]

@@ -120,10 +120,9 @@ class DecoderArch:
         nH = self.dim("num_attention_heads", "n_head", "n_heads")
         nKV = self.dim("num_key_value_heads", "n_kv_heads", default=nH)
         q, kv = nH * hd, nKV * hd
-        with_bias = bool(self.hparams.get("qkv_bias") or self.hparams.get("attention_bias"))
         for x, rows in (("q", q), ("k", kv), ("v", kv)):
             yield Rule(f"self_attn.{x}_proj.weight", f"attn_{x}.weight", (rows, H))
-            yield Rule(f"self_attn.{x}_proj.bias", f"attn_{x}.bias", (rows,), optional=not with_bias)
+            yield Rule(f"self_attn.{x}_proj.bias", f"attn_{x}.bias", (rows,), optional=not self.has_qkv_bias)
         yield Rule("self_attn.o_proj.weight", "attn_output.weight", (H, q))
         yield Rule("self_attn.q_norm.weight", "attn_q_norm.weight", (hd,), optional=True)
         yield Rule("self_attn.k_norm.weight", "attn_k_norm.weight", (hd,), optional=True)
@@ -133,6 +132,11 @@ class DecoderArch:
         yield Rule("mlp.gate_proj.weight", "ffn_gate.weight", (F, H))
         yield Rule("mlp.up_proj.weight", "ffn_up.weight", (F, H))
         yield Rule("mlp.down_proj.weight", "ffn_down.weight", (H, F))
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        """Whether q/k/v projections must have biases (they are accepted either way)."""
+        return bool(self.hparams.get("qkv_bias") or self.hparams.get("attention_bias"))
 
     @property
     def tied_embeddings(self) -> bool:

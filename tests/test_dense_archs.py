@@ -1,0 +1,75 @@
+"""Qwen2 / Qwen3 dense decoders: the reference converter's bytes and llama.cpp's logits.
+
+The worked example of docs/adding-an-architecture.md: each is one short file plus its mock spec.
+"""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+
+from gguforge.cli import main
+
+from helpers import llama_cpp_tree, run_reference_converter
+
+pytest.importorskip("torch")
+
+VARIANTS = [  # (arch, mock kwargs)
+    ("qwen2", {}),
+    ("qwen2", {"tied": True}),
+    ("qwen3", {}),
+    ("qwen3", {"tied": True, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                              "original_max_position_embeddings": 1024}}),
+]
+IDS = [a + "".join(f"-{k}" for k in kw) for a, kw in VARIANTS]
+
+
+@pytest.fixture(scope="module")
+def tree():
+    found = llama_cpp_tree()
+    if found is None:
+        pytest.skip("llama.cpp source (llama-cpp-python sdist) could not be fetched from PyPI")
+    return found
+
+
+@pytest.mark.parametrize("arch,kw", VARIANTS, ids=IDS)
+def test_whole_file_equals_reference_converter(tree, mock_model, tmp_path, arch, kw):
+    model = mock_model(arch, full_precision=True, **kw)
+    for outtype in ("q8_0", "f16"):
+        ours, ref = tmp_path / f"ours-{outtype}.gguf", tmp_path / f"ref-{outtype}.gguf"
+        assert main(["convert-hf", str(model), "--outfile", str(ours), "--outtype", outtype, "--quiet"]) == 0
+        r = run_reference_converter(tree, model, ref, outtype, "qwen2")
+        assert r.returncode == 0, r.stderr[-2000:]
+        a, b = gguf.GGUFReader(ours), gguf.GGUFReader(ref)
+        assert [t.name for t in a.tensors] == [t.name for t in b.tensors], outtype
+        assert ("output.weight" in {t.name for t in a.tensors}) is not kw.get("tied", False)
+        for key in b.fields:
+            assert a.fields[key].contents() == b.fields[key].contents(), (outtype, key)
+        assert ours.read_bytes() == ref.read_bytes(), outtype
+
+
+@pytest.mark.parametrize("arch,kw", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("outtype,bound", [("f32", 1e-6), ("q8_0", 1e-2)])
+def test_llama_cpp_logits_match_transformers(mock_model, tmp_path, arch, kw, outtype, bound):
+    pytest.importorskip("llama_cpp")
+    from gguforge.verify import verify
+    model = mock_model(arch, **kw)
+    out = tmp_path / "m.gguf"
+    assert main(["convert-hf", str(model), "--outfile", str(out), "--outtype", outtype, "--quiet"]) == 0
+    report = verify(model, out)
+    assert report.nmse <= bound and report.tokenizer_ok, report.format()
+    assert report.top1_agreement >= 0.9, report.format()
+
+
+def test_qwen3_requires_its_q_k_norms(mock_model, tmp_path, capsys):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+    src = mock_model("qwen3")
+    model = tmp_path / "m"
+    shutil.copytree(src, model)
+    weights = load_file(str(model / "model.safetensors"))
+    del weights["model.layers.1.self_attn.k_norm.weight"]
+    save_file(weights, str(model / "model.safetensors"))
+    assert main(["convert-hf", str(model), "--outfile", str(tmp_path / "o.gguf")]) == 2
+    assert "model.layers.1.self_attn.k_norm.weight" in capsys.readouterr().err
