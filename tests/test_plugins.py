@@ -86,3 +86,36 @@ def test_broken_plugin_is_a_clear_error(tmp_path):
     r = run_with_plugin(site, "convert-hf", "--list-archs")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "plugin 'broken'" in r.stderr and "a_module_that_does_not_exist" in r.stderr
+
+
+def test_an_architecture_brings_its_own_vocabulary_kind(tmp_path):
+    """A SentencePiece-style vocabulary plugs in without editing the converter core."""
+    from gguf import GGUFValueType
+
+    from gguforge.archs.api import register
+    from gguforge.archs.qwen2moe import Qwen2Moe
+    from gguforge.cli import main
+    from gguforge.convert.vocab import register_vocab
+
+    @register_vocab("test-unigram")
+    def unigram(root, hparams, pre_tokenizer):
+        pieces = [f"<piece{i}>" for i in range(hparams["vocab_size"])]
+
+        def write(md):
+            md.str("tokenizer.ggml.model", "llama")
+            md.array("tokenizer.ggml.tokens", pieces, GGUFValueType.STRING)
+            md.array("tokenizer.ggml.scores", [0.0] * len(pieces), GGUFValueType.FLOAT32)
+        return write
+
+    @register("TestUnigramMoeForCausalLM")
+    class TestUnigramMoe(Qwen2Moe):
+        vocab = "test-unigram"
+
+    config = qwen2moe_config(architectures=["TestUnigramMoeForCausalLM"])
+    root = write_checkpoint(tmp_path / "m", config, qwen2moe_tensors(config))
+    out = tmp_path / "out.gguf"
+    assert main(["convert-hf", str(root), "--outfile", str(out), "-q"]) == 0
+    fields = gguf_fields(out)
+    assert fields["tokenizer.ggml.model"] == "llama"
+    assert fields["tokenizer.ggml.tokens"][:2] == ["<piece0>", "<piece1>"]
+    assert "tokenizer.ggml.merges" not in fields

@@ -28,7 +28,7 @@ from ..archs.options import ConvertOptions
 from ..checkpoint.read import Checkpoint
 from ..checkpoint.lazy import Lazy
 from .validate import validate_checkpoint
-from .vocab import add_vocab_metadata, load_vocab
+from .vocab import vocabulary
 from ..format.types import FLOAT_TYPES, QUANT_VERSION, block_size
 from ..format.writer import Metadata, TensorEntry
 
@@ -167,6 +167,7 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
     hparams = checkpoint.hparams
     arch = lookup(checkpoint.config)(hparams, options, list(checkpoint.tensors))
     validate_checkpoint(checkpoint, arch, check_tensors=not options.vocab_only)
+    write_vocab = vocabulary(arch.vocab)(checkpoint.root, hparams, options.pre_tokenizer)
     outtype = resolve_outtype(options.outtype.lower(), checkpoint)
     preset = None
     if outtype in CONVERTER_OUTTYPES:
@@ -193,7 +194,7 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
     if "general.file_type" not in md:
         md.u32("general.file_type", int(file_type))
     md.u32("general.quantization_version", QUANT_VERSION)
-    add_vocab_metadata(md, load_vocab(checkpoint.root, hparams, options.pre_tokenizer))
+    write_vocab(md)
     apply_overrides(md, options.metadata_overrides)
     if preset is not None:
         tensors = apply_preset(tensors, preset, md, ggml_out)

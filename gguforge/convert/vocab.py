@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from gguf import GGUFValueType, TokenType
 
@@ -67,11 +68,11 @@ def detect_pre_tokenizer(tokenizer: dict) -> str:
         return "gpt-2"
     if kinds == ["Split", "ByteLevel"]:
         split, byte_level = steps
-        pattern = split.get("pattern", {})
+        pattern = split.get("pattern") if isinstance(split.get("pattern"), dict) else {}
         regex = pattern.get("Regex", pattern.get("String"))
         if (split.get("behavior") == "Isolated" and not split.get("invert")
                 and not byte_level.get("use_regex", True) and not byte_level.get("add_prefix_space")
-                and regex in KNOWN_SPLIT_REGEXES):
+                and isinstance(regex, str) and regex in KNOWN_SPLIT_REGEXES):
             return KNOWN_SPLIT_REGEXES[regex]
     found = json.dumps(tokenizer.get("pre_tokenizer"), ensure_ascii=False)
     raise UserError(f"unrecognised pre-tokenizer: {found[:400]}",
@@ -105,19 +106,83 @@ def _token_content(value) -> str | None:
     return None
 
 
+# -- tokenizer.json checked before use: every value of the wrong kind is one error naming it --------
+
+MAX_TOKEN_ID = (1 << 24) - 1  # far beyond any vocabulary; keeps padding loops and arrays bounded
+
+
+def _token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_ID
+
+
+def _check_merge(m) -> bool:
+    """"a b" (a space after the first character, as llama.cpp splits it) or a pair of strings."""
+    if isinstance(m, str):
+        return m.find(" ", 1) > 0
+    return isinstance(m, list) and len(m) == 2 and all(isinstance(part, str) and part for part in m)
+
+
+def _check_nodes(node, what: str, path: Path, children: str) -> None:
+    """A pre-tokenizer or post-processor: an object (or null) whose Sequence holds objects."""
+    if node is None:
+        return
+    if not isinstance(node, dict):
+        raise UserError(f"{path}: {what} must be an object, got {json.dumps(node)[:80]}")
+    if node.get("type") == "Sequence":
+        subs = node.get(children, [])
+        if not isinstance(subs, list):
+            raise UserError(f"{path}: {what}.{children} must be a list")
+        for sub in subs:
+            _check_nodes(sub, what, path, children)
+
+
+def check_tokenizer(tok: dict, path: Path) -> None:
+    """The parts of tokenizer.json conversion reads, of the kinds it expects."""
+    model = tok.get("model")
+    if not isinstance(model, dict):
+        raise UserError(f"{path}: 'model' must be an object")
+    vocab = model.get("vocab", {})
+    if not isinstance(vocab, dict):
+        raise UserError(f"{path}: model.vocab must be an object of token -> id")
+    bad = next(((t, i) for t, i in vocab.items() if not _token_id(i)), None)
+    if bad is not None:
+        raise UserError(f"{path}: token {bad[0]!r} has id {bad[1]!r}; ids must be integers from 0 to {MAX_TOKEN_ID}")
+    if len(set(vocab.values())) != len(vocab):
+        raise UserError(f"{path}: model.vocab gives two tokens the same id")
+    merges = model.get("merges", [])
+    if not isinstance(merges, list):
+        raise UserError(f"{path}: model.merges must be a list")
+    bad = next((m for m in merges if not _check_merge(m)), None)
+    if bad is not None:
+        raise UserError(f"{path}: merge {json.dumps(bad)[:80]} is not two tokens ('a b' or [\"a\", \"b\"])")
+    added = tok.get("added_tokens", [])
+    if not isinstance(added, list):
+        raise UserError(f"{path}: added_tokens must be a list")
+    for i, t in enumerate(added):
+        if not isinstance(t, dict) or not _token_id(t.get("id")) or not isinstance(t.get("content"), str):
+            found = f"id {t.get('id')!r}, content {t.get('content')!r}" if isinstance(t, dict) else repr(t)
+            raise UserError(f"{path}: added_tokens[{i}] needs an integer id from 0 to {MAX_TOKEN_ID} and a "
+                            f"string content (got {found[:80]})")
+    _check_nodes(tok.get("pre_tokenizer"), "pre_tokenizer", path, "pretokenizers")
+    _check_nodes(tok.get("post_processor"), "post_processor", path, "processors")
+
+
 def load_vocab(root: Path, hparams: dict, pre_tokenizer: str | None = None) -> Vocab:
     path = root / "tokenizer.json"
     if not path.is_file():
         raise UserError(f"{root}: no tokenizer.json found",
                         hint="byte-level BPE tokenizers are read from tokenizer.json")
     tok = read_json_object(path)
-    model = tok.get("model") or {}
+    check_tokenizer(tok, path)
+    model = tok["model"]
     if model.get("type") != "BPE":
         raise UserError(f"{path}: tokenizer model {model.get('type')!r} is not supported (only byte-level BPE)")
     vocab = model.get("vocab") or {}
     added = {int(t["id"]): t for t in tok.get("added_tokens", [])}
     max_id = max([*vocab.values(), *added.keys()], default=-1)
     size = int(hparams.get("vocab_size") or max_id + 1)
+    if size > MAX_TOKEN_ID + 1:
+        raise UserError(f"config.json: vocab_size {size} is more than any tokenizer holds (at most {MAX_TOKEN_ID + 1})")
     if max_id >= size:
         raise UserError(f"tokenizer has token id {max_id} but config vocab_size is {size}")
 
@@ -160,11 +225,13 @@ def load_vocab(root: Path, hparams: dict, pre_tokenizer: str | None = None) -> V
     post = tok.get("post_processor") or {}
     post_steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
     for step in post_steps:
+        if not isinstance(step, dict):
+            continue
         if step.get("type") == "ByteLevel":
             add_flags.setdefault("bos", False)
             add_flags.setdefault("eos", False)
         elif step.get("type") == "TemplateProcessing":
-            single = step.get("single") or []
+            single = step.get("single") if isinstance(step.get("single"), list) else []
             add_flags.setdefault("bos", bool(single) and "SpecialToken" in single[0])
             add_flags.setdefault("eos", len(single) > 1 and "SpecialToken" in single[-1])
     for kind in ("bos", "eos", "sep"):
@@ -184,7 +251,10 @@ def _chat_template(root: Path, tok_config: dict) -> str | None:
     if isinstance(template, str):
         return template
     if (root / "chat_template.jinja").is_file():
-        return (root / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            return (root / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{root / 'chat_template.jinja'}: cannot read as UTF-8 text ({e})") from None
     if (root / "chat_template.json").is_file():
         template = read_json_object(root / "chat_template.json").get("chat_template")
         return template if isinstance(template, str) else None
@@ -203,3 +273,31 @@ def add_vocab_metadata(md: Metadata, vocab: Vocab) -> None:
         md.bool(f"tokenizer.ggml.add_{kind}_token", flag)
     if vocab.chat_template is not None:
         md.str("tokenizer.chat_template", vocab.chat_template)
+
+
+# -- vocabulary kinds: an architecture names its kind (DecoderArch.vocab); plugins may add kinds -------
+
+VocabLoader = Callable[[Path, dict, "str | None"], Callable[[Metadata], None]]
+VOCABULARIES: dict[str, VocabLoader] = {}
+
+
+def register_vocab(kind: str):
+    """Decorator: `fn(model_dir, hparams, pre_tokenizer) -> writer(md)` loads a vocabulary of `kind`
+    (checking it before anything is written) and returns what writes its tokenizer.* keys."""
+    def add(fn: VocabLoader) -> VocabLoader:
+        VOCABULARIES[kind] = fn
+        return fn
+    return add
+
+
+@register_vocab("bpe")
+def bpe_vocabulary(root: Path, hparams: dict, pre_tokenizer: str | None) -> Callable[[Metadata], None]:
+    """Byte-level BPE from tokenizer.json (tokenizer.ggml.model = gpt2), the Qwen family's tokenizer."""
+    vocab = load_vocab(root, hparams, pre_tokenizer)
+    return lambda md: add_vocab_metadata(md, vocab)
+
+
+def vocabulary(kind: str) -> VocabLoader:
+    if kind not in VOCABULARIES:
+        raise UserError(f"no vocabulary loader for {kind!r}", hint="known: " + ", ".join(sorted(VOCABULARIES)))
+    return VOCABULARIES[kind]
