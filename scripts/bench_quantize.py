@@ -14,6 +14,7 @@ Nothing here is a test.
     python scripts/bench_quantize.py                         # Qwen3.5-4B dims, 4 layers
     python scripts/bench_quantize.py --size small            # ~0.2 GB, a quick run
     python scripts/bench_quantize.py --presets Q4_K_M,Q8_0 --threads 2 --no-one-pass
+    python scripts/bench_quantize.py --presets ladder --threads 2 --no-one-pass   # Q2_K ... Q5_1
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_convert  # noqa: E402  (checkpoint generator, timing wrapper, llama.cpp tree)
 
 PRESETS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0")
-FTYPES = {"Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7}  # LLAMA_FTYPE_MOSTLY_*
+LADDER = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_NL", "IQ4_XS", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # --presets ladder
+FTYPES = {"Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7,  # LLAMA_FTYPE_MOSTLY_*
+          "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "IQ4_NL": 25, "IQ4_XS": 30,
+          "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9}
 
 # Same layout as Qwen3.5-4B, scaled down: a quick run still exercises every tensor kind.
 SMALL = dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
@@ -90,6 +94,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gguforge-bench")
     args = ap.parse_args()
     presets = [p.strip().upper() for p in args.presets.split(",") if p.strip()]
+    presets = [q for p in presets for q in (LADDER if p == "LADDER" else (p,))]
     threads = str(args.threads)
 
     model = checkpoint(args.workdir, args.size, args.layers)

@@ -15,8 +15,8 @@
  * Two implementations exist (selectable, for tests and benchmarks):
  *   - "scalar": one block at a time, a direct restatement of the spec;
  *   - "vector": the same per-block float sequence, but many sub-blocks processed in
- *     lockstep, one per SIMD lane (GCC vector extensions; Q8_0, Q2_K, Q4_K, Q5_K, Q6_K and
- *     the IQ4 scale search; the other types run the scalar code under every id). This file includes itself
+ *     lockstep, one per SIMD lane (GCC vector extensions; Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
+ *     Q6_K and the IQ4 scale search; the 32-element types run the scalar code under every id). This file includes itself
  *     once per instruction set (baseline, AVX2, AVX-512F; see KERNEL_PASS) and the
  *     best one is chosen at run time. Lanes never mix, so every lane performs
  *     exactly the scalar IEEE operations.
@@ -685,11 +685,10 @@ ALWAYS_INLINE int q3k_scale(const uint8_t *sc, int j) {
 }
 
 /* Q3_K (110 bytes: hmask[32], qs[64], scales[12], fp16 d). */
-static void q3k_block(const float *x, uint8_t *y) {
-    int8_t L[QK_K];
-    float scales[16], max_scale = 0.0f, amax = 0.0f;
+/* Q3_K after the 16 searches: 6-bit scales, fp16 d, re-quantize, high bits, pack. */
+ALWAYS_INLINE void q3k_finish(const float *x, const float *scales, int8_t *L, uint8_t *y) {
+    float max_scale = 0.0f, amax = 0.0f;
     for (int j = 0; j < 16; j++) {
-        scales[j] = make_q3_quants16(x + 16 * j, L + 16 * j);
         const float scale = fabsf(scales[j]);
         if (scale > amax) { amax = scale; max_scale = scales[j]; }
     }
@@ -730,6 +729,13 @@ static void q3k_block(const float *x, uint8_t *y) {
     }
     pack_2bit(Lu, qs);
     put_u16(y + 108, dh);
+}
+
+static void q3k_block(const float *x, uint8_t *y) {
+    int8_t L[QK_K];
+    float scales[16];
+    for (int j = 0; j < 16; j++) scales[j] = make_q3_quants16(x + 16 * j, L + 16 * j);
+    q3k_finish(x, scales, L, y);
 }
 
 /* ===================================================================== */
@@ -886,8 +892,16 @@ static void quantize_blocks(int type, const float *x, uint8_t *y, int64_t nb, in
             return;
         }
     case T_Q3_K:
-        for (int64_t i = 0; i < nb; i++) q3k_block(x + QK_K * i, y + 110 * i);
-        return;
+        switch (impl) {
+#ifdef HAVE_X86_DISPATCH
+        case IMPL_AVX512: q3k_vec_avx512(x, y, nb); return;
+        case IMPL_AVX2: q3k_vec_avx2(x, y, nb); return;
+#endif
+        case IMPL_BASE: q3k_vec_base(x, y, nb); return;
+        default:
+            for (int64_t i = 0; i < nb; i++) q3k_block(x + QK_K * i, y + 110 * i);
+            return;
+        }
     case T_Q4_K: case T_Q5_K: {
         const int nmax = type == T_Q4_K ? 15 : 31, bytes = type == T_Q4_K ? 144 : 176;
         switch (impl) {
@@ -1617,6 +1631,74 @@ static void N(q2k_vec)(const float *x, uint8_t *y, int64_t nsb) {
                 for (int i = 0; i < 16; i++) L[16 * j + i] = dg ? 0 : (uint8_t)(int)Lb[i][v][e];
             }
         q2k_finish(xb, scales, mins, L, y + b * 84);
+    }
+}
+
+/* Q3_K: make_q3_quants(16, 4, do_rmse) for the 16 sub-blocks of a super-block across lanes (as
+ * q2k_vec). The coordinate descent runs in every lane with per-lane selects; a lane whose pass
+ * changed nothing would change nothing in any later pass either (same state, same pass), so
+ * running passes until no lane changed equals the scalar early break. */
+static void N(q3k_vec)(const float *x, uint8_t *y, int64_t nsb) {
+    const vf zero = (vf){};
+    for (int64_t b = 0; b < nsb; b++) {
+        const float *xb = x + b * QK_K;
+        vf xt[16][NV2], w[16][NV2], wx[16][NV2], Lv[16][NV2];
+        vf max[NV2], amax[NV2], sumlx[NV2], suml2[NV2], isc[NV2];
+        for (int v = 0; v < NV2; v++)
+            for (int e = 0; e < VW; e++)
+                for (int i = 0; i < 16; i++) xt[i][v][e] = xb[16 * (v * VW + e) + i];
+        for (int v = 0; v < NV2; v++) {
+            max[v] = amax[v] = zero;
+            sumlx[v] = suml2[v] = zero;
+        }
+        for (int i = 0; i < 16; i++)
+            for (int v = 0; v < NV2; v++) {
+                const vf ax = vabs(xt[i][v]);
+                const vi m = ax > amax[v];
+                amax[v] = vsel(m, ax, amax[v]);
+                max[v] = vsel(m, xt[i][v], max[v]);
+                w[i][v] = xt[i][v] * xt[i][v];
+                wx[i][v] = w[i][v] * xt[i][v];   /* w*x*l == (w*x)*l */
+            }
+        for (int v = 0; v < NV2; v++) isc[v] = -4.0f / max[v];
+        for (int i = 0; i < 16; i++)
+            for (int v = 0; v < NV2; v++) {
+                const vf l = vnearest_clamp(isc[v] * xt[i][v], -4, 3);
+                Lv[i][v] = l;
+                sumlx[v] += wx[i][v] * l;
+                suml2[v] += w[i][v] * l * l;
+            }
+        for (int itry = 0; itry < 5; itry++) {
+            vi changed = (vi){};
+            for (int i = 0; i < 16; i++)
+                for (int v = 0; v < NV2; v++) {
+                    const vf li = Lv[i][v];
+                    vf slx = sumlx[v] - wx[i][v] * li;
+                    vf sl2 = suml2[v] - w[i][v] * li * li;
+                    const vf nl = vnearest_clamp(xt[i][v] * sl2 / slx, -4, 3);
+                    slx = slx + wx[i][v] * nl;
+                    sl2 = sl2 + w[i][v] * nl * nl;
+                    const vi acc = (sumlx[v] - wx[i][v] * li > 0) & (nl != li) & (sl2 > 0) &
+                                   (slx * slx * suml2[v] > sumlx[v] * sumlx[v] * sl2);
+                    Lv[i][v] = vsel(acc, nl, li);
+                    sumlx[v] = vsel(acc, slx, sumlx[v]);
+                    suml2[v] = vsel(acc, sl2, suml2[v]);
+                    changed |= acc;
+                }
+            int any = 0;
+            for (int e = 0; e < VW; e++) any |= changed[e] != 0;
+            if (!any) break;
+        }
+        float scales[16];
+        int8_t L[QK_K];
+        for (int v = 0; v < NV2; v++)
+            for (int e = 0; e < VW; e++) {
+                const int j = v * VW + e;
+                const int tiny = amax[v][e] < GROUP_MAX_EPS;
+                scales[j] = tiny ? 0.0f : suml2[v][e] > 0.0f ? sumlx[v][e] / suml2[v][e] : 0.0f;
+                for (int i = 0; i < 16; i++) L[16 * j + i] = tiny ? 0 : (int8_t)((int)Lv[i][v][e] + 4);
+            }
+        q3k_finish(xb, scales, L, y + b * 110);
     }
 }
 #undef NV2
