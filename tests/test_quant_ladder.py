@@ -463,3 +463,60 @@ def test_dry_run_shows_every_choice(tmp_path, capsys):
     assert "-> Q4_K" in lines["blk.3.attn_output.weight"]
     assert "-> Q6_K" in lines["output.weight"]
     assert not (tmp_path / "out.gguf").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dequantization in use: diff --tol and --allow-requantize read the new types
+
+
+PURE = {"Q4_0": T.Q4_0, "Q4_1": T.Q4_1, "IQ4_NL": T.IQ4_NL, "IQ4_XS": T.IQ4_XS, "Q3_K_S": T.Q3_K, "Q2_K": T.Q2_K}
+
+
+@pytest.fixture(scope="module")
+def pure_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pure")
+    src = write_synthetic(d / "in-bf16.gguf", 2, 256, 512, 4, 2, 0)
+    out = {}
+    for preset in PURE:
+        out[preset] = d / f"{preset}.gguf"
+        assert main(["quantize", str(src), str(out[preset]), preset, "--pure", "-q"]) == 0
+    return src, out
+
+
+def test_diff_tol_dequantizes_new_types(pure_files, capsys):
+    from gguforge.inspect import load, max_abs_diff
+
+    src, outs = pure_files
+    source = {t.name: t for t in load(src).tensors}
+    for preset, qtype in PURE.items():
+        ours = {t.name: t for t in load(outs[preset]).tensors}
+        t = ours["blk.1.ffn_down.weight"]
+        assert t.ggml_type == qtype
+        want_vals = gguf_quants.dequantize(t.reader_tensor.data, qtype).astype(np.float64)  # gguf-py's decoder
+        src_vals = native.bf16_to_f32(source[t.name].reader_tensor.data).astype(np.float64).reshape(want_vals.shape)
+        want = float(np.abs(want_vals - src_vals).max())
+        assert 0 < max_abs_diff(source[t.name], t) == pytest.approx(want, rel=1e-12), preset
+        capsys.readouterr()
+        assert main(["diff", str(src), str(outs[preset]), "--tol", "10"]) == 1  # file_type differs
+        assert "0 tensor differences" in capsys.readouterr().out
+        assert main(["diff", str(src), str(outs[preset]), "--tol", "1e-9"]) == 1
+        assert "0 tensor differences" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset", ["Q2_K", "IQ4_XS"])
+def test_requantize_from_new_types(pure_files, preset, tmp_path):
+    import gguf
+
+    _, outs = pure_files
+    again = tmp_path / "q8.gguf"
+    assert main(["quantize", str(outs[preset]), str(again), "Q8_0", "--pure", "--allow-requantize", "-q"]) == 0
+    a, b = gguf.GGUFReader(outs[preset]), gguf.GGUFReader(again)
+    by_name = {t.name: t for t in b.tensors}
+    for t in a.tensors:
+        if T(t.tensor_type) != PURE[preset]:
+            continue
+        values = gguf_quants.dequantize(t.data, T(t.tensor_type))
+        want = native.quantize(values.astype(F), T.Q8_0)
+        got = by_name[t.name]
+        assert T(got.tensor_type) == T.Q8_0
+        assert np.array_equal(np.asarray(got.data).reshape(want.shape), want), t.name
