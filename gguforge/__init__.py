@@ -32,12 +32,12 @@ def convert_hf(model: str | Path, outfile: str | Path | None = None, *, outtype:
     """
     from .archs.options import ConvertOptions
     from .convert.pipeline import convert_hf as run
-    from .format.split import SplitOptions, plan_shards
+    from .format.split import SplitOptions
 
     opts = ConvertOptions(outtype=outtype, **options)
     split = SplitOptions(split_max_size, split_max_tensors)
     plan, target = run(str(model), None if outfile is None else str(outfile), opts, force=force, split=split)
-    return plan_shards(target, plan.tensors, split)[0].path
+    return plan.shards[0].path
 
 
 def __getattr__(name: str):

@@ -154,8 +154,7 @@ def convert_hf_cmd(
     plan, target = convert_hf(source, outfile, options, force=force, dry_run=dry_run,
                               progress_factory=progress_factory(quiet),
                               display_name=EMBEDDED_MODEL if model is None else None, split=split)
-    from .format.split import plan_shards
-    shards = plan_shards(target, plan.tensors, split)
+    shards = plan.shards
     if dry_run:
         _print_plan(plan, target)
         _print_shards(shards)
@@ -178,10 +177,12 @@ def _print_shards(shards) -> None:
 def _print_plan(plan, target) -> None:
     for t in plan.tensors:
         shape = "x".join(str(d) for d in reversed(t.shape))
-        typer.echo(f"{t.name:40s} {shape:>22s} {t.ggml_type.name:>5s} {t.nbytes:>12,d}  <- {', '.join(t.sources[:2])}"
-                   + (f" (+{len(t.sources) - 2})" if len(t.sources) > 2 else ""))
+        notes = getattr(t.tensor, "notes", ())
+        _echo(f"{t.name:40s} {shape:>22s} {t.ggml_type.name:>5s} {t.nbytes:>12,d}  <- {', '.join(t.sources[:2])}"
+                   + (f" (+{len(t.sources) - 2})" if len(t.sources) > 2 else "")
+                   + (f"  [{' >> '.join(notes)}]" if notes else ""))
     n, size = plan.n_params, plan.nbytes
-    typer.echo(f"{len(plan.tensors)} tensors, {n:,d} parameters, {size:,d} bytes, "
+    _echo(f"{len(plan.tensors)} tensors, {n:,d} parameters, {size:,d} bytes, "
                f"{8 * size / max(n, 1):.2f} bits per weight -> {target} (dry run: nothing written)")
 
 

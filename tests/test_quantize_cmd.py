@@ -16,7 +16,8 @@ from gguf import GGMLQuantizationType as T
 
 from gguforge.cli import embedded_model_dir, main
 from gguforge.quantize.encode import encode, native_supports
-from gguforge.quantize.rules import llama_quantize_order, plan_for_gguf
+from gguforge.quantize.rules import llama_quantize_order
+from gguforge.quantize.run import plan_for_gguf
 
 N_EMBD, N_FF, N_LAYER, VOCAB = 256, 512, 4, 64
 K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)

@@ -19,7 +19,7 @@ from gguf.metadata import Metadata as CardMetadata
 from gguf.utility import naming_convention
 
 from ..errors import UserError
-from ..format.writer import Metadata
+from ..format.writer import INT_RANGES, Metadata
 
 G = Keys.General
 # --metadata keys that set a gguf.Metadata field (as gguf.Metadata.load reads its override file).
@@ -164,8 +164,6 @@ def add_general_metadata(md: Metadata, meta: CardMetadata) -> None:
 # --metadata overrides of any key
 
 TYPE_NAMES = {t.name.lower(): t for t in V if t != V.ARRAY}
-INT_RANGES = {V.UINT8: (0, 2**8), V.INT8: (-2**7, 2**7), V.UINT16: (0, 2**16), V.INT16: (-2**15, 2**15),
-              V.UINT32: (0, 2**32), V.INT32: (-2**31, 2**31), V.UINT64: (0, 2**64), V.INT64: (-2**63, 2**63)}
 
 
 def apply_overrides(md: Metadata, overrides: dict) -> None:
@@ -183,6 +181,7 @@ def apply_overrides(md: Metadata, overrides: dict) -> None:
                 raise UserError(f"metadata {key!r}: unknown type {value['type']!r}",
                                 hint="types: " + ", ".join(TYPE_NAMES))
             value = value["value"]
+            _check_keeps_type(md, key, vtype, isinstance(value, list))
         else:
             vtype = _existing_type(md, key, value)
         if isinstance(value, list):
@@ -193,14 +192,31 @@ def apply_overrides(md: Metadata, overrides: dict) -> None:
             md.set(key, _scalar(key, value, vtype), vtype)
 
 
+def _type_text(vtype: V, item_type: V | None) -> str:
+    return f"an array of {item_type.name.lower()}" if vtype == V.ARRAY else vtype.name.lower()
+
+
+def _check_keeps_type(md: Metadata, key: str, vtype: V, is_list: bool) -> None:
+    """A key the conversion wrote keeps its type: llama.cpp reads each key as one type (a tokenizer's
+    token list given as a number would make the file unloadable)."""
+    if key not in md:
+        return
+    have, _, have_item = md.items[key]
+    if (have == V.ARRAY) != is_list or (have_item if have == V.ARRAY else have) != vtype:
+        wanted = _type_text(V.ARRAY, vtype) if is_list else _type_text(vtype, None)
+        raise UserError(f"metadata {key!r}: the conversion writes {_type_text(have, have_item)}; an override "
+                        f"must keep that type (got {wanted})")
+
+
 def _existing_type(md: Metadata, key: str, value) -> V | None:
-    """The type a key already has, when the new value fits it (so overriding a u32 keeps it u32)."""
+    """The type a key already has (so overriding a u32 keeps it u32); a value of another kind is refused."""
     if key not in md:
         return None
     vtype, _, item_type = md.items[key]
-    if vtype == V.ARRAY:
-        return item_type if isinstance(value, list) else None
-    return None if isinstance(value, list) else vtype
+    if (vtype == V.ARRAY) != isinstance(value, list):
+        raise UserError(f"metadata {key!r}: the conversion writes {_type_text(vtype, item_type)}; an override "
+                        f"must keep that type (got {json.dumps(value)[:60]})")
+    return item_type if vtype == V.ARRAY else vtype
 
 
 def _infer_type(key: str, value) -> V:
@@ -209,7 +225,7 @@ def _infer_type(key: str, value) -> V:
     if isinstance(value, int):
         for vtype in (V.UINT32, V.INT32, V.UINT64, V.INT64):
             lo, hi = INT_RANGES[vtype]
-            if lo <= value < hi:
+            if lo <= value <= hi:
                 return vtype
         raise UserError(f"metadata {key!r}: {value} does not fit in 64 bits")
     if isinstance(value, float):
@@ -250,6 +266,6 @@ def _scalar(key: str, value: Any, vtype: V):
     if isinstance(value, float) and not value.is_integer():
         raise UserError(f"metadata {key!r}: {value} is not a whole number ({vtype.name.lower()})")
     lo, hi = INT_RANGES[vtype]
-    if not lo <= int(value) < hi:
+    if not lo <= int(value) <= hi:
         raise UserError(f"metadata {key!r}: {int(value)} is out of range for {vtype.name.lower()}")
     return int(value)

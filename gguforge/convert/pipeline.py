@@ -148,7 +148,8 @@ def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,
             for b in buffers:  # written by now: the buffers can be reused
                 pool.give(b)
 
-    write_shards(plan_shards(target, plan.tensors, split), plan.metadata, plan.tensors, chunks, progress)
+    shards = plan.shards or plan_shards(target, plan.tensors, split)
+    write_shards(shards, plan.metadata, plan.tensors, chunks, progress)
 
 
 def check_output(target: Path, model_dir: Path, force: bool) -> None:
@@ -168,9 +169,10 @@ def convert_hf(model: str, outfile: str | None, options: ConvertOptions, *, forc
         display_name = model  # the hub id: "Org/Name" gives general.organization and the file name
     plan = plan_conversion(checkpoint, options, display_name)
     target = output_path(plan, outfile)
+    plan.shards = plan_shards(target, plan.tensors, split)  # computed once: checked, written, reported
     if dry_run:
         return plan, target
-    for shard in plan_shards(target, plan.tensors, split):
+    for shard in plan.shards:
         check_output(shard.path, root, force)
     if progress_factory is None:
         write_plan(plan, target, options, split=split)

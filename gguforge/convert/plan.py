@@ -62,6 +62,7 @@ class Plan:
     size_label: str
     general: GeneralInfo | None = None
     vocab_only: bool = False
+    shards: list = field(default_factory=list)  # format.split.Shard per output file, once planned
 
     @property
     def n_params(self) -> int:

@@ -9,6 +9,7 @@ renamed only when complete, so a failure or Ctrl-C never leaves a partial file.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import struct
 from contextlib import contextmanager
@@ -28,7 +29,8 @@ GGUF_VERSION = 3
 ALIGNMENT = 32
 
 
-_INT_RANGES = {
+# Inclusive (low, high) of each GGUF integer type.
+INT_RANGES = {
     GGUFValueType.UINT8: (0, 2**8 - 1), GGUFValueType.INT8: (-2**7, 2**7 - 1),
     GGUFValueType.UINT16: (0, 2**16 - 1), GGUFValueType.INT16: (-2**15, 2**15 - 1),
     GGUFValueType.UINT32: (0, 2**32 - 1), GGUFValueType.INT32: (-2**31, 2**31 - 1),
@@ -44,6 +46,40 @@ def _fits_float32(value: float) -> bool:
     return True
 
 
+def _value_problem(value: Any, vtype: GGUFValueType) -> str | None:
+    """Why `value` cannot be stored as `vtype`, or None."""
+    if vtype == GGUFValueType.STRING:
+        if not isinstance(value, str):
+            return f"{value!r} is not a string"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{_shown(value)} is not valid Unicode (it holds an unpaired surrogate)"
+        return None
+    if vtype == GGUFValueType.BOOL:
+        return None if isinstance(value, bool) else f"{value!r} is not true or false"
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return f"{value!r} is not a number"
+    if vtype in INT_RANGES:
+        if isinstance(value, (float, np.floating)) and not (math.isfinite(value) and float(value).is_integer()):
+            return f"{value} is not a whole number"
+        low, high = INT_RANGES[vtype]
+        return None if low <= value <= high else f"{value} does not fit a {vtype.name}"
+    try:
+        as_float = float(value)
+    except OverflowError:
+        return f"{value} does not fit a {vtype.name}"
+    if not math.isfinite(as_float):
+        return f"{value} is not a finite number"
+    if vtype == GGUFValueType.FLOAT32 and not _fits_float32(as_float):
+        return f"{value} does not fit a {vtype.name}"
+    return None
+
+
+def _shown(text: str) -> str:
+    return ascii(text[:40] + ("..." if len(text) > 40 else ""))
+
+
 class Metadata:
     """Ordered GGUF key/value pairs with explicit value types."""
 
@@ -51,15 +87,13 @@ class Metadata:
         self.items: dict[str, tuple[GGUFValueType, Any, GGUFValueType | None]] = {}
 
     def set(self, key: str, value: Any, vtype: GGUFValueType, item_type: GGUFValueType | None = None):
-        # Values come from configs and override files: refuse what the file format cannot store.
-        if vtype in _INT_RANGES:
-            low, high = _INT_RANGES[vtype]
-            fits = low <= value <= high
-        else:
-            fits = vtype != GGUFValueType.FLOAT32 or _fits_float32(value)
-        if not fits:
-            raise UserError(f"metadata {key}: {value} does not fit a {vtype.name} (check config.json "
-                            f"or the --metadata file)")
+        # Values come from configs, tokenizers and override files: refuse what the file format cannot
+        # store, or llama.cpp could not use, here, once for every key.
+        for item, kind in ([(v, item_type) for v in value] if vtype == GGUFValueType.ARRAY else [(value, vtype)]):
+            problem = _value_problem(item, kind)
+            if problem:
+                raise UserError(f"metadata {key}: {problem} (check config.json, the tokenizer files or the "
+                                f"--metadata file)")
         self.items.pop(key, None)  # re-setting moves the key to the end, like llama.cpp
         self.items[key] = (vtype, value, item_type)
 

@@ -617,33 +617,3 @@ def _plan_one(tensor: TensorIn, category: Category, preset: Preset, model: _Mode
     if ne0 % block_size(new_type) != 0:
         return planned(final, f"{reason}; fallback {new_type.name}->{final.name} (ne0={ne0})", new_type)
     return planned(final, reason)
-
-
-# ---------------------------------------------------------------------------------------------
-# Convenience for an existing GGUF file (e.g. to compare against llama_model_quantize)
-
-
-def plan_for_gguf(path: str, preset: str | Preset, options: QuantOptions | None = None) -> list[TensorPlan]:
-    """Plan for a GGUF file on disk, taking arch, block_count and expert_count from its metadata."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-
-    def kv(key: str):
-        f = reader.get_field(key)
-        return None if f is None else f.contents()
-
-    arch = kv("general.architecture")
-    block_count = kv(f"{arch}.block_count")
-    if arch is None or block_count is None:
-        raise UserError(f"{path}: GGUF metadata lacks general.architecture or {{arch}}.block_count")
-    # GGUFReader shapes are ggml ne order; ours are numpy order.
-    tensors = [TensorIn(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type)
-               for t in reader.tensors]
-    return plan_quantization(
-        tensors, preset, arch=arch,
-        n_layer_all=int(block_count),
-        n_expert=int(kv(f"{arch}.expert_count") or 0),
-        options=options,
-        n_gqa=model_n_gqa(arch, kv),
-    )

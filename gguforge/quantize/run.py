@@ -35,6 +35,11 @@ from .rules import QuantOptions, TensorIn, TensorPlan, ggml_n_dims, model_is_70b
 # Plan
 
 
+def plan_for_gguf(path, preset: str | Preset, options: QuantOptions | None = None) -> list[TensorPlan]:
+    """Plan for a GGUF file on disk (validated), in llama-quantize's output order."""
+    return plan_file(open_gguf(Path(path)), parse_preset(preset), options or QuantOptions())
+
+
 def plan_file(source: SourceGGUF, preset: Preset, options: QuantOptions) -> list[TensorPlan]:
     if source.n_layer_all is None and not preset.is_float:
         raise UserError(f"{source.path} has no {source.arch}.block_count, which the {preset.name} rules need")
