@@ -378,6 +378,16 @@ def test_refused_presets(text, why, tmp_path, capsys):
     assert "cannot write" in err and why in err and not out.exists()
 
 
+@pytest.mark.parametrize("outtype", ["q2_k_s", "IQ2_XS", "iq3_m"])
+def test_convert_refuses_unsupported_outtype(outtype, tmp_path, capsys):
+    from gguforge.cli import embedded_model_dir
+
+    out = tmp_path / "out.gguf"
+    assert main(["convert-hf", str(embedded_model_dir()), "--outfile", str(out), "--outtype", outtype]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {outtype.upper()}" in err and not out.exists()
+
+
 def test_model_n_gqa():
     def getter(**kv):
         return lambda key: kv.get(key.split(".", 1)[1].replace(".", "_"))
