@@ -190,7 +190,7 @@ def _print_plan(plan, target) -> None:
 def quantize_cmd(
     source: Path = typer.Argument(..., help="input GGUF file"),
     target: str = typer.Argument(..., help="output GGUF file"),
-    qtype: str = typer.Argument(..., metavar="TYPE", help="Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q8_0, F16, BF16, F32"),
+    qtype: str = typer.Argument(..., metavar="TYPE", help="a llama-quantize preset (Q4_K_M, Q8_0, IQ4_XS, F16, ...) or its ftype id"),
     pure: bool = typer.Option(False, "--pure", help="every quantizable tensor gets TYPE's default type"),
     output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="type for output.weight"),
     token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type",

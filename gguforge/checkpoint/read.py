@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..format.types import FLOAT_TYPES
 from ..quantize import native
 
 # safetensors dtype -> (numpy storage dtype, bytes per element)
@@ -33,7 +34,7 @@ SAFETENSORS_DTYPES = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-FLOAT_DTYPES = ("F32", "F16", "BF16")
+FLOAT_DTYPES = tuple(t.name for t in FLOAT_TYPES)  # safetensors names of the GGUF float types
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -133,6 +134,16 @@ class Shard:
             if name == "__metadata__":
                 continue
             self.tensors[name] = self._tensor_from_header(name, info, data_start, data_size)
+        self._check_no_overlap()
+
+    def _check_no_overlap(self) -> None:
+        """Each byte of data belongs to at most one tensor (overlaps would let one tensor's bytes pass
+        for another's)."""
+        spans = sorted((t.start, t.end, t.name) for t in self.tensors.values() if t.end > t.start)
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+            if start < end:
+                raise UserError(f"{self.path.name}: the data of tensors {first!r} and {second!r} overlap",
+                                hint="the safetensors file is corrupt or crafted")
 
     def _tensor_from_header(self, name, info, data_start, data_size) -> SourceTensor:
         where = f"{self.path.name}: tensor {name!r}"

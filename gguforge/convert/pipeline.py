@@ -6,12 +6,12 @@ import mmap
 import os
 import queue
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..errors import UserError
+from ..format.types import FLOAT_TYPES
 from ..parallel import CHUNK_BYTES, ordered_parallel, row_chunks
 from ..quantize import native
 from ..quantize.encode import encode
@@ -21,7 +21,7 @@ from ..checkpoint.read import SAFETENSORS_DTYPES, open_checkpoint, resolve_model
 from ..format.split import SplitOptions, plan_shards, write_shards
 from ..format.writer import FileSpan
 
-RAW_COPY = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16}
+RAW_COPY = {t.name: t for t in FLOAT_TYPES}  # safetensors dtype name -> the same GGUF type
 
 
 class BufferPool:

@@ -14,9 +14,10 @@ from math import prod
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType
+from gguf import GGMLQuantizationType as T, GGUFValueType
 
 from ..errors import UserError, not_a_file
+from .types import block_size
 from .split import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS_COUNT, split_siblings
 
 SUPPORTED_VERSIONS = (2, 3)
@@ -142,6 +143,8 @@ def open_reader(path: Path):
     if reader.byte_order == "S":
         raise UserError(f"{path} is a big-endian GGUF file, which is not supported")
     _check_strings(path, reader)
+    _check_counts(path, reader)
+    _check_tensor_shapes(path, reader)
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + int(t.n_bytes) > size:
@@ -159,6 +162,44 @@ def _check_strings(path: Path, reader) -> None:
                 b"\0".join([f.parts[i] for i in f.data]).decode("utf-8")
             except UnicodeDecodeError:
                 raise UserError(f"{path}: the value of {key} is not valid UTF-8 (the file is corrupt)") from None
+
+
+INTEGER_TYPES = (GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+                 GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64)
+
+
+def counted_keys(reader) -> list[str]:
+    """Keys whose values are used as counts: split.* and the architecture's block and expert counts."""
+    keys = [SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT]
+    arch = reader.get_field("general.architecture")
+    if arch is not None and arch.types == [GGUFValueType.STRING]:
+        name = arch.contents()
+        keys += [f"{name}.block_count", f"{name}.expert_count", f"{name}.expert_used_count"]
+    return keys
+
+
+def _check_counts(path: Path, reader) -> None:
+    """Every count the tools rely on is one non-negative integer (not a string, float or array)."""
+    for key in counted_keys(reader):
+        f = reader.get_field(key)
+        if f is None:
+            continue
+        if len(f.types) != 1 or f.types[0] not in INTEGER_TYPES or f.contents() < 0:
+            kind = "/".join(t.name for t in f.types)
+            raise UserError(f"{path}: {key} must be a non-negative integer, but it is a {kind} "
+                            f"({str(f.contents())[:40]})", hint="the file is corrupt")
+
+
+def _check_tensor_shapes(path: Path, reader) -> None:
+    """No dimension of size 0, and rows that hold whole blocks of the tensor's type."""
+    for t in reader.tensors:
+        ne = [int(d) for d in t.shape.tolist()]
+        if not ne or min(ne) < 1:
+            raise UserError(f"{path}: tensor {t.name} has a dimension of size 0 ({ne})", hint="the file is corrupt")
+        block, _ = block_size(t.tensor_type)
+        if ne[0] % block:
+            raise UserError(f"{path}: tensor {t.name} has rows of {ne[0]} values, not a whole number of "
+                            f"{T(t.tensor_type).name} blocks of {block}", hint="the file is corrupt")
 
 
 def _reader_error(path: Path, e: Exception) -> str:
@@ -181,7 +222,7 @@ def numpy_shape(reader_tensor) -> tuple[int, ...]:
 def raw_rows(reader_tensor) -> np.ndarray:
     """The tensor's bytes as (rows, bytes per row), a view into the memory map."""
     ne = [int(d) for d in reader_tensor.shape.tolist()]
-    block, size = GGML_QUANT_SIZES[T(reader_tensor.tensor_type)]
+    block, size = block_size(reader_tensor.tensor_type)
     data = reader_tensor.data.reshape(-1).view(np.uint8)
     return data.reshape(prod(ne[1:]), ne[0] // block * size)
 

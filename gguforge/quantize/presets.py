@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as FT
 
 from gguforge.errors import UserError
+from gguforge.format.types import FLOAT_TYPES
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Preset:
     @property
     def is_float(self) -> bool:
         # Float presets skip the whole mixture logic (no rules, no --tensor-type, no fallback).
-        return self.default_type in (T.F32, T.F16, T.BF16)
+        return self.default_type in FLOAT_TYPES
 
 
 PRESETS: dict[str, Preset] = {

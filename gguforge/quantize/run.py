@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from math import prod
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType
+from gguf import GGMLQuantizationType as T, GGUFValueType
 
 from ..parallel import ordered_parallel, row_chunks
 from ..format.reader import SourceGGUF, numpy_shape, open_gguf, raw_rows, release_pages
