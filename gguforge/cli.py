@@ -175,12 +175,12 @@ def _print_shards(shards) -> None:
 
 
 def _print_plan(plan, target) -> None:
+    from .format.text import plan_line
     for t in plan.tensors:
-        shape = "x".join(str(d) for d in reversed(t.shape))
         notes = getattr(t.tensor, "notes", ())
-        _echo(f"{t.name:40s} {shape:>22s} {t.ggml_type.name:>5s} {t.nbytes:>12,d}  <- {', '.join(t.sources[:2])}"
-                   + (f" (+{len(t.sources) - 2})" if len(t.sources) > 2 else "")
-                   + (f"  [{' >> '.join(notes)}]" if notes else ""))
+        detail = ("<- " + ", ".join(t.sources[:2]) + (f" (+{len(t.sources) - 2})" if len(t.sources) > 2 else "")
+                  + (f"  [{' >> '.join(notes)}]" if notes else ""))
+        _echo(plan_line(t.name, t.shape, t.ggml_type.name, t.nbytes, detail))
     n, size = plan.n_params, plan.nbytes
     _echo(f"{len(plan.tensors)} tensors, {n:,d} parameters, {size:,d} bytes, "
                f"{8 * size / max(n, 1):.2f} bits per weight -> {target} (dry run: nothing written)")

@@ -147,3 +147,15 @@ def test_every_architecture_has_a_mock_so_it_joins_the_test_matrix():
     import make_mocks
     from gguforge.archs import registered
     assert set(make_mocks.ARCHS) == {cls.gguf_arch for cls in registered().values()}
+
+
+def test_dry_run_shows_each_tensors_named_ops(mock_model, capsys):
+    pytest.importorskip("torch")
+    from gguforge.cli import main
+    assert main(["convert-hf", str(mock_model("qwen35")), "--dry-run"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("blk.0.")}
+    assert lines["blk.0.ssm_a"].endswith("[TiledVHeads(rows) >> NegExp]")
+    assert lines["blk.0.ssm_conv1d.weight"].endswith("[TiledVHeads(rows, after 64) >> Squeeze]")
+    assert lines["blk.0.attn_norm.weight"].endswith("[AddOne]")
+    assert lines["blk.0.ssm_out.weight"].endswith("[TiledVHeads(axis 1)]")
+    assert "[" not in lines["blk.0.ssm_norm.weight"]

@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as T, GGUFValueType
 from ..parallel import ordered_parallel, row_chunks
 from ..format.reader import SourceGGUF, numpy_shape, open_gguf, raw_rows, release_pages
 from ..format.split import SPLIT_KEYS, SplitOptions, plan_shards, write_shards
+from ..format.text import plan_line
 from ..format.types import FLOAT_TYPES, QUANT_VERSION
 from ..format.writer import Metadata, TensorEntry
 from ..errors import UserError
@@ -197,9 +198,5 @@ def quantize_gguf(source_path, target_path, preset: str | Preset, options: Quant
 
 def format_plan(plans: list[TensorPlan]) -> list[str]:
     """One line per tensor (name, shape in ggml order, src -> dst, bytes, reason)."""
-    lines = []
-    for p in plans:
-        shape = "x".join(str(d) for d in reversed(p.shape))
-        lines.append(f"{p.name:40s} {shape:>20s} {p.src_type.name:>5s} -> {p.dst_type.name:<5s} "
-                     f"{p.dst_nbytes:>13,d}  {p.reason}")
-    return lines
+    return [plan_line(p.name, p.shape, f"{p.src_type.name} -> {p.dst_type.name}", p.dst_nbytes, p.reason)
+            for p in plans]

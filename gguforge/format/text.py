@@ -1,0 +1,9 @@
+"""How a tensor plan is printed (convert-hf --dry-run and quantize --dry-run share one layout)."""
+
+from __future__ import annotations
+
+
+def plan_line(name: str, shape: tuple[int, ...], types: str, nbytes: int, detail: str = "") -> str:
+    """name, shape in ggml order (ne0 first), type(s), bytes, then what decided it."""
+    ne = "x".join(str(d) for d in reversed(shape))
+    return f"{name:40s} {ne:>22s} {types:>14s} {nbytes:>13,d}" + (f"  {detail}" if detail else "")
