@@ -57,7 +57,8 @@ def _value_problem(value: Any, vtype: GGUFValueType) -> str | None:
             return f"{_shown(value)} is not valid Unicode (it holds an unpaired surrogate)"
         return None
     if vtype == GGUFValueType.BOOL:
-        return None if isinstance(value, bool) else f"{value!r} is not true or false"
+        # np.bool_ too: quantize copies BOOL arrays (e.g. qwen35.attention.recurrent_layers) as numpy arrays
+        return None if isinstance(value, (bool, np.bool_)) else f"{value!r} is not true or false"
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         return f"{value!r} is not a number"
     if vtype in INT_RANGES:
