@@ -530,3 +530,57 @@ def test_requantize_from_new_types(pure_files, preset, tmp_path):
         got = by_name[t.name]
         assert T(got.tensor_type) == T.Q8_0
         assert np.array_equal(np.asarray(got.data).reshape(want.shape), want), t.name
+
+
+# ---------------------------------------------------------------------------------------------
+# n_gqa >= 4 through both pipelines: a qwen2moe mock rewritten to one KV head (n_gqa 4)
+
+
+@pytest.fixture(scope="module")
+def gqa4_checkpoint(mock_model, tmp_path_factory):
+    pytest.importorskip("torch")
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = mock_model("qwen2moe", dtype="bfloat16", size="q256")
+    dst = tmp_path_factory.mktemp("gqa4") / "qwen2moe-gqa4"
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    assert config["num_attention_heads"] == 4
+    config["num_key_value_heads"] = 1
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    for shard in dst.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name in list(tensors):
+            if ".k_proj." in name or ".v_proj." in name:
+                tensors[name] = tensors[name][:head_dim].contiguous()
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("preset", ["Q2_K", "IQ4_XS"])
+def test_gqa4_quantize_and_one_pass_match_llama(gqa4_checkpoint, llama_cpp_quiet, preset, tmp_path):
+    import gguf
+
+    bf16 = tmp_path / "bf16.gguf"
+    assert main(["convert-hf", str(gqa4_checkpoint), "--outfile", str(bf16), "--outtype", "bf16", "-q"]) == 0
+    assert model_n_gqa("qwen2moe", lambda k: gguf.GGUFReader(bf16).get_field(k).contents()) == 4
+    theirs = tmp_path / "llama.gguf"
+    params = llama_cpp_quiet.llama_model_quantize_default_params()
+    params.ftype = int(parse_preset(preset).file_type)
+    params.nthread = 2
+    assert llama_cpp_quiet.llama_model_quantize(str(bf16).encode(), str(theirs).encode(), params) == 0
+    ref = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert T(ref["blk.0.attn_v.weight"].tensor_type) == (T.Q4_K if preset == "Q2_K" else T.Q5_K)  # the rule fired
+    for ours_args in (["quantize", str(bf16), str(tmp_path / "q.gguf"), preset],
+                      ["convert-hf", str(gqa4_checkpoint), "--outfile", str(tmp_path / "q.gguf"), "--outtype", preset]):
+        assert main([*ours_args, "-q", "--force"]) == 0
+        ours = gguf.GGUFReader(tmp_path / "q.gguf").tensors
+        assert sorted(t.name for t in ours) == sorted(ref)
+        for t in ours:
+            assert T(t.tensor_type) == T(ref[t.name].tensor_type), (ours_args[0], t.name)
+            same = t.data.tobytes() == ref[t.name].data.tobytes()
+            assert same, (ours_args[0], t.name)
