@@ -11,10 +11,12 @@ Tensors the architecture does not know are left to the planner (it reports unmap
 
 from __future__ import annotations
 
+import math
+import re
 from numbers import Real
 
 from ..errors import UserError
-from ..archs.shapes import mismatch_message
+from ..archs.shapes import Dim, Expected, mismatch_message
 from ..checkpoint.read import FLOAT_DTYPES, Checkpoint
 
 
@@ -29,6 +31,10 @@ INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers
 FLOAT_KEYS = ("rms_norm_eps", "rope_theta", "partial_rotary_factor")
 LIST_KEYS = ("layer_types", "mlp_only_layers")
 DICT_KEYS = ("rope_parameters", "rope_scaling")
+# Upper bounds: far beyond any model, low enough that loops and arrays sized by them stay small.
+INT_LIMITS = {"num_hidden_layers": 4096, "mtp_num_hidden_layers": 4096, "num_experts": 1 << 16,
+              "num_local_experts": 1 << 16, "num_experts_per_tok": 1 << 16, "vocab_size": 1 << 24}
+EXPERT_KEYS = ("num_local_experts", "num_experts")
 
 
 def check_config_types(hparams: dict) -> None:
@@ -37,10 +43,13 @@ def check_config_types(hparams: dict) -> None:
         value = hparams.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise UserError(f"config.json: {key} must be a non-negative integer, got {value!r}")
+        if value is not None and value > INT_LIMITS.get(key, value):  # others: checked against their GGUF type
+            raise UserError(f"config.json: {key} = {value} is larger than any model has (at most {INT_LIMITS[key]})")
     for key in FLOAT_KEYS:
         value = hparams.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, Real)):
-            raise UserError(f"config.json: {key} must be a number, got {value!r}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value)):
+            raise UserError(f"config.json: {key} must be a finite number, got {value!r}")
+    check_expert_counts(hparams)
     for key in LIST_KEYS:
         value = hparams.get(key)
         if value is not None and not isinstance(value, list):
@@ -58,6 +67,32 @@ def check_config_types(hparams: dict) -> None:
                 raise UserError(f"config.json: {key}.{sub} must be a number, got {inner!r}")
 
 
+def check_expert_counts(hparams: dict) -> None:
+    """Experts used per token cannot outnumber the experts."""
+    experts = next((hparams[k] for k in EXPERT_KEYS if hparams.get(k) is not None), None)
+    used = hparams.get("num_experts_per_tok")
+    if experts is not None and used is not None and used > experts:
+        raise UserError(f"config.json: num_experts_per_tok = {used} is more than the {experts} experts")
+
+
+# -- tensor shapes --------------------------------------------------------------------------------
+
+NUMBER = re.compile(r"\.\d+\.")
+
+
+def unknown_dims(renamed: str, shape: tuple[int, ...], want: Expected):
+    """(key, size) for each dimension the config does not fix (its value is missing from config.json):
+    tensors sharing a key must agree on it. The key is the dimension's config name when it has one, else
+    the tensor's name with layer and expert numbers dropped, and the axis."""
+    for alternative in want.shapes:
+        dims = [d if isinstance(d, Dim) else Dim(d, str(d)) for d in alternative]
+        if len(dims) == len(shape) and all(d.matches(n) for d, n in zip(dims, shape)):
+            for axis, d in enumerate(dims):
+                if d.size is None:
+                    yield d.why.strip() or f"{NUMBER.sub('.N.', NUMBER.sub('.N.', renamed))}[{axis}]", shape[axis]
+            return
+
+
 # -- the check ------------------------------------------------------------------------------------
 
 
@@ -68,6 +103,7 @@ def validate_checkpoint(checkpoint: Checkpoint, arch, check_tensors: bool = True
         return
     expected = arch.expected_shapes()
     present: set[str] = set()
+    bound: dict[str, tuple[int, str]] = {}  # sizes config.json leaves open, as the first tensor showed them
     for name, tensor in checkpoint.tensors.items():
         renamed = arch.rename(name)
         if renamed is None:
@@ -75,11 +111,20 @@ def validate_checkpoint(checkpoint: Checkpoint, arch, check_tensors: bool = True
         if tensor.dtype not in FLOAT_DTYPES:
             raise UserError(f"{name}: dtype {tensor.dtype} cannot be converted",
                             hint="only F32, F16 and BF16 weights are supported")
+        if 0 in tensor.shape:
+            raise UserError(f"{name}: shape {list(tensor.shape)} has a dimension of size 0",
+                            hint="the checkpoint is damaged or crafted")
         present.add(renamed)
         want = expected.get(renamed)
         if want is not None and not want.matches(tuple(tensor.shape)):
             raise UserError(mismatch_message(name, tuple(tensor.shape), want),
                             hint="config.json and the weights disagree; they may come from different models")
+        if want is not None:
+            for key, size in unknown_dims(renamed, tuple(tensor.shape), want):
+                if bound.setdefault(key, (size, name))[0] != size:
+                    raise UserError(f"{name}: shape {list(tensor.shape)} disagrees with {bound[key][1]} "
+                                    f"(a size config.json does not give: {bound[key][0]} there, {size} here)",
+                                    hint="tensors of one kind must have one shape; the checkpoint is damaged")
     missing = [n for n, e in expected.items() if not e.optional and n not in present]
     if missing:
         more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}{', ...' if len(missing) > 4 else ''})"

@@ -152,9 +152,9 @@ def check_tokenizer(tok: dict, path: Path) -> None:
     merges = model.get("merges", [])
     if not isinstance(merges, list):
         raise UserError(f"{path}: model.merges must be a list")
-    bad = next((m for m in merges if not _check_merge(m)), None)
+    bad = next((i for i, m in enumerate(merges) if not _check_merge(m)), None)
     if bad is not None:
-        raise UserError(f"{path}: merge {json.dumps(bad)[:80]} is not two tokens ('a b' or [\"a\", \"b\"])")
+        raise UserError(f"{path}: merge {json.dumps(merges[bad])[:80]} is not two tokens ('a b' or [\"a\", \"b\"])")
     added = tok.get("added_tokens", [])
     if not isinstance(added, list):
         raise UserError(f"{path}: added_tokens must be a list")
