@@ -51,7 +51,21 @@ def deep_bf16(request, mock_model, tmp_path_factory):
     assert main(["convert-hf", str(src), "--outfile", str(out), "--outtype", "bf16", "-q"]) == 0
     reader = gguf.GGUFReader(out)
     assert reader.get_field(f"{arch}.block_count").contents() == layers
-    return out
+    return src, out
+
+
+@pytest.fixture(scope="module")
+def by_llama(deep_bf16, tmp_path_factory):
+    """preset -> llama-quantize's output for the bf16 file (made once per preset and mock)."""
+    made: dict[str, object] = {}
+
+    def get(preset: str):
+        if preset not in made:
+            made[preset] = tmp_path_factory.mktemp("llama") / f"{preset}.gguf"
+            llama_quantize(deep_bf16[1], made[preset], preset)
+        return made[preset]
+
+    return get
 
 
 def llama_quantize(src, dst, preset: str) -> None:
@@ -66,10 +80,9 @@ def types(path) -> dict[str, T]:
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_layer_position_rules_match_llama_quantize(deep_bf16, preset, tmp_path):
-    ours, theirs = tmp_path / "ours.gguf", tmp_path / "llama.gguf"
-    assert main(["quantize", str(deep_bf16), str(ours), preset, "-q", "--threads", "2"]) == 0
-    llama_quantize(deep_bf16, theirs, preset)
+def test_layer_position_rules_match_llama_quantize(deep_bf16, by_llama, preset, tmp_path):
+    ours, theirs = tmp_path / "ours.gguf", by_llama(preset)
+    assert main(["quantize", str(deep_bf16[1]), str(ours), preset, "-q", "--threads", "2"]) == 0
     a, b = types(ours), types(theirs)
     assert list(a) == list(b)
     wrong = {name: (a[name].name, b[name].name) for name in b if a[name] != b[name]}
@@ -80,3 +93,18 @@ def test_layer_position_rules_match_llama_quantize(deep_bf16, preset, tmp_path):
             assert len({t for name, t in b.items() if role in name}) > 1, (role, preset)
     same = ours.read_bytes() == theirs.read_bytes()  # a bool: pytest would diff megabytes
     assert same, "tensor types agree, yet the files differ"
+
+
+@pytest.mark.parametrize("preset", ("Q4_K_M", "Q4_K_S", "Q5_K_M"))  # the presets with position rules
+def test_one_pass_convert_applies_the_position_rules(deep_bf16, by_llama, preset, tmp_path):
+    """convert-hf --outtype PRESET writes the converter's tensor order but must count layers in
+    llama-quantize's order: same types and bytes as llama-quantize of the bf16 file."""
+    ours = tmp_path / "one-pass.gguf"
+    assert main(["convert-hf", str(deep_bf16[0]), "--outfile", str(ours), "--outtype", preset.lower(), "-q"]) == 0
+    a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(by_llama(preset)).tensors}
+    assert sorted(a) == sorted(b)
+    wrong = {n: (T(a[n].tensor_type).name, T(b[n].tensor_type).name) for n in b if a[n].tensor_type != b[n].tensor_type}
+    assert not wrong, f"tensor types differ from llama-quantize's (ours, theirs): {wrong}"
+    differ = [n for n in b if a[n].data.tobytes() != b[n].data.tobytes()]
+    assert not differ, f"bytes differ: {differ}"
