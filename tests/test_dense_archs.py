@@ -1,4 +1,4 @@
-"""Qwen2 / Qwen3 dense decoders: the reference converter's bytes and llama.cpp's logits.
+"""Qwen2 / Qwen3 dense decoders and Qwen3-MoE: the reference converter's bytes and llama.cpp's logits.
 
 The worked example of docs/adding-an-architecture.md: each is one short file plus its mock spec.
 """
@@ -20,6 +20,8 @@ VARIANTS = [  # (arch, mock kwargs)
     ("qwen3", {}),
     ("qwen3", {"tied": True, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                               "original_max_position_embeddings": 1024}}),
+    ("qwen3moe", {}),
+    ("qwen3moe", {"tied": True, "num_experts": 8}),
 ]
 IDS = [a + "".join(f"-{k}" for k in kw) for a, kw in VARIANTS]
 
@@ -73,3 +75,16 @@ def test_qwen3_requires_its_q_k_norms(mock_model, tmp_path, capsys):
     save_file(weights, str(model / "model.safetensors"))
     assert main(["convert-hf", str(model), "--outfile", str(tmp_path / "o.gguf")]) == 2
     assert "model.layers.1.self_attn.k_norm.weight" in capsys.readouterr().err
+
+
+def test_qwen3moe_with_dense_layers_is_refused(mock_model, tmp_path, capsys):
+    import json
+    import shutil
+    model = tmp_path / "m"
+    shutil.copytree(mock_model("qwen3moe"), model)
+    config = json.loads((model / "config.json").read_text())
+    config["mlp_only_layers"] = [1]
+    (model / "config.json").write_text(json.dumps(config))
+    assert main(["convert-hf", str(model), "--outfile", str(tmp_path / "o.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "layer 1 is a dense MLP layer" in err and not (tmp_path / "o.gguf").exists()
