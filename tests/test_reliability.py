@@ -256,6 +256,26 @@ def test_interrupt_mid_write_leaves_nothing(tmp_path, large_model, sig):
     assert digest(large_model) == before
 
 
+def test_a_run_after_sigkill_removes_the_killed_runs_temp_file(tmp_path, large_model):
+    """SIGKILL cannot be caught: its hidden temp file stays until the next run to that output removes it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [sys.executable, "-m", "gguforge", "convert-hf", str(large_model), "--outfile", str(out / "x.gguf"),
+            "--outtype", "f16", "--threads", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        temp = wait_for_growing_temp(proc, out)
+        proc.kill()
+        proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert temp.exists()  # left behind, as SIGKILL allows nothing else
+    r = subprocess.run(args + ["--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["x.gguf"] and r.stderr == ""
+
+
 # -- pickle checkpoints ---------------------------------------------------------------------------------
 
 
