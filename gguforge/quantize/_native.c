@@ -5,7 +5,8 @@
  * Q8_0, Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, Q4_0, Q4_1, Q3_K and Q2_K, and as llama-quantize's
  * IQ4_NL / IQ4_XS path (quantize_iq4_nl / quantize_iq4_xs without an imatrix, ntry = 7),
  * plus exact F16/BF16 converters.
- * Facts (layouts, algorithms, rounding traps) come from shared/reference/quant-spec.md.
+ * Upstream: ggml/src/ggml-quants.c (quantize_row_*_ref, make_qkx2_quants, make_q3_quants,
+ * make_qx_quants, quantize_iq4_nl / quantize_iq4_xs) and ggml/src/ggml-common.h (block layouts).
  *
  * Bit-exactness rules followed everywhere:
  *   - float32 only, every accumulation sequential in index order;

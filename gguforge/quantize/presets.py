@@ -1,7 +1,7 @@
 """Quantization presets (llama-quantize's TYPE argument) and ggml type-name parsing.
 
-Names, aliases and LLAMA_FTYPE numbers follow tools/quantize/quantize.cpp and llama.h;
-see /work/shared/reference/quant-spec.md §0.
+Names, aliases and LLAMA_FTYPE numbers follow llama.cpp's tools/quantize/quantize.cpp
+(QUANT_OPTIONS) and include/llama.h (enum llama_ftype).
 """
 
 from __future__ import annotations

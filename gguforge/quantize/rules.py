@@ -2,7 +2,9 @@
 
 Given tensor names, shapes and source types, a preset and a few hparams, decide the ggml type
 each tensor is written in, exactly as llama.cpp's src/llama-quant.cpp does.
-Facts: /work/shared/reference/quant-spec.md §7 (section numbers below refer to it).
+Upstream: src/llama-quant.cpp — tensor_allows_quantization (never quantized), tensor_get_category
+(categories), llama_tensor_get_type_impl (the mixture rules), tensor_type_fallback (shape fallback),
+llama_model_quantize_impl (order, counters, what is refused).
 
 Shapes are numpy order throughout (shape[-1] == ggml ne0, the row length that must be a multiple
 of the block size).
@@ -142,7 +144,7 @@ def fallback_summary(plans: Sequence[TensorPlan]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Order (§7.4)
+# Order (llama_model_quantize_impl)
 
 _BLOCK_PREFIX = re.compile(r"blk\.\s*([+-]?\d+)")  # what sscanf(name, "blk.%d.") accepts
 
@@ -163,7 +165,7 @@ def llama_quantize_order(names: Iterable[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Never quantized (§7.2)
+# Never quantized (tensor_allows_quantization)
 
 # Substrings that keep a tensor in its source type, with a short why.
 _KEEP_IF_CONTAINS: tuple[tuple[str, str], ...] = (
@@ -222,7 +224,7 @@ def never_quantized_reason(name: str, shape: Sequence[int], *, arch: str, leave_
 
 
 # ---------------------------------------------------------------------------------------------
-# Categories (§7.3)
+# Categories (tensor_get_category)
 
 
 class Category(enum.Enum):
@@ -273,7 +275,7 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# The mixture rules (§7.5), llama_tensor_get_type_impl for the presets we support
+# The mixture rules: llama_tensor_get_type_impl, for the presets we support
 
 
 @dataclass
@@ -435,7 +437,7 @@ def _mixture_type(name: str, ne0: int, category: Category, preset: Preset, model
 
 
 # ---------------------------------------------------------------------------------------------
-# Shape fallback (§7.6)
+# Shape fallback (tensor_type_fallback)
 
 _FALLBACKS = {
     T.Q4_K: T.Q5_0,
@@ -486,7 +488,7 @@ def _first_override(name: str, overrides: list[tuple[re.Pattern[str], T]]) -> tu
 
 
 def _check_conversion(plan: TensorPlan, allow_requantize: bool) -> None:
-    """What llama-quantize refuses when a tensor's bytes must actually be converted (§7.9)."""
+    """What llama-quantize refuses when a tensor's bytes must actually be converted (llama_model_quantize_impl)."""
     if not plan.converts:
         return
     if is_quantized(plan.src_type):

@@ -4,7 +4,7 @@ The input is memory-mapped with gguf.GGUFReader; tensors are visited in
 llama-quantize's order (rules.py), converted a block of rows at a time on a
 thread pool, and streamed to the GGUF writer. Tensors whose type does not change are
 copied byte for byte. The output metadata is laid out as llama-quantize writes
-it (/work/shared/reference/quant-spec.md §7.10).
+it (src/llama-quant.cpp: llama_model_quantize_impl, gguf_set_kv then the per-tensor infos).
 """
 
 from __future__ import annotations
