@@ -84,9 +84,14 @@ def test_80_layer_qwen2_quantizes_as_llama_quantize_does(tmp_path, preset):
         pass
 
     llama_cpp.llama_log_set(ignore, ctypes.c_void_p(0))
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype, p.nthread = int(parse_preset(preset).file_type), 2
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(ref).encode(), p) == 0
+    try:
+        p = llama_cpp.llama_model_quantize_default_params()
+        p.ftype, p.nthread = int(parse_preset(preset).file_type), 2
+        code = llama_cpp.llama_model_quantize(str(src).encode(), str(ref).encode(), p)
+    finally:  # `ignore` dies with this function: a later llama.cpp log call through it would segfault
+        from llama_cpp._logger import llama_log_callback
+        llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
+    assert code == 0
     a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
     b = {t.name: t for t in gguf.GGUFReader(ref).tensors}
     assert sorted(a) == sorted(b)
