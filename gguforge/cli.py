@@ -293,6 +293,7 @@ def verify_cmd(
 ):
     """Run the HF model (transformers) and the GGUF (llama.cpp) on the same tokens and compare."""
     _state["verbose"] = verbose
+    hf_dir = _verify_inputs(hf_dir, gguf_file)
     _require("verify", VERIFY_MODULES, hint='pip install "gguforge[verify]" (install torch==2.13.0 first)')
     from .verify import verify
     report = verify(hf_dir, gguf_file)
@@ -304,6 +305,18 @@ def verify_cmd(
 
 
 VERIFY_MODULES = ("torch", "transformers", "llama_cpp")
+
+
+def _verify_inputs(hf_dir: Path, gguf_file: Path) -> Path:
+    """Both inputs checked before torch loads: a model directory (or hub id) with config.json, a valid GGUF."""
+    from .checkpoint.read import load_config, resolve_model
+    from .format.reader import open_reader
+    root = resolve_model(str(hf_dir))
+    if not root.is_dir():
+        raise UserError(f"{hf_dir}: not a model directory", hint="give the Hugging Face model the GGUF came from")
+    load_config(root)
+    open_reader(gguf_file)
+    return root
 
 
 def _require(command: str, modules: tuple[str, ...], hint: str) -> None:

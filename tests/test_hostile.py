@@ -429,3 +429,19 @@ def test_verify_without_its_dependencies(model, gguf_file, monkeypatch, capsys, 
     err = capsys.readouterr().err
     one_error(err, "verify needs", f"{missing} is missing")
     assert "pip install" in err
+
+
+@pytest.mark.parametrize("which, needle", [("dir", "not a model directory"), ("file", "no such file"),
+                                           ("file-is-dir", "is a directory"), ("no-config", "no config.json")])
+def test_verify_inputs_are_checked_before_loading_models(model, gguf_file, tmp_path, capsys, which, needle):
+    hf_dir, gguf = model, gguf_file
+    if which == "dir":
+        hf_dir = tmp_path / "nope"
+    elif which == "file":
+        gguf = tmp_path / "nope.gguf"
+    elif which == "file-is-dir":
+        gguf = tmp_path
+    else:
+        hf_dir = tmp_path
+    assert main(["verify", str(hf_dir), str(gguf)]) == EXIT_BAD_INPUT
+    one_error(capsys.readouterr().err, needle)
