@@ -161,7 +161,7 @@ def _classes(arch: str):
     """(config, CausalLM, wrapper config or None, wrapper model or None) transformers classes."""
     import transformers
     names = spec(arch).classes
-    return tuple(getattr(transformers, n) for n in names) + (None,) * (4 - len(names))
+    return tuple(None if n is None else getattr(transformers, n) for n in names) + (None,) * (4 - len(names))
 
 
 # A minimal vision tower so the hub layout carries model.visual.* tensors to be dropped.
@@ -298,6 +298,36 @@ def vision_tensors(arch: str, text_cfg, seed: int) -> tuple[dict, dict]:
     return sd, json.loads(cfg.to_json_string())  # diff form, as save_pretrained writes it
 
 
+def _wrapper_only_mock(arch: str, out: Path, kw: dict, layout: str, tdtype, dtype: str, seed: int,
+                       full_precision: bool) -> Path:
+    """A model that exists only inside its ConditionalGeneration wrapper (Qwen3-VL): built and saved as
+    transformers does ("causal"), or as published ("hub": bf16 shards, packed experts transposed)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    _, _, cg_cfg_cls, cg_cls = _classes(arch)
+    vision = dict(VISION_STUB, out_hidden_size=kw["hidden_size"], deepstack_visual_indexes=[0])
+    cfg = cg_cfg_cls(text_config=kw, vision_config=vision, tie_word_embeddings=kw["tie_word_embeddings"])
+    torch.manual_seed(seed)
+    model = cg_cls(cfg)
+    init_weights(model, arch, seed, bf16_exact=not full_precision)
+    model.to(tdtype)
+    model.config.dtype = dtype
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        sd = load_file(str(Path(tmp) / "model.safetensors"))
+        config = json.loads((Path(tmp) / "config.json").read_text())
+    if layout == "causal":
+        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:  # the published layout: experts [E, H, 2F] and [E, F, H]
+        sd = {k: (v.transpose(1, 2).contiguous() if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else v)
+              for k, v in sd.items()}
+        config["transformers_version"] = "4.57.0"
+        _save_shards(sd, out, n_shards=2)
+    _dump_json(out / "config.json", config)
+    return out
+
+
 def _save_shards(sd: dict, out: Path, n_shards: int) -> None:
     """Write `sd` as n_shards safetensors files + model.safetensors.index.json (Hub style)."""
     from safetensors.torch import save_file
@@ -378,6 +408,8 @@ def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None =
         if "layer_types" in kw:
             kw["layer_types"] = kw["layer_types"][:2] * (num_hidden_layers // 2)
     kw.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=None)
+    if mock.wrapper_only:
+        return _wrapper_only_mock(arch, out, kw, layout, tdtype, dtype, seed, full_precision)
     cfg = cfg_cls(**kw)
     torch.manual_seed(seed)
     model = lm_cls(cfg)

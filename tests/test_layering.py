@@ -124,7 +124,8 @@ def allowed_names(arch: str) -> set[str]:
 
 
 @pytest.mark.parametrize("arch,layout,extra", [
-    ("qwen2", "causal", []), ("qwen3", "causal", []), ("qwen3moe", "causal", []), ("qwen2moe", "causal", []), ("qwen3next", "hub", []), ("qwen35", "hub", []), ("qwen35moe", "hub", []),
+    ("qwen2", "causal", []), ("qwen3", "causal", []), ("qwen3moe", "causal", []), ("qwen3vl", "causal", []),
+    ("qwen3vlmoe", "hub", []), ("qwen2moe", "causal", []), ("qwen3next", "hub", []), ("qwen35", "hub", []), ("qwen35moe", "hub", []),
     ("qwen35moe", "hub", ["--fuse-gate-up-exps", "--fuse-qkv"]),
 ])
 def test_every_emitted_tensor_name_is_one_gguf_py_lists_for_the_arch(mock_model, arch, layout, extra, capsys):

@@ -37,7 +37,7 @@ class MockSpec:
     """transformers classes: (config, CausalLM) and, for a Hub layout, (wrapper config, wrapper model)
     after them; `tokenizer` is the pre-tokenizer the mock tokenizer uses (llama.cpp's name)."""
 
-    classes: tuple[str, ...]
+    classes: tuple[str | None, ...]  # a None CausalLM: the model exists only inside its wrapper
     tokenizer: str = "qwen2"
     hub: bool = False  # a Hub layout exists: bf16 shards, MTP tensors, the vision wrapper if classes has one
     hub_packed_experts: bool = False  # the Hub checkpoint packs the trunk experts
@@ -46,3 +46,7 @@ class MockSpec:
     @property
     def wrapped(self) -> bool:
         return len(self.classes) == 4
+
+    @property
+    def wrapper_only(self) -> bool:
+        return self.classes[1] is None

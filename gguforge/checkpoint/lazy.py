@@ -119,6 +119,12 @@ class Lazy:
         shape[axis] = len(index)
         return self._moved(lambda a: np.take(a, index, axis=axis), shape)
 
+    def swap_last_axes(self) -> "Lazy":
+        """Exchange the last two axes (of a tensor with three or more), e.g. [E, H, F] -> [E, F, H]."""
+        assert self.ndim >= 3, self.shape
+        shape = self.shape[:-2] + (self.shape[-1], self.shape[-2])
+        return self._moved(lambda a: np.ascontiguousarray(np.swapaxes(a, -1, -2)), shape)
+
     def reshape_rest(self, rest: Sequence[int]) -> "Lazy":
         """Reshape the non-leading axes (e.g. squeeze conv1d [C,1,K] -> [C,K])."""
         rest = tuple(rest)
