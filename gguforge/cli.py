@@ -58,6 +58,13 @@ def _detach_stdout() -> None:
 MAX_THREADS = 4096
 
 
+def _check_not_empty(*named: tuple[str, str | None]) -> None:
+    """An empty value given on purpose (often an unset shell variable) is an error, not the default."""
+    for name, value in named:
+        if value is not None and not value.strip():
+            raise UserError(f"{name} is empty", hint="leave it out to get the default")
+
+
 def _check_output_arg(text: str | None, what: str) -> None:
     """An output name ending in '/' names a directory: it must exist (never write a file called like it)."""
     if text and text.endswith("/") and not Path(text).is_dir():
@@ -135,6 +142,8 @@ def convert_hf_cmd(
     if mtp_only and no_mtp:
         raise UserError("--mtp and --no-mtp cannot be combined")
     _check_output_arg(outfile, "--outfile")
+    _check_not_empty(("MODEL", model), ("--outfile", outfile), ("--outtype", outtype), ("--model-name", model_name),
+                     ("--pre-tokenizer", pre_tokenizer))
     overrides = {}
     if metadata is not None:
         from .checkpoint.read import read_json_object

@@ -445,3 +445,17 @@ def test_verify_inputs_are_checked_before_loading_models(model, gguf_file, tmp_p
         hf_dir = tmp_path
     assert main(["verify", str(hf_dir), str(gguf)]) == EXIT_BAD_INPUT
     one_error(capsys.readouterr().err, needle)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("convert-hf", ""), "MODEL is empty"), (("convert-hf", "{model}", "--outfile", ""), "--outfile is empty"),
+    (("convert-hf", "{model}", "--model-name", " "), "--model-name is empty"),
+    (("convert-hf", "{model}", "--pre-tokenizer", ""), "--pre-tokenizer is empty"),
+    (("convert-hf", "{model}", "--outfile", "afile/x.gguf"), "ot a directory"),
+])
+def test_careless_empty_or_odd_values(model, tmp_path, args, needle):
+    (tmp_path / "afile").write_bytes(b"")
+    r = run_cli(*(a.format(model=model) for a in args), cwd=tmp_path)
+    assert r.returncode == EXIT_BAD_INPUT
+    one_error(r.stderr, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

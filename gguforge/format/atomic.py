@@ -90,7 +90,8 @@ def create_temp(target: Path) -> tuple[int, str]:
     """A new locked temp file beside `target`: (file descriptor, path)."""
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
-        raise UserError(f"output directory {directory} does not exist")
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise UserError(f"output directory {directory} {what}")
     if len(target.name.encode("utf-8", "surrogateescape")) > name_max(directory):
         raise UserError(f"cannot write {target}: file name too long (more than {name_max(directory)} bytes)")
     prefix = temp_prefix(target)
