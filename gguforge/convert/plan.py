@@ -20,7 +20,7 @@ from ..archs import lookup
 from ..archs.base import DecoderArch, UnmappedTensor
 from ..errors import UserError
 from ..quantize.encode import encode
-from ..quantize.presets import Preset, parse_preset, preset_names
+from ..quantize.presets import UNSUPPORTED, Preset, parse_preset, preset_names
 from ..quantize.rules import TensorIn, model_is_70b, model_n_gqa, plan_quantization
 from . import fuse as fusion
 from .metadata import GeneralInfo, add_general_metadata, apply_overrides, general_info, model_id_for
@@ -207,6 +207,8 @@ def parse_outtype_preset(outtype: str) -> Preset:
     try:
         preset = parse_preset(outtype)
     except UserError:
+        if outtype.strip().upper() in UNSUPPORTED:
+            raise  # a known llama-quantize preset gguforge cannot write yet: say why
         preset = None
     if preset is None or preset.is_float or outtype.strip().isdigit():
         raise UserError(f"unknown output type {outtype!r}",
