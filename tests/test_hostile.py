@@ -459,3 +459,15 @@ def test_careless_empty_or_odd_values(model, tmp_path, args, needle):
     assert r.returncode == EXIT_BAD_INPUT
     one_error(r.stderr, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_an_empty_temp_file_is_stale_only_once_it_is_old(tmp_path):
+    target = tmp_path / "x.gguf"
+    empty = tmp_path / f"{atomic.temp_prefix(target)}abcd1234.part"
+    empty.write_bytes(b"")  # as a run killed right after creating it leaves it, or a live run's first instant
+    atomic.remove_stale_temps(tmp_path, atomic.temp_prefix(target))
+    assert empty.exists()
+    old = empty.stat().st_mtime - atomic.JUST_CREATED_S - 1
+    os.utime(empty, (old, old))
+    atomic.remove_stale_temps(tmp_path, atomic.temp_prefix(target))
+    assert not empty.exists()

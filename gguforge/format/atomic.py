@@ -26,6 +26,7 @@ import os
 import stat
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from ..errors import UserError
@@ -109,15 +110,19 @@ def _is_our_temp(name: str, prefix: str) -> bool:
             and len(name) == len(prefix) + RANDOM_CHARS + len(TEMP_SUFFIX))
 
 
+JUST_CREATED_S = 10
+
+
 def _stale(path: str) -> bool:
-    """Nobody holds the file locked, and it is not a temp file created this very moment (empty, unlocked
-    for the few microseconds between its creation and its lock)."""
+    """Nobody holds the file locked, and it is not a temp file created this very moment (empty and
+    unlocked for the few microseconds between its creation and its lock)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_size == 0:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_size == 0 and time.time() - st.st_mtime < JUST_CREATED_S):
             return False
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
