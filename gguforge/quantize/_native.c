@@ -723,11 +723,12 @@ ALWAYS_INLINE void q3k_finish(const float *x, const float *scales, int8_t *L, ui
     /* bit 2 of element j goes to hmask[j % 32], bit j / 32 */
     uint8_t Lu[QK_K];
     memset(hm, 0, 32);
-    for (int j = 0; j < QK_K; j++) {
-        int l = L[j];
-        if (l > 3) { hm[j % 32] |= (uint8_t)(1 << (j / 32)); l -= 4; }
-        Lu[j] = (uint8_t)l;
-    }
+    for (int k = 0; k < 8; k++)   /* branch-free: element 32k+m */
+        for (int m = 0; m < 32; m++) {
+            const int l = L[32 * k + m], high = l > 3;
+            hm[m] |= (uint8_t)(high << k);
+            Lu[32 * k + m] = (uint8_t)(l - 4 * high);
+        }
     pack_2bit(Lu, qs);
     put_u16(y + 108, dh);
 }
