@@ -123,3 +123,17 @@ def test_deferred_delivers_after_the_block():
                 seen.append("block finished")
         assert info.value.signum == signal.SIGTERM
     assert seen == ["block finished"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_library_callers_are_cleaned_up_too(tmp_path, sig):
+    """Without the CLI's handlers, the writer turns termination signals into exceptions while it writes."""
+    from gguforge.format.writer import atomic_outputs
+    before = signal.getsignal(sig)
+    with pytest.raises(Terminated):
+        with atomic_outputs([tmp_path / "x.gguf"]) as (f,):
+            f.write(b"partial")
+            os.kill(os.getpid(), sig)
+            for _ in range(10**6):  # the handler raises at the next bytecode boundary
+                pass
+    assert leftovers(tmp_path) == [] and signal.getsignal(sig) == before

@@ -21,6 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from ..errors import UserError
+from ..signals import termination_as_exception
 from .atomic import commit, create_temp, expect, unlink_quietly
 from .types import tensor_nbytes
 
@@ -235,36 +236,37 @@ def atomic_outputs(targets: list[Path]) -> Iterator[list[Any]]:
     targets = [Path(t) for t in targets]
     temps: list[str] = []
     files: list[Any] = []
-    try:
-        expected = [expect(t) for t in targets]
+    with termination_as_exception():  # for library callers too: a signal unwinds, cleanup runs
         try:
-            for target in targets:
-                fd, tmp = create_temp(target)
-                temps.append(tmp)
-                os.fchmod(fd, 0o666 & ~_umask())
-                files.append(os.fdopen(fd, "wb", buffering=8 << 20))
-            yield files
-            for f in files:
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            if e.errno in WRITE_ERRORS:
-                raise UserError(f"cannot write {targets[0]}: {e.strerror} (disk full or file size limit)") \
-                    from None
-            raise
+            expected = [expect(t) for t in targets]
+            try:
+                for target in targets:
+                    fd, tmp = create_temp(target)
+                    temps.append(tmp)
+                    os.fchmod(fd, 0o666 & ~_umask())
+                    files.append(os.fdopen(fd, "wb", buffering=8 << 20))
+                yield files
+                for f in files:
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                if e.errno in WRITE_ERRORS:
+                    raise UserError(f"cannot write {targets[0]}: {e.strerror} (disk full or file size limit)") \
+                        from None
+                raise
+            finally:
+                for f in files:
+                    try:
+                        f.close()
+                    except OSError:  # its buffer could not be written: the error above already says why
+                        pass
+            try:
+                commit(temps, targets, expected)
+            except OSError as e:
+                raise UserError(f"cannot write {e.filename or targets[0]}: {e.strerror}") from None
         finally:
-            for f in files:
-                try:
-                    f.close()
-                except OSError:  # its buffer could not be written: the error above already says why
-                    pass
-        try:
-            commit(temps, targets, expected)
-        except OSError as e:
-            raise UserError(f"cannot write {e.filename or targets[0]}: {e.strerror}") from None
-    finally:
-        for tmp in temps:
-            unlink_quietly(tmp)
+            for tmp in temps:
+                unlink_quietly(tmp)
 
 
 def write_gguf_shards(targets: list[Path], metadatas: list[Metadata], groups: list[tuple[int, int]],
