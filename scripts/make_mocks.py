@@ -369,7 +369,7 @@ def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None =
     full_precision: draw float32 values that bf16/f16 cannot represent (default: bf16-exact values).
     tied: tie the output head to the embedding (no lm_head.weight in the checkpoint).
     rope_scaling: extra rope_parameters entries, e.g. {"rope_type": "yarn", "factor": 4.0, ...}.
-    mtp:   add mtp.* tensors; default True for hub (qwen3next/qwen35/qwen35moe), False otherwise.
+    mtp:   add mtp.* tensors; default: for the hub layout of an architecture with an MTP head.
     num_experts: routed experts for MoE archs (default 4; 8 triggers llama-quantize's 8-expert rules).
     num_hidden_layers: decoder layers (default 2 or 4 by size; even for the hybrids, which alternate
            linear and full attention); >= 16 makes llama-quantize's layer-position rules fire.
@@ -384,8 +384,8 @@ def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None =
 
     dtype = dtype or ("bfloat16" if layout == "hub" else "float32")
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    mtp = (layout == "hub") if mtp is None else mtp
     from gguforge.archs.api import MtpHead
+    mtp = (layout == "hub" and issubclass(arch_classes()[arch], MtpHead)) if mtp is None else mtp
     if mtp and not issubclass(arch_classes()[arch], MtpHead):
         raise ValueError(f"{arch} has no MTP head")
 
