@@ -3,8 +3,9 @@
 
 Builds REV in a git worktree (its native extension in place), generates one random bf16 checkpoint
 with Qwen3.5-4B dimensions (scripts/bench_convert.py), then runs each job with both versions,
-alternating, several rounds, and prints the best time of each and the ratio (this / REV). Outputs
-of the two versions are compared byte for byte. Nothing here is a test.
+alternating, several rounds, and prints the best wall and CPU time of each and the ratios (this / REV).
+Outputs of the two versions are compared byte for byte (deliberate format changes show as "no").
+Nothing here is a test.
 
     python scripts/bench_revisions.py 6b53d7b                 # convert + quantize jobs, 4 layers
     python scripts/bench_revisions.py HEAD~5 --rounds 5 --layers 8 --jobs convert-bf16,quantize-Q4_K_M
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -40,15 +42,21 @@ def worktree(rev: str, where: Path) -> Path:
     return tree
 
 
-def run(code_root: Path, args: list[str], cwd: Path) -> float:
-    """Seconds for `python -m gguforge ARGS` importing gguforge from code_root."""
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run(code_root: Path, args: list[str], cwd: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of `python -m gguforge ARGS` importing gguforge from code_root. CPU time
+    (user + system, all threads) is the steadier figure on a shared machine."""
     env = {**os.environ, "PYTHONPATH": str(code_root)}
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu_seconds()
     r = subprocess.run([sys.executable, "-m", "gguforge", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    dt = time.perf_counter() - t
+    dt, dc = time.perf_counter() - t, cpu_seconds() - c
     if r.returncode:
         raise SystemExit(f"{code_root}: gguforge {' '.join(args)} failed:\n{r.stderr[-2000:]}")
-    return dt
+    return dt, dc
 
 
 def job_args(job: str, model: Path, bf16_gguf: Path, out: Path) -> list[str]:
@@ -79,17 +87,21 @@ def main() -> None:
     versions = {"this": ROOT, args.rev: other}
     print(f"this checkout vs {args.rev} ({other.name}); {args.layers} layers, best of {args.rounds}, "
           f"{os.cpu_count()} cores")
-    print(f"| job | this s | {args.rev} s | this / {args.rev} | same bytes |")
-    print("|---|---|---|---|---|")
+    r = args.rev
+    print(f"| job | this wall s | {r} wall s | this / {r} (wall) | this CPU s | {r} CPU s | this / {r} (CPU) "
+          "| same bytes |")
+    print("|---|---|---|---|---|---|---|---|")
     for job in args.jobs.split(","):
-        best = {name: float("inf") for name in versions}
+        wall = {name: float("inf") for name in versions}
+        cpu = dict(wall)
         outs = {name: args.workdir / f"out-{i}.gguf" for i, name in enumerate(versions)}
         for _ in range(args.rounds):
             for name, code in versions.items():  # alternate, so load changes hit both alike
-                best[name] = min(best[name], run(code, job_args(job, model, bf16_gguf, outs[name]), args.workdir))
+                w, c = run(code, job_args(job, model, bf16_gguf, outs[name]), args.workdir)
+                wall[name], cpu[name] = min(wall[name], w), min(cpu[name], c)
         same = filecmp.cmp(*outs.values(), shallow=False)
-        this, that = best["this"], best[args.rev]
-        print(f"| {job} | {this:.2f} | {that:.2f} | {this / that:.2f} | {'yes' if same else 'no'} |")
+        print(f"| {job} | {wall['this']:.2f} | {wall[r]:.2f} | {wall['this'] / wall[r]:.2f} | {cpu['this']:.2f} "
+              f"| {cpu[r]:.2f} | {cpu['this'] / cpu[r]:.2f} | {'yes' if same else 'no'} |")
         for path in outs.values():
             path.unlink(missing_ok=True)
 
