@@ -369,7 +369,8 @@ def test_presets_and_file_types():
 
 @pytest.mark.parametrize("text, why", [("Q2_K_S", "importance matrix"), ("21", "importance matrix"),
                                        ("iq2_xxs", "lattice"), ("IQ3_M", "lattice"), ("IQ1_S", "lattice"),
-                                       ("27", "lattice")])  # 27 = IQ3_S
+                                       ("27", "lattice"),  # 27 = LLAMA_FTYPE_MOSTLY_IQ3_M
+                                       ("tq1_0", "not implemented"), ("MXFP4_MOE", "not implemented")])
 def test_refused_presets(text, why, tmp_path, capsys):
     src = write_synthetic(tmp_path / "in.gguf", 2, 256, 256, 4, 4, 0)
     out = tmp_path / "out.gguf"

@@ -54,13 +54,17 @@ PRESETS: dict[str, Preset] = {
 
 ALIASES: dict[str, str] = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
-# llama-quantize presets gguforge cannot write yet: the lattice (codebook) types, and Q2_K_S, whose
-# Q2_K tensors llama-quantize only writes with an imatrix. name -> LLAMA_FTYPE, and why not.
+# llama-quantize presets gguforge cannot write yet: the lattice (codebook) types, Q2_K_S, whose Q2_K
+# tensors llama-quantize only writes with an imatrix, and the ternary/FP4/1-2 bit ones.
+# name -> (LLAMA_FTYPE, why not).
 _LATTICE = "the IQ1/IQ2/IQ3 lattice (codebook) types are not implemented"
 UNSUPPORTED: dict[str, tuple[int, str]] = {
     "Q2_K_S": (int(FT.MOSTLY_Q2_K_S), "its Q2_K tensors need an importance matrix (--imatrix is not supported yet)"),
     **{name: (int(FT[f"MOSTLY_{name}"]), _LATTICE) for name in (
         "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M")},
+    # llama.h LLAMA_FTYPE_MOSTLY_TQ1_0 .. _Q2_0 (gguf-py lacks Q2_0)
+    **{name: (ftype, "its types are not implemented") for name, ftype in (
+        ("TQ1_0", 36), ("TQ2_0", 37), ("MXFP4_MOE", 38), ("Q1_0", 40), ("Q2_0", 41))},
 }
 
 
