@@ -88,3 +88,24 @@ def test_qwen3moe_with_dense_layers_is_refused(mock_model, tmp_path, capsys):
     assert main(["convert-hf", str(model), "--outfile", str(tmp_path / "o.gguf")]) == 2
     err = capsys.readouterr().err
     assert "layer 1 is a dense MLP layer" in err and not (tmp_path / "o.gguf").exists()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "qwen3moe"])
+def test_fused_qkv_loads_in_llama_cpp(mock_model, tmp_path, arch):
+    pytest.importorskip("llama_cpp")
+    from gguforge.verify import verify
+    model = mock_model(arch)
+    out = tmp_path / "fused.gguf"
+    assert main(["convert-hf", str(model), "--outfile", str(out), "--outtype", "f32", "--fuse-qkv", "-q"]) == 0
+    names = {t.name for t in gguf.GGUFReader(out).tensors}
+    assert "blk.0.attn_qkv.weight" in names and "blk.0.attn_q.weight" not in names
+    assert ("blk.0.attn_qkv.bias" in names) is (arch == "qwen2")
+    report = verify(model, out)
+    assert report.nmse <= 1e-6, report.format()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "qwen3moe"])
+def test_fused_experts_are_refused_where_the_loader_has_none(mock_model, tmp_path, capsys, arch):
+    out = tmp_path / "o.gguf"
+    assert main(["convert-hf", str(mock_model(arch)), "--outfile", str(out), "--fuse-gate-up-exps"]) == 2
+    assert "--fuse-gate-up-exps" in capsys.readouterr().err and not out.exists()

@@ -29,10 +29,8 @@ def _tensors(d: Path) -> dict:
 
 def _logits(model_dir: Path, text: str = V.DEFAULT_TEXT):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model, tok, _ = V.load_hf(model_dir)  # (the text model of a VL checkpoint too)
     ids = tok.encode(text, add_special_tokens=False)
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
@@ -143,7 +141,8 @@ def test_mock_loads_with_nontrivial_logits(arch, mock_model):
 
     d = mock_model(arch)
     cfg = json.loads((d / "config.json").read_text())
-    assert cfg["vocab_size"] == 512 and not cfg["tie_word_embeddings"]
+    text = cfg.get("text_config", cfg)  # wrapper-only models (Qwen3-VL) nest it
+    assert text["vocab_size"] == 512 and not cfg["tie_word_embeddings"]
     logits = _logits(d)
     assert logits.shape[-1] == 512 and torch.isfinite(logits).all()
     assert 0.5 < logits.std() < 20
@@ -156,14 +155,18 @@ def test_mock_config_and_weights(arch, mock_model):
     d = mock_model(arch)
     cfg = json.loads((d / "config.json").read_text())
     sd = _tensors(d)
-    assert not any(".experts.gate_up_proj" in k for k in sd)  # causal layout: per-expert names
-    norms = {k: v for k, v in sd.items() if k.endswith("norm.weight") and "linear_attn" not in k}
-    centre = 1.0 if arch == "qwen2moe" else 0.0  # Qwen3-Next/3.5 store w for x*(1+w)
+    if not make_mocks.spec(arch).wrapper_only:  # (Qwen3-VL-MoE: transformers saves them packed)
+        assert not any(".experts.gate_up_proj" in k for k in sd)  # causal layout: per-expert names
+    norms = {k: v for k, v in sd.items() if k.endswith("norm.weight") and "linear_attn" not in k
+             and "visual" not in k}
+    cls = make_mocks.arch_classes()[arch]
+    centre = 0.0 if cls.zero_centred_norms else 1.0  # Qwen3-Next/3.5 store w for x*(1+w)
     for k, v in norms.items():
         assert abs(float(v.mean()) - centre) < 0.1 and float(v.std()) > 0.03, k
-    if arch == "qwen2moe":
-        assert cfg["num_attention_heads"] * cfg["hidden_size"] // cfg["num_attention_heads"] == cfg["hidden_size"]
+    if arch in ("qwen2", "qwen2moe"):
         assert "lm_head.weight" in sd and float(sd["model.layers.0.self_attn.q_proj.bias"].abs().mean()) > 0.01
+    from gguforge.archs.qwen3next import Qwen3Next
+    if not issubclass(cls, Qwen3Next):  # the rest is about the hybrid layers
         return
     assert {"linear_attention", "full_attention"} <= set(cfg["layer_types"])
     assert cfg["linear_num_value_heads"] != cfg["linear_num_key_heads"]
@@ -349,4 +352,9 @@ def test_convert_then_verify(arch, layout, mock_model, tmp_path):
     report = V.verify(src, out)
     assert report.n_tokens >= 48 and report.n_vocab == 512
     assert report.tokenizer_ok, report.format()
-    assert report.nmse < 1e-8 and report.top1_agreement >= 0.98, report.format()
+    assert report.nmse < NMSE_BOUND.get(arch, 1e-8) and report.top1_agreement >= 0.98, report.format()
+
+
+# llama.cpp's M-RoPE on text positions differs slightly from transformers' for Qwen3-VL: 4e-6 with
+# our file and with llama.cpp's converter's (the two files are byte-identical: tests/test_qwen3vl.py).
+NMSE_BOUND = {"qwen3vl": 1e-5, "qwen3vlmoe": 1e-5}

@@ -43,8 +43,6 @@ class MtpHead:
 class DecoderArch:
     gguf_arch: str = ""
     hf_architectures: tuple[str, ...] = ()
-    # Optional fusions this architecture's llama.cpp loader accepts ("gate_up_exps", "qkv").
-    fusions: frozenset[str] = frozenset()
     file_type: int | None = None  # general.file_type, set by the planner before add_metadata()
     output_required = False  # the loader needs output.weight even when the checkpoint ties it
     zero_centred_norms = False  # HF computes x*(1+w) for its RMS norms (the converter adds 1)

@@ -12,6 +12,7 @@ from .api import DecoderArch, MockSizes, MockSpec, register
 @register("Qwen2ForCausalLM")
 class Qwen2(DecoderArch):
     gguf_arch = "qwen2"
+    fusions = frozenset({"qkv"})  # create_tensor_qkv: the loader reads attn_qkv or attn_q/k/v
     mock = MockSpec(("Qwen2Config", "Qwen2ForCausalLM"))
 
     @property

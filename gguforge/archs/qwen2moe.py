@@ -100,7 +100,7 @@ class Qwen2Moe(DecoderArch):
         if tensor.ndim != 3 or tensor.shape[1] % 2:
             raise UserError(f"model.layers.{layer}.mlp.experts.gate_up_proj has shape {list(tensor.shape)}; "
                             "expected [experts, 2*ffn, hidden]")
-        if self.options.fuse_gate_up_exps and "gate_up_exps" in self.fusions:
+        if self.options.fuse_gate_up_exps and "gate_up_exps" in getattr(self, "fusions", ()):
             # Already the fused layout [E, gate+up, H]: write it as is, no split and rejoin.
             yield blk + "ffn_gate_up_exps.weight", tensor
             return

@@ -33,10 +33,15 @@ WHY_NOT = {
 }
 
 
+def supported(arch) -> frozenset[str]:
+    """The fusions an architecture declares (a capability: `fusions` only on classes whose loader has them)."""
+    return getattr(arch, "fusions", frozenset())
+
+
 def check_supported(arch, options) -> None:
     """Refuse a fusion the architecture's llama.cpp loader cannot use (before anything is written)."""
     for fusion in requested(options):
-        if fusion not in arch.fusions:
+        if fusion not in supported(arch):
             raise UserError(f"{FLAGS[fusion]} is not supported for {arch.gguf_arch}: {WHY_NOT[fusion]}")
 
 
