@@ -33,3 +33,30 @@ def mock_model(tmp_path_factory):
         return cache[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tree():
+    """llama.cpp's source tree (from the llama-cpp-python sdist) for its convert_hf_to_gguf.py."""
+    from helpers import llama_cpp_tree
+    found = llama_cpp_tree()
+    if found is None:
+        pytest.skip("llama.cpp source (llama-cpp-python sdist) could not be fetched from PyPI")
+    return found
+
+
+@pytest.fixture(scope="module")
+def quiet_llama():
+    """llama.cpp logs every tensor to stderr: silence it for a module, then restore its logger."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llama_cpp._logger import llama_log_callback
+
+    @llama_cpp.llama_log_callback
+    def ignore(level, text, data):
+        pass
+
+    llama_cpp.llama_log_set(ignore, ctypes.c_void_p(0))
+    yield
+    llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))

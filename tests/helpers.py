@@ -175,3 +175,17 @@ def run_reference_converter(tree: Path, model: Path, out: Path, outtype: str, pr
     return subprocess.run([sys.executable, "-c", _REFERENCE_RUNNER, str(tree), pre, str(tree / "convert_hf_to_gguf.py"),
                            str(model), "--outfile", str(out), "--outtype", outtype, *extra],
                           capture_output=True, text=True, env=env)
+
+
+def llama_quantize(src, dst, preset: str, **params) -> None:
+    """llama.cpp's own quantizer (llama-cpp-python's llama_model_quantize), 2 threads; `params` set
+    fields of llama_model_quantize_params."""
+    import llama_cpp
+
+    from gguforge.quantize.presets import parse_preset
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = int(parse_preset(preset).file_type)
+    p.nthread = 2
+    for key, value in params.items():
+        setattr(p, key, value)
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), p) == 0

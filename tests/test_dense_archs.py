@@ -10,7 +10,7 @@ import pytest
 
 from gguforge.cli import main
 
-from helpers import llama_cpp_tree, run_reference_converter
+from helpers import run_reference_converter
 
 pytest.importorskip("torch")
 
@@ -25,13 +25,6 @@ VARIANTS = [  # (arch, mock kwargs)
 ]
 IDS = [a + "".join(f"-{k}" for k in kw) for a, kw in VARIANTS]
 
-
-@pytest.fixture(scope="module")
-def tree():
-    found = llama_cpp_tree()
-    if found is None:
-        pytest.skip("llama.cpp source (llama-cpp-python sdist) could not be fetched from PyPI")
-    return found
 
 
 @pytest.mark.parametrize("arch,kw", VARIANTS, ids=IDS)

@@ -6,17 +6,14 @@ float16, so any rounding through a 16-bit type on the way to a quantized type ch
 
 from __future__ import annotations
 
-import ctypes
-
 import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
 from gguforge.cli import main
-from gguforge.quantize.presets import parse_preset
 
-from helpers import llama_cpp_tree, run_reference_converter
+from helpers import llama_quantize, run_reference_converter
 
 pytest.importorskip("torch")
 
@@ -30,13 +27,6 @@ CASES = [
     ("qwen3next", "float32", True, ("q8_0",)),
 ]
 
-
-@pytest.fixture(scope="module")
-def tree():
-    found = llama_cpp_tree()
-    if found is None:
-        pytest.skip("llama.cpp source (llama-cpp-python sdist) could not be fetched from PyPI")
-    return found
 
 
 def test_full_precision_mock_is_not_bf16_exact(mock_model):
@@ -95,23 +85,9 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def quiet_llama():
-    from llama_cpp._logger import llama_log_callback
-
-    @llama_cpp.llama_log_callback
-    def ignore(level, text, data):
-        pass
-
-    llama_cpp.llama_log_set(ignore, ctypes.c_void_p(0))
+def _quiet(quiet_llama):
     yield
-    llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
 
-
-def llama_quantize(src, dst, preset: str) -> None:
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = int(parse_preset(preset).file_type)
-    p.nthread = 2
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), p) == 0
 
 
 def tensors(path):

@@ -11,14 +11,14 @@ smallest that keeps K-quant rows, keeps them fast.
 
 from __future__ import annotations
 
-import ctypes
-
 import gguf
 import pytest
 from gguf import GGMLQuantizationType as T
 
 from gguforge.cli import main
 from gguforge.quantize.presets import parse_preset
+
+from helpers import llama_quantize
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytest.importorskip("torch")  # the mocks are built with transformers
@@ -37,17 +37,8 @@ DEEP = [("qwen35", 18, None), ("qwen2moe", 20, 4)]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def quiet_llama():
-    """llama.cpp logs every tensor to stderr; keep the output readable."""
-    from llama_cpp._logger import llama_log_callback
-
-    @llama_cpp.llama_log_callback
-    def ignore(level, text, data):
-        pass
-
-    llama_cpp.llama_log_set(ignore, ctypes.c_void_p(0))
+def _quiet(quiet_llama):
     yield
-    llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
 
 
 @pytest.fixture(scope="module", params=DEEP, ids=[f"{a}-{n}layers" for a, n, _ in DEEP])
@@ -75,12 +66,6 @@ def by_llama(deep_bf16, tmp_path_factory):
 
     return get
 
-
-def llama_quantize(src, dst, preset: str) -> None:
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = int(parse_preset(preset).file_type)
-    p.nthread = 2
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), p) == 0
 
 
 def types(path) -> dict[str, T]:

@@ -8,8 +8,6 @@ the checkpoint must give the same tensors as llama-quantize of the bf16 file.
 
 from __future__ import annotations
 
-import ctypes
-
 import gguf
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -17,6 +15,8 @@ from gguf import GGMLQuantizationType as T
 from gguforge.cli import main
 from gguforge.quantize.encode import native_supports
 from gguforge.quantize.presets import parse_preset
+
+from helpers import llama_quantize
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytest.importorskip("torch")  # the mocks are built with transformers
@@ -58,26 +58,9 @@ def bf16_model(request, mock_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def quiet_llama():
-    """llama.cpp logs every tensor to stderr; keep test output readable."""
-    from llama_cpp._logger import llama_log_callback
-
-    @llama_cpp.llama_log_callback
-    def ignore(level, text, data):
-        pass
-
-    llama_cpp.llama_log_set(ignore, ctypes.c_void_p(0))
+def _quiet(quiet_llama):
     yield
-    llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
 
-
-def llama_quantize(src, dst, preset: str, **params) -> None:
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = int(parse_preset(preset).file_type)
-    p.nthread = 2
-    for key, value in params.items():
-        setattr(p, key, value)
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), p) == 0
 
 
 def ne(tensor) -> list[int]:

@@ -16,17 +16,10 @@ import pytest
 
 from gguforge.cli import main
 
-from helpers import gguf_fields, llama_cpp_tree, run_reference_converter
+from helpers import gguf_fields, run_reference_converter
 
 pytest.importorskip("torch")
 
-
-@pytest.fixture(scope="module")
-def tree():
-    found = llama_cpp_tree()
-    if found is None:
-        pytest.skip("llama.cpp source (llama-cpp-python sdist) could not be fetched from PyPI")
-    return found
 
 
 @pytest.mark.parametrize("arch,layout,outtypes", [

@@ -6,7 +6,7 @@ import pytest
 
 from gguforge.cli import main
 
-from helpers import llama_cpp_tree, read_gguf, run_reference_converter
+from helpers import read_gguf, run_reference_converter
 
 # Every metadata key, its GGUF type, its value and the key order must match llama.cpp's converter,
 # except these known, deliberate differences: key -> (ours, llama.cpp's, reason); None = key absent.
@@ -55,13 +55,6 @@ CASES = [  # (arch, layout, outtypes): causal mocks are f32, hub mocks bf16 with
     ("qwen35moe", "hub", ("bf16", "q8_0")),
 ]
 
-
-@pytest.fixture(scope="module")
-def tree():
-    found = llama_cpp_tree()
-    if found is None:
-        pytest.skip("llama.cpp source (llama-cpp-python sdist) could not be fetched from PyPI")
-    return found
 
 
 @pytest.mark.parametrize("arch,layout,outtypes", CASES, ids=[f"{a}-{b}" for a, b, _ in CASES])
