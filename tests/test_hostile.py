@@ -471,3 +471,28 @@ def test_an_empty_temp_file_is_stale_only_once_it_is_old(tmp_path):
     os.utime(empty, (old, old))
     atomic.remove_stale_temps(tmp_path, atomic.temp_prefix(target))
     assert not empty.exists()
+
+
+def test_special_files_among_the_inputs_never_block(model, tmp_path):
+    """A FIFO would block a read forever, /dev/zero never end: neither is read as a file."""
+    root = copy_model(model, tmp_path)
+    (root / "generation_config.json").symlink_to("/dev/zero")
+    os.mkfifo(root / "README.md")
+    fifo = tmp_path / "over.json"
+    os.mkfifo(fifo)
+    r = subprocess.run([sys.executable, "-m", "gguforge", "convert-hf", str(root), "--outfile",
+                        str(tmp_path / "x.gguf"), "-q"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for bad in (fifo, Path("/dev/zero"), tmp_path):
+        r = subprocess.run([sys.executable, "-m", "gguforge", "convert-hf", str(model), "--metadata", str(bad),
+                            "--outfile", str(tmp_path / "y.gguf")], capture_output=True, text=True, timeout=120)
+        assert r.returncode == EXIT_BAD_INPUT
+        one_error(r.stderr, "not a regular file")
+
+
+def test_a_model_folder_name_that_is_not_utf8(model, tmp_path):
+    root = Path(shutil.copytree(model, os.fsdecode(bytes(tmp_path) + b"/m\xff")))
+    r = run_cli("convert-hf", str(root), "--outfile", str(tmp_path / "x.gguf"), "-q")
+    assert r.returncode == 0, r.stderr
+    from gguf import GGUFReader
+    assert GGUFReader(str(tmp_path / "x.gguf")).get_field("general.name").contents() == "M\ufffd"

@@ -225,6 +225,8 @@ def text_config(config: dict) -> dict:
 def read_json_object(path: Path, what: str | None = None) -> dict:
     """A JSON file that must hold an object; anything else is one clear error naming the file."""
     label = what or str(path)
+    if Path(path).exists() and not Path(path).is_file():  # a FIFO would block, /dev/zero never end
+        raise UserError(f"{label}: not a regular file")
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:

@@ -76,13 +76,21 @@ def model_id_for(root: Path, display_name: str | None) -> str:
         return display_name
     root = root.resolve()
     if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
-        return root.parent.parent.name[len("models--"):].replace("--", "/")
-    return root.name
+        return _text(root.parent.parent.name[len("models--"):].replace("--", "/"))
+    return _text(root.name)
+
+
+def _text(file_name: str) -> str:
+    """A file name as valid Unicode: bytes that are not UTF-8 become U+FFFD (metadata must be UTF-8)."""
+    import os
+    return os.fsencode(file_name).decode("utf-8", "replace")
 
 
 def load_model_card(root: Path) -> dict:
     """README.md YAML front matter; a card that does not parse is ignored like a missing one."""
     import yaml
+    if (root / "README.md").exists() and not (root / "README.md").is_file():
+        return {}  # a FIFO or device: reading it would block or never end
     try:
         return CardMetadata.load_model_card(root)
     except (yaml.YAMLError, UnicodeDecodeError, OSError):
@@ -90,6 +98,8 @@ def load_model_card(root: Path) -> dict:
 
 
 def load_generation_config(root: Path) -> dict:
+    if not (root / "generation_config.json").is_file():  # absent, or a FIFO or device that would not end
+        return {}
     try:
         config = json.loads((root / "generation_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
