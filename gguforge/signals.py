@@ -1,6 +1,7 @@
 """Termination signals: every catchable one unwinds the stack like Ctrl-C, so cleanup always runs.
 
-The CLI installs `termination_as_exception()` for the whole command. SIGINT raises KeyboardInterrupt
+The CLI installs `termination_as_exception()` for the whole command (the writer does too, for library
+callers, while it writes). SIGINT raises KeyboardInterrupt
 (as Python does by default); SIGTERM, SIGHUP and SIGQUIT raise `Terminated`, a BaseException so
 that no `except Exception` swallows it. Either way the CLI prints one line and exits 128 + signal.
 `deferred()` holds these signals back while a few steps must not be cut in half (moving finished
