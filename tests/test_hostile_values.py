@@ -105,7 +105,8 @@ def test_fuzz_rope_parameters(tiny_model, tmp_path, key, value, kind, capsys):
 
 
 COUNT_KEYS = ("num_hidden_layers", "num_experts", "num_experts_per_tok", "vocab_size", "max_position_embeddings",
-              "rms_norm_eps", "rope_theta", "moe_intermediate_size", "hidden_size", "head_dim")
+              "rms_norm_eps", "rope_theta", "moe_intermediate_size", "hidden_size", "head_dim", "_name_or_path",
+              "text_config", "layer_types", "tie_word_embeddings", "architectures")
 
 
 @FUZZ
@@ -267,8 +268,9 @@ def rope(**kw) -> dict:
     ({"num_hidden_layers": 10**9}, "num_hidden_layers"),
     ({"num_experts_per_tok": 3}, "num_experts_per_tok"),
     ({"vocab_size": 10**10}, "vocab_size"),
+    ({"_name_or_path": ["a"]}, "_name_or_path"),
 ], ids=["yarn-no-original", "factor-string", "mrope-not-list", "inf-theta", "nan-eps", "1e9-layers",
-        "more-used-than-experts", "huge-vocab"])
+        "more-used-than-experts", "huge-vocab", "name-not-a-string"])
 def test_config_values_refused(tiny_model, tmp_path, capsys, edit, needle):
     model = fresh_copy(tiny_model, tmp_path)
     (model / "config.json").write_text(json.dumps({**TINY, **edit}))

@@ -31,6 +31,7 @@ INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers
 FLOAT_KEYS = ("rms_norm_eps", "rope_theta", "partial_rotary_factor")
 LIST_KEYS = ("layer_types", "mlp_only_layers")
 DICT_KEYS = ("rope_parameters", "rope_scaling")
+STR_KEYS = ("_name_or_path", "model_type")  # read by gguf-py's naming heuristics
 # Upper bounds: far beyond any model, low enough that loops and arrays sized by them stay small.
 INT_LIMITS = {"num_hidden_layers": 4096, "mtp_num_hidden_layers": 4096, "num_experts": 1 << 16,
               "num_local_experts": 1 << 16, "num_experts_per_tok": 1 << 16, "vocab_size": 1 << 24}
@@ -49,6 +50,10 @@ def check_config_types(hparams: dict) -> None:
         value = hparams.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value)):
             raise UserError(f"config.json: {key} must be a finite number, got {value!r}")
+    for key in STR_KEYS:
+        value = hparams.get(key)
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"config.json: {key} must be a string, got {value!r}")
     check_expert_counts(hparams)
     for key in LIST_KEYS:
         value = hparams.get(key)
