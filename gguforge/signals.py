@@ -34,7 +34,13 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+_unwinding = {"depth": 0, "signal": None}  # the first signal raised; later ones must not cut cleanup short
+
+
 def _raise_for(signum: int, _frame) -> None:
+    if _unwinding["signal"] is not None:
+        return  # already unwinding for an earlier signal: let its cleanup and one-line report finish
+    _unwinding["signal"] = signum
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise Terminated(signum)
@@ -50,6 +56,9 @@ def termination_as_exception() -> Iterator[None]:
     if not _in_main_thread():  # handlers can only be set from the main thread
         yield
         return
+    if _unwinding["depth"] == 0:
+        _unwinding["signal"] = None
+    _unwinding["depth"] += 1
     previous = {}
     try:
         for signum in TERMINATION_SIGNALS:
@@ -58,6 +67,7 @@ def termination_as_exception() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _unwinding["depth"] -= 1
 
 
 @contextmanager

@@ -137,3 +137,26 @@ def test_library_callers_are_cleaned_up_too(tmp_path, sig):
             for _ in range(10**6):  # the handler raises at the next bytecode boundary
                 pass
     assert leftovers(tmp_path) == [] and signal.getsignal(sig) == before
+
+
+def test_a_second_signal_does_not_cut_the_cleanup_short(model, tmp_path, monkeypatch, capsys):
+    """Ctrl-C pressed twice, or SIGTERM then SIGHUP: still one line, the first signal's code, no temp file."""
+    import gguforge.format.atomic as atomic_module
+    original = atomic_module.unlink_quietly
+
+    def unlink_after_another_signal(path):
+        os.kill(os.getpid(), signal.SIGHUP)  # arrives while the temp files are being removed
+        original(path)
+    monkeypatch.setattr(atomic_module, "unlink_quietly", unlink_after_another_signal)
+    import gguforge.format.writer as writer
+    monkeypatch.setattr(writer, "unlink_quietly", unlink_after_another_signal)
+    original_write = writer._write_chunk
+
+    def write_then_signal(f, data):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original_write(f, data)
+    monkeypatch.setattr(writer, "_write_chunk", write_then_signal)
+    code = main(["convert-hf", str(model), "--outfile", str(tmp_path / "x.gguf"), "-q", "-t", "1"])
+    assert code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines() == ["interrupted by SIGTERM"]
+    assert leftovers(tmp_path) == []
