@@ -22,6 +22,7 @@ from gguforge.cli import main
 from gguforge.quantize import native
 from gguforge.quantize.presets import parse_preset
 from gguforge.quantize.rules import TensorIn, model_n_gqa, plan_quantization
+from helpers import llama_quantize
 from test_native_quant import KINDS, array_rmse, make_case, quantize_fns_data
 from test_quant_rules import dense_model, moe_model
 
@@ -318,31 +319,14 @@ def synthetic(request, tmp_path_factory):
                                           *SYNTHETIC[request.param])
 
 
-@pytest.fixture(scope="module")
-def llama_cpp_quiet():
-    llama_cpp = pytest.importorskip("llama_cpp")
-    from llama_cpp._logger import llama_log_callback
-
-    @llama_cpp.llama_log_callback
-    def ignore(level, text, data):
-        pass
-
-    llama_cpp.llama_log_set(ignore, ctypes.c_void_p(0))
-    yield llama_cpp
-    llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
-
-
 @pytest.mark.parametrize("preset", LADDER)
-def test_synthetic_files_match_llama_quantize(synthetic, llama_cpp_quiet, preset, tmp_path):
+def test_synthetic_files_match_llama_quantize(synthetic, quiet_llama, preset, tmp_path):
     import gguf
 
     name, src = synthetic
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "llama.gguf"
     assert main(["quantize", str(src), str(ours), preset, "-q", "--threads", "2"]) == 0
-    params = llama_cpp_quiet.llama_model_quantize_default_params()
-    params.ftype = int(parse_preset(preset).file_type)
-    params.nthread = 2
-    assert llama_cpp_quiet.llama_model_quantize(str(src).encode(), str(theirs).encode(), params) == 0
+    llama_quantize(src, theirs, preset)
     a, b = gguf.GGUFReader(ours).tensors, gguf.GGUFReader(theirs).tensors
     assert [(t.name, T(t.tensor_type).name) for t in a] == [(t.name, T(t.tensor_type).name) for t in b]
     for x, y in zip(a, b):
@@ -563,17 +547,14 @@ def gqa4_checkpoint(mock_model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("preset", ["Q2_K", "IQ4_XS"])
-def test_gqa4_quantize_and_one_pass_match_llama(gqa4_checkpoint, llama_cpp_quiet, preset, tmp_path):
+def test_gqa4_quantize_and_one_pass_match_llama(gqa4_checkpoint, quiet_llama, preset, tmp_path):
     import gguf
 
     bf16 = tmp_path / "bf16.gguf"
     assert main(["convert-hf", str(gqa4_checkpoint), "--outfile", str(bf16), "--outtype", "bf16", "-q"]) == 0
     assert model_n_gqa("qwen2moe", lambda k: gguf.GGUFReader(bf16).get_field(k).contents()) == 4
     theirs = tmp_path / "llama.gguf"
-    params = llama_cpp_quiet.llama_model_quantize_default_params()
-    params.ftype = int(parse_preset(preset).file_type)
-    params.nthread = 2
-    assert llama_cpp_quiet.llama_model_quantize(str(bf16).encode(), str(theirs).encode(), params) == 0
+    llama_quantize(bf16, theirs, preset)
     ref = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
     assert T(ref["blk.0.attn_v.weight"].tensor_type) == (T.Q4_K if preset == "Q2_K" else T.Q5_K)  # the rule fired
     for ours_args in (["quantize", str(bf16), str(tmp_path / "q.gguf"), preset],
