@@ -496,3 +496,24 @@ def test_a_model_folder_name_that_is_not_utf8(model, tmp_path):
     assert r.returncode == 0, r.stderr
     from gguf import GGUFReader
     assert GGUFReader(str(tmp_path / "x.gguf")).get_field("general.name").contents() == "M\ufffd"
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["no-force", "force"])
+def test_an_output_created_after_the_existence_check(model, tmp_path, monkeypatch, capsys, force):
+    """Between the 'already exists?' check and the start of writing, another process creates the output:
+    without --force it is kept (not taken for a file --force allowed replacing)."""
+    import gguforge.convert.pipeline as pipeline
+    original = pipeline.write_plan
+    target = tmp_path / "x.gguf"
+
+    def create_then_write(*args, **kwargs):
+        target.write_bytes(b"theirs")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(pipeline, "write_plan", create_then_write)
+    code = main(["convert-hf", str(model), "--outfile", str(target), "-q", *(["--force"] if force else [])])
+    if force:
+        assert code == 0 and target.read_bytes()[:4] == b"GGUF"
+    else:
+        assert code == EXIT_BAD_INPUT and target.read_bytes() == b"theirs"
+        one_error(capsys.readouterr().err, "already exists")
+    assert no_temp_files(tmp_path)

@@ -19,6 +19,7 @@ warning line.
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import errno
 import fcntl
@@ -27,7 +28,9 @@ import stat
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import UserError
 from ..signals import deferred
@@ -66,6 +69,21 @@ def describe_kind(mode: int) -> str | None:
 
 # -- before writing -------------------------------------------------------------------------------
 
+# Whether an existing output may be replaced (the CLI sets it from --force); None: the caller has
+# already decided (library use), and whatever exists when writing starts may be replaced.
+_REPLACE: contextvars.ContextVar[bool | None] = contextvars.ContextVar("gguforge_replace", default=None)
+
+
+@contextmanager
+def replacing(allowed: bool) -> Iterator[None]:
+    """Within the block, outputs that exist when writing starts are replaced only if `allowed`."""
+    token = _REPLACE.set(allowed)
+    try:
+        yield
+    finally:
+        _REPLACE.reset(token)
+
+
 
 def identity(st: os.stat_result) -> tuple[int, ...]:
     """What tells one regular file from another that took its name (an inode number alone can be reused)."""
@@ -80,6 +98,8 @@ def expect(target: Path) -> tuple[int, ...] | None:
         return None
     except OSError as e:
         raise UserError(f"cannot write {target}: {e.strerror}") from None
+    if _REPLACE.get() is False:  # also a file that appeared after the caller looked
+        raise UserError(f"{target} already exists", hint="pass --force to overwrite it")
     kind = describe_kind(st.st_mode)
     if kind is not None:
         raise UserError(f"refusing to replace {target}: it is {kind}, not a regular file",
