@@ -121,6 +121,8 @@ def convert_hf_cmd(
     vocab_only: bool = typer.Option(False, "--vocab-only", help="write metadata and vocabulary only"),
     mtp_only: bool = typer.Option(False, "--mtp", help="write only the multi-token-prediction draft head"),
     no_mtp: bool = typer.Option(False, "--no-mtp", "--no-nextn", help="drop multi-token-prediction tensors"),
+    mmproj: bool = typer.Option(False, "--mmproj", help="write the vision encoder as mmproj-<name>-<TYPE>.gguf "
+                                "(for llama.cpp's mtmd) instead of the text model"),
     list_archs: bool = typer.Option(False, "--list-archs", help="list supported architectures and exit"),
     split_max_size: Optional[str] = typer.Option(None, "--split-max-size", metavar="N[K|M|G]",
                                                  help="split the output into shards of at most this size "
@@ -152,7 +154,7 @@ def convert_hf_cmd(
                              metadata_overrides=overrides, threads=threads,
                              fuse_gate_up_exps=fuse_gate_up_exps, fuse_qkv=fuse_qkv, allow_nonfinite=allow_nonfinite,
                              vocab_only=vocab_only, mtp_only=mtp_only, no_mtp=no_mtp,
-                             allow_pickle=allow_pickle)
+                             allow_pickle=allow_pickle, mmproj=mmproj)
     source = model or str(embedded_model_dir())
     if quiet or not sys.stderr.isatty():  # hub downloads show their own bars: silence them with ours
         import os

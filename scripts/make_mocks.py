@@ -164,9 +164,14 @@ def _classes(arch: str):
     return tuple(None if n is None else getattr(transformers, n) for n in names) + (None,) * (4 - len(names))
 
 
-# A minimal vision tower so the hub layout carries model.visual.* tensors to be dropped.
-VISION_STUB = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+# A small vision tower: dropped from the text GGUF, converted by --mmproj. Its FFN width (72) is not a
+# multiple of 32, like the real 4304, so a q8_0 mmproj exercises the F16 fallback of ffn_down.
+VISION_STUB = dict(depth=2, hidden_size=32, intermediate_size=72, num_heads=2, patch_size=4,
                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
+# preprocessor_config.json of the vision mocks (CLIP's mean/std: distinct per channel, unlike Qwen's 0.5s)
+PREPROCESSOR = dict(image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+                    image_processor_type="Qwen2VLImageProcessorFast", merge_size=2, patch_size=4,
+                    temporal_patch_size=2)
 
 # --------------------------------------------------------------------------------------------
 # Weights
@@ -306,7 +311,7 @@ def _wrapper_only_mock(arch: str, out: Path, kw: dict, layout: str, tdtype, dtyp
     from safetensors.torch import load_file, save_file
 
     _, _, cg_cfg_cls, cg_cls = _classes(arch)
-    vision = dict(VISION_STUB, out_hidden_size=kw["hidden_size"], deepstack_visual_indexes=[0])
+    vision = dict(VISION_STUB, out_hidden_size=kw["hidden_size"], deepstack_visual_indexes=[1])
     cfg = cg_cfg_cls(text_config=kw, vision_config=vision, tie_word_embeddings=kw["tie_word_embeddings"])
     torch.manual_seed(seed)
     model = cg_cls(cfg)
@@ -325,6 +330,7 @@ def _wrapper_only_mock(arch: str, out: Path, kw: dict, layout: str, tdtype, dtyp
         config["transformers_version"] = "4.57.0"
         _save_shards(sd, out, n_shards=2)
     _dump_json(out / "config.json", config)
+    _dump_json(out / "preprocessor_config.json", PREPROCESSOR)
     return out
 
 
@@ -452,6 +458,7 @@ def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None =
         full_cfg["tie_word_embeddings"] = False
         full_cfg["transformers_version"] = config.get("transformers_version")
         config = full_cfg
+        _dump_json(out / "preprocessor_config.json", PREPROCESSOR)
     _save_shards(sd, out, n_shards=2)
     _dump_json(out / "config.json", config)
     return out

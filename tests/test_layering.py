@@ -96,7 +96,7 @@ def test_gguf_commands_load_no_conversion_or_architecture_module(tmp_path, comma
 def test_builtin_architectures_are_discovered_not_listed():
     from gguforge.archs import builtin_modules, registered
     modules = {p.stem for p in (PACKAGE / "archs").glob("*.py")} - {"__init__", "api", "base", "mock", "options",
-                                                                    "rules", "shapes"}
+                                                                    "rules", "shapes", "vision"}
     assert set(builtin_modules()) == modules
     assert {cls.__module__.rsplit(".", 1)[1] for cls in registered().values()} == modules
 

@@ -16,7 +16,7 @@ import gguf
 from ..errors import UserError
 
 # Modules of this package that are not architectures (everything else is one, found automatically).
-SUPPORT_MODULES = frozenset({"api", "base", "mock", "options", "rules", "shapes"})
+SUPPORT_MODULES = frozenset({"api", "base", "mock", "options", "rules", "shapes", "vision"})
 ENTRY_POINT_GROUP = "gguforge.archs"
 
 _registry: dict[str, type] = {}

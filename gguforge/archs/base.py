@@ -42,6 +42,7 @@ class MtpHead:
 
 class DecoderArch:
     gguf_arch: str = ""
+    gguf_type = "model"  # general.type ("mmproj" for a vision encoder written alone)
     hf_architectures: tuple[str, ...] = ()
     file_type: int | None = None  # general.file_type, set by the planner before add_metadata()
     output_required = False  # the loader needs output.weight even when the checkpoint ties it
@@ -208,6 +209,10 @@ class DecoderArch:
     def keep_f32(self, gguf_name: str) -> bool:
         """Tensors llama.cpp wants in F32 whatever the output type (beyond 1-D tensors and norms)."""
         return gguf_name.endswith(".bias") or not gguf_name.endswith(".weight")
+
+    def forced_type(self, gguf_name: str, outtype):
+        """A GGML type this tensor must have for `outtype` whatever else the policy says, or None."""
+        return None
 
     # -- test mocks --------------------------------------------------------------
     @classmethod

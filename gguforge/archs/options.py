@@ -19,3 +19,4 @@ class ConvertOptions:
     threads: int | None = None
     vocab_only: bool = False
     allow_pickle: bool = False  # load pytorch_model*.bin with torch (weights only)
+    mmproj: bool = False  # write the vision encoder (a clip GGUF), not the text model

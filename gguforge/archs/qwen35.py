@@ -6,7 +6,8 @@ Differences from Qwen3-Next:
   before the Qwen3-Next ops;
 - M-RoPE: rope.dimension_sections is required by llama.cpp (mrope_interleaved is implied by the arch).
 The dense model inherits the MoE code of the chain; with no expert tensors it never runs.
-Checkpoints wrapped for vision (model.language_model.*, model.visual.*) are unwrapped by rename().
+Checkpoints wrapped for vision (model.language_model.*, model.visual.*) are unwrapped by rename();
+`--mmproj` writes their vision tower (vision.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Iterator
 
 from gguf import GGUFValueType
 
-from .api import Metadata, MockSizes, MockSpec, Rule, TiledVHeads, register, tiled_v_order  # noqa: F401
+from .api import (Metadata, MockSizes, MockSpec, Qwen3VLVision, Rule, TiledVHeads, VisionTower,  # noqa: F401
+                  register, tiled_v_order)
 # (tiled_v_order: a public name of this module)
 from .qwen3next import Qwen3Next
 
@@ -23,8 +25,10 @@ DEFAULT_MROPE_SECTIONS = [11, 11, 10, 0]
 
 
 @register("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration")
-class Qwen35(Qwen3Next):
+class Qwen35(VisionTower, Qwen3Next):
     gguf_arch = "qwen35"
+    vision_encoder = Qwen3VLVision  # the Qwen3-VL ViT and merger (--mmproj)
+    deepstack = False  # the qwen35 loaders read no deepstack count: its mmproj must feed none
     mock = MockSpec(("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", "Qwen3_5Config", "Qwen3_5ForConditionalGeneration"),
                     tokenizer="qwen35", hub=True)
 

@@ -1,4 +1,4 @@
-"""Qwen3-VL and Qwen3-VL-MoE, the text model (the vision tower goes to an mmproj file, not here).
+"""Qwen3-VL and Qwen3-VL-MoE, the text model (the vision tower goes to an mmproj file: vision.py).
 
 On top of Qwen3 / Qwen3-MoE: the checkpoint is wrapped (model.language_model.*, model.visual.*
 dropped); {arch}.n_deepstack_layers counts the vision layers whose features are added to the first
@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 from typing import Iterator
 
-from .api import Emitted, Expected, Lazy, Metadata, MockSizes, MockSpec, Rule, UserError, register
+from .api import (Emitted, Expected, Lazy, Metadata, MockSizes, MockSpec, Qwen3VLVision, Rule, UserError,
+                  VisionTower, register)
 from .qwen3 import Qwen3
 from .qwen3moe import Qwen3Moe
 
@@ -20,8 +21,11 @@ VL_CLASSES = ("Qwen3VLTextConfig", None, "Qwen3VLConfig", "Qwen3VLForConditional
 VL_MOE_CLASSES = ("Qwen3VLMoeTextConfig", None, "Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration")
 
 
-class Deepstack:
-    """What the two Qwen3-VL text models add to their Qwen3 parents (mixed in before them)."""
+class Deepstack(VisionTower):
+    """What the two Qwen3-VL text models add to their Qwen3 parents (mixed in before them); their vision
+    tower (--mmproj) feeds the deepstack layers."""
+
+    vision_encoder = Qwen3VLVision
 
     def add_metadata(self, md: Metadata) -> None:
         if "mrope_section" not in self.rope_parameters:

@@ -25,7 +25,8 @@ from ..quantize.rules import TensorIn, model_is_70b, model_n_gqa, plan_quantizat
 from . import fuse as fusion
 from .metadata import GeneralInfo, add_general_metadata, apply_overrides, general_info, model_id_for
 from ..archs.options import ConvertOptions
-from ..checkpoint.read import Checkpoint
+from ..checkpoint.read import Checkpoint, read_json_object
+from ..archs.vision import VisionTower
 from ..checkpoint.lazy import Lazy
 from .validate import validate_checkpoint
 from .vocab import vocabulary
@@ -73,6 +74,11 @@ class Plan:
         return sum(t.nbytes for t in self.tensors)
 
     def default_filename(self) -> str:
+        if self.arch.options.mmproj and self.general is not None:
+            # llama.cpp names vision encoders mmproj-<name>-<TYPE>.gguf: no size label
+            m = self.general.meta
+            return "mmproj-" + naming_convention(self.general.file_stem, None, m.finetune, m.version, None,
+                                                 self.type_label) + ".gguf"
         if self.arch.options.mtp_only and self.general is not None:
             # llama.cpp names draft heads mtp-<name>-<TYPE>.gguf: no size label
             m = self.general.meta
@@ -138,7 +144,11 @@ def preset_base(checkpoint: Checkpoint) -> T:
 
 def float_type(gguf_name: str, tensor: Lazy, outtype: T, arch: DecoderArch) -> T:
     """Dtype policy: 1-D tensors, norms and a few arch-specific tensors stay F32."""
-    if tensor.ndim <= 1 or gguf_name.endswith("_norm.weight") or arch.keep_f32(gguf_name):
+    if tensor.ndim <= 1 or gguf_name.endswith("_norm.weight"):
+        return T.F32
+    if (forced := arch.forced_type(gguf_name, outtype)) is not None:
+        return forced
+    if arch.keep_f32(gguf_name):
         return T.F32
     if outtype in FLOAT_TYPES:
         return outtype
@@ -167,12 +177,17 @@ def count_params(tensors: list[PlannedTensor]) -> tuple[int, int, int, int]:
 def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_name: str | None = None) -> Plan:
     hparams = checkpoint.hparams
     arch = lookup(checkpoint.config)(hparams, options, list(checkpoint.tensors))
+    if options.mmproj:
+        arch = vision_encoder(arch, checkpoint, options)
     validate_checkpoint(checkpoint, arch, check_tensors=not options.vocab_only)
-    write_vocab = vocabulary(arch.vocab)(checkpoint.root, hparams, options.pre_tokenizer)
+    write_vocab = vocabulary(arch.vocab)(checkpoint.root, hparams, options.pre_tokenizer) if arch.vocab else None
     outtype = resolve_outtype(options.outtype.lower(), checkpoint)
     preset = None
     if outtype in CONVERTER_OUTTYPES:
         ggml_out, file_type = CONVERTER_OUTTYPES[outtype]
+    elif options.mmproj:
+        raise UserError(f"--mmproj writes f32, f16, bf16 or q8_0, not {options.outtype!r}",
+                        hint="convert to f16 or bf16, then run `gguforge quantize` on the mmproj file")
     else:
         preset = parse_outtype_preset(options.outtype)
         # Plan as the float file llama-quantize would be given: the checkpoint's own float type.
@@ -188,18 +203,42 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
     name, label = general.meta.name, general.meta.size_label
     md = Metadata()
     md.str("general.architecture", arch.gguf_arch)
-    md.str("general.type", "model")
+    md.str("general.type", arch.gguf_type)
     add_general_metadata(md, general.meta)
     arch.file_type = int(file_type)
     arch.add_metadata(md)
     if "general.file_type" not in md:
         md.u32("general.file_type", int(file_type))
     md.u32("general.quantization_version", QUANT_VERSION)
-    write_vocab(md)
+    if write_vocab is not None:
+        write_vocab(md)
     apply_overrides(md, options.metadata_overrides)
     if preset is not None:
         tensors = apply_preset(tensors, preset, md, ggml_out)
     return Plan(arch, md, tensors, file_type, outtype.upper(), name, label, general, options.vocab_only)
+
+
+def vision_encoder(arch: DecoderArch, checkpoint: Checkpoint, options: ConvertOptions) -> DecoderArch:
+    """--mmproj: the checkpoint's vision encoder, planned in place of its text model."""
+    for flag, given in (("--vocab-only", options.vocab_only), ("--mtp", options.mtp_only), ("--no-mtp", options.no_mtp)):
+        if given:
+            raise UserError(f"--mmproj cannot be combined with {flag}: an mmproj file holds the vision encoder only")
+    if not isinstance(arch, VisionTower):
+        raise UserError(f"--mmproj: {arch.gguf_arch} models have no vision tower", hint="convert without --mmproj")
+    return arch.vision(processor_config(checkpoint.root))
+
+
+def processor_config(root: Path) -> dict:
+    """preprocessor_config.json, then processor_config.json's image_processor over it (as llama.cpp's
+    converter merges them: MmprojModel.__init__); a missing file contributes nothing."""
+    merged: dict = {}
+    for filename, nested in (("preprocessor_config.json", "media_proc_cfg"), ("processor_config.json", "image_processor")):
+        path = root / filename
+        if path.is_file():
+            cfg = read_json_object(path, filename)
+            inner = cfg.get(nested)
+            merged.update(cfg, **(inner if isinstance(inner, dict) else {}))
+    return merged
 
 
 def parse_outtype_preset(outtype: str) -> Preset:

@@ -40,11 +40,17 @@ def plan_for_gguf(path, preset: str | Preset, options: QuantOptions | None = Non
     return plan_file(open_gguf(Path(path)), parse_preset(preset), options or QuantOptions())
 
 
+# Architectures llama.cpp loads without hyper-parameters (llama-model.cpp load_hparams returns early for
+# LLM_ARCH_CLIP, the mmproj files of mtmd): llama-quantize plans them with zero layers.
+NO_HPARAMS_ARCHS = frozenset({"clip"})
+
+
 def plan_file(source: SourceGGUF, preset: Preset, options: QuantOptions) -> list[TensorPlan]:
-    if source.n_layer_all is None and not preset.is_float:
+    n_layer_all = 0 if source.arch in NO_HPARAMS_ARCHS else source.n_layer_all
+    if n_layer_all is None and not preset.is_float:
         raise UserError(f"{source.path} has no {source.arch}.block_count, which the {preset.name} rules need")
     tensors = [TensorIn(t.name, numpy_shape(t), t.tensor_type) for t in source.tensors]
-    return plan_quantization(tensors, preset, arch=source.arch, n_layer_all=source.n_layer_all or 0,
+    return plan_quantization(tensors, preset, arch=source.arch, n_layer_all=n_layer_all or 0,
                              n_expert=source.n_expert, options=options,
                              model_is_70b=model_is_70b(source.arch, source.field),
                              n_gqa=model_n_gqa(source.arch, source.field))
