@@ -49,10 +49,13 @@ def mmproj(model: Path, out: Path, outtype: str, *extra: str) -> Path:
 def test_whole_file_equals_reference_converter(llama_tree, mock_model, tmp_path, arch, layout, kw, outtypes):
     model = mock_model(arch, layout=layout, **kw)
     for outtype in outtypes:
-        ours, ref = tmp_path / f"ours-{outtype}.gguf", tmp_path / f"ref-{outtype}.gguf"
-        mmproj(model, ours, outtype)
-        r = run_reference_converter(llama_tree, model, ref, outtype, "qwen2", "--mmproj")
+        ours_dir, ref_dir = tmp_path / f"ours-{outtype}", tmp_path / f"ref-{outtype}"
+        ours_dir.mkdir(), ref_dir.mkdir()  # directories: both converters pick the file name
+        mmproj(model, ours_dir, outtype)
+        r = run_reference_converter(llama_tree, model, ref_dir, outtype, "qwen2", "--mmproj")
         assert r.returncode == 0, r.stderr[-2000:]
+        [ours], [ref] = ours_dir.iterdir(), ref_dir.iterdir()
+        assert ours.name == ref.name == f"mmproj-{model.name}-{outtype.upper()}.gguf"
         assert ours.read_bytes() == ref.read_bytes(), outtype
         # what the comparison covers: the facts below hold in both files
         fields, tensors = gguf_fields(ours), read_gguf(ours)
@@ -185,3 +188,39 @@ def test_llama_cpp_mtmd_loads_the_mmproj(qwen3vl_files, mock_model, tmp_path):
     mm35 = mmproj(model, tmp_path / "mm35.gguf", "q8_0")
     assert mtmd_load(tmp_path / "t35.gguf", mm35).startswith("LOADED")
     assert "mismatch between text model" in mtmd_load(tmp_path / "t35.gguf", projector)
+
+
+@pytest.mark.parametrize("arch,layout,path,value,words", [
+    ("qwen35", "hub", ("vision_config", "depth"), 10 ** 9, "vision_config.depth"),
+    ("qwen35", "hub", ("vision_config", "spatial_merge_size"), "2", "vision_config.spatial_merge_size"),
+    ("qwen35", "hub", ("vision_config", "temporal_patch_size"), 3, "temporal_patch_size"),
+    ("qwen35", "hub", ("vision_config", "intermediate_size"), 64, "vision_config.intermediate_size=64"),
+    ("qwen35", "hub", ("vision_config",), "none", "no vision_config"),
+    ("qwen35", "hub", ("text_config", "hidden_size"), "64", "hidden_size"),
+    ("qwen3vl", "causal", ("vision_config", "deepstack_visual_indexes"), [2], "deepstack_visual_indexes"),
+    ("qwen3vl", "causal", ("vision_config", "deepstack_visual_indexes"), [1, 1], "deepstack_visual_indexes"),
+])
+def test_bad_vision_configs_are_one_clear_error(mock_model, tmp_path, capsys, arch, layout, path, value, words):
+    model = shutil.copytree(mock_model(arch, layout=layout), tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    node = config
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    out.mkdir()
+    capsys.readouterr()
+    assert main(["convert-hf", str(model), "--mmproj", "--outfile", str(out / "m.gguf"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and words in err.splitlines()[0], err
+    assert not any(out.iterdir())
+
+
+def test_processor_config_json_overrides_the_preprocessor_config(mock_model, tmp_path):
+    """processor_config.json's image_processor wins over preprocessor_config.json (as llama.cpp merges them)."""
+    model = shutil.copytree(mock_model("qwen35", layout="hub"), tmp_path / "m")
+    (model / "processor_config.json").write_text(json.dumps({"image_processor": {"image_mean": [0.5, 0.5, 0.5]}}))
+    fields = gguf_fields(mmproj(model, tmp_path / "mm.gguf", "f16"))
+    assert fields["clip.vision.image_mean"] == [0.5, 0.5, 0.5]
+    assert fields["clip.vision.image_std"] == pytest.approx([0.26862954, 0.26130258, 0.27577711])

@@ -89,8 +89,16 @@ class VisionEncoder(DecoderArch):
             raise UserError(f"config.json: vision_config has no {' / '.join(keys)} (needed for --mmproj)") from None
 
     def dim(self, *keys: str, default=...) -> Dim:
-        d = super().dim(*keys, default=default)
-        return d if not isinstance(d, Dim) or d.size is None else Dim(d.size, "vision_config." + d.why)
+        """A positive integer of vision_config as a Dim naming it (vision_config.hidden_size=1152)."""
+        for key in keys:
+            value = self.hparams.get(key)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise UserError(f"config.json: vision_config.{key} must be a positive integer, got {value!r}")
+                return Dim(value, f"vision_config.{key}={value}")
+        if default is ...:
+            self.hp(*keys)  # raises the missing-key error
+        return default
 
     def rename(self, name: str) -> str | None:
         """visual.* under any accepted prefix; everything else (the text model, MTP) is not ours."""
@@ -153,9 +161,9 @@ class Qwen3VLVision(VisionEncoder):
         H, F = self.hidden, self.dim("intermediate_size")
         p, C = self.dim("patch_size"), self.dim("in_channels", default=3)
         N = self.dim("num_position_embeddings")
-        m = self.hp("spatial_merge_size", default=2)
+        m = self.merge_size
         M = Dim(H.size * m * m, f"{H.why} x spatial_merge_size^2={m * m}")
-        O = self.dim("out_hidden_size", default=None) or Dim(int(self.text["hidden_size"]), "hidden_size")
+        O = self.dim("out_hidden_size", default=None) or Dim(self.text_hidden, f"hidden_size={self.text_hidden}")
         yield Rule("visual.patch_embed.proj.weight", None, (H, C, 2, p, p))  # split in transform()
         yield Rule("visual.patch_embed.proj.bias", "v.patch_embd.bias", (H,))
         yield Rule("visual.pos_embed.weight", "v.position_embd.weight", (N, H))
@@ -196,7 +204,7 @@ class Qwen3VLVision(VisionEncoder):
         Qwen3VLVisionModel.set_gguf_parameters)."""
         md.u32("general.file_type", self.file_type)
         md.bool("clip.has_vision_encoder", True)
-        md.u32("clip.vision.projection_dim", int(self.text["hidden_size"]))
+        md.u32("clip.vision.projection_dim", self.text_hidden)
         md.u32("clip.vision.image_size", self.image_size())
         md.u32("clip.vision.patch_size", self.dim("patch_size").size)
         md.u32("clip.vision.embedding_length", self.hidden.size)
@@ -207,7 +215,7 @@ class Qwen3VLVision(VisionEncoder):
             md.array(f"clip.vision.{key}", self.normalisation(key), GGUFValueType.FLOAT32)
         md.str("clip.projector_type", self.projector)
         md.bool("clip.use_gelu", True)
-        md.u32("clip.vision.spatial_merge_size", self.dim("spatial_merge_size", default=Dim(2, "")).size)
+        md.u32("clip.vision.spatial_merge_size", self.merge_size)
         # The converter takes the text model's RMS epsilon for the ViT's LayerNorms (both are 1e-6).
         text = self.text.get("text_config") if isinstance(self.text.get("text_config"), dict) else self.text
         eps = text.get("rms_norm_eps", 1e-6)
@@ -217,6 +225,19 @@ class Qwen3VLVision(VisionEncoder):
         deepstack = set(self.deepstack_indexes)
         md.array("clip.vision.is_deepstack_layers", [i in deepstack for i in range(self.block_count)],
                  GGUFValueType.BOOL)
+
+    @property
+    def text_hidden(self) -> int:
+        """The text model's width: what the merger projects to (clip.vision.projection_dim)."""
+        value = self.text.get("hidden_size")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UserError(f"config.json: the text model's hidden_size must be a positive integer, got {value!r}")
+        return value
+
+    @property
+    def merge_size(self) -> int:
+        """Side of the square of patches the merger joins (vision_config.spatial_merge_size, default 2)."""
+        return self.dim("spatial_merge_size", default=Dim(2, "spatial_merge_size=2")).size
 
     def image_size(self) -> int:
         """vision_config.image_size, else the side the position grid covers: sqrt(positions) x patch."""
