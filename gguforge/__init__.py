@@ -28,7 +28,7 @@ def convert_hf(model: str | Path, outfile: str | Path | None = None, *, outtype:
     outfile: a file, a directory, or a template with {ftype}; None: llama.cpp's file naming in the
     current directory. Other keyword arguments are `ConvertOptions` fields (threads, model_name,
     no_mtp, mtp_only, fuse_qkv, fuse_gate_up_exps, pre_tokenizer, metadata_overrides, vocab_only,
-    allow_nonfinite, allow_pickle).
+    allow_nonfinite, allow_pickle, mmproj: write the vision encoder as an mmproj file).
     """
     from .archs.options import ConvertOptions
     from .convert.pipeline import convert_hf as run

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from gguf import GGMLQuantizationType as T
 
+import gguforge as gguforge_api
 from gguforge.cli import main
 
 from helpers import gguf_fields, gguforge, llama_cpp_tree, read_gguf, run_reference_converter
@@ -98,7 +99,7 @@ def test_both_visual_prefixes_give_the_same_file(mock_model, tmp_path):
     outer, nested = tmp_path / "outer-out", tmp_path / "inner-out"
     outer.mkdir(), nested.mkdir()
     mmproj(model, outer, "bf16")  # a directory: the default file name, mmproj-<name>-<TYPE> (no size label)
-    mmproj(inner, nested, "bf16")
+    gguforge_api.convert_hf(inner, nested, outtype="bf16", mmproj=True)  # the library API takes it too
     name = f"mmproj-{model.name}-BF16.gguf"
     assert [p.name for p in outer.iterdir()] == [p.name for p in nested.iterdir()] == [name]
     assert (outer / name).read_bytes() == (nested / name).read_bytes()
@@ -224,3 +225,15 @@ def test_processor_config_json_overrides_the_preprocessor_config(mock_model, tmp
     fields = gguf_fields(mmproj(model, tmp_path / "mm.gguf", "f16"))
     assert fields["clip.vision.image_mean"] == [0.5, 0.5, 0.5]
     assert fields["clip.vision.image_std"] == pytest.approx([0.26862954, 0.26130258, 0.27577711])
+
+
+def test_qwen35_mmproj_never_feeds_deepstack(mock_model, tmp_path):
+    """Even a Qwen3.5 config naming deepstack layers gets none: the qwen35 text loaders read no deepstack
+    count, and mtmd would refuse the wider projector output (see the load test)."""
+    model = shutil.copytree(mock_model("qwen35", layout="hub"), tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    config["vision_config"]["deepstack_visual_indexes"] = [1]
+    (model / "config.json").write_text(json.dumps(config))
+    out = mmproj(model, tmp_path / "mm.gguf", "f16")
+    assert gguf_fields(out)["clip.vision.is_deepstack_layers"] == [False, False]
+    assert not any(".deepstack." in name for name in read_gguf(out))
