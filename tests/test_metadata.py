@@ -131,3 +131,34 @@ def test_bad_override_is_one_line_error(checkpoint, tmp_path, value, message):
                  "--metadata", str(tmp_path / "over.json"), "--dry-run")
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("values,item_type,message", [
+    (["a", "b\ud800c", "d"], "STRING", "unpaired surrogate"),
+    (["a", 3, "c"], "STRING", "is not a string"),
+    ([1, 2, 2**32], "UINT32", "does not fit"),
+    ([1, -1], "UINT32", "does not fit"),
+    ("numpy-int64", "INT32", "does not fit"),
+    ([0.5, float("nan")], "FLOAT32", "not a finite number"),
+    ([0.5, 1e39], "FLOAT32", "does not fit"),
+    ("numpy-nan", "FLOAT32", "not a finite number"),
+    ([True, 2], "BOOL", "not true or false"),
+])
+def test_array_values_are_checked_in_bulk_and_one_by_one(values, item_type, message):
+    """Large arrays (vocabularies) are checked in bulk; every bad item must still be found and named."""
+    import numpy as np
+    from gguf import GGUFValueType
+
+    from gguforge.errors import UserError
+    from gguforge.format.writer import Metadata
+    if values == "numpy-int64":
+        values = np.array([1, 2**40], dtype=np.int64)
+    elif values == "numpy-nan":
+        values = np.array([0.5, np.nan], dtype=np.float32)
+    md = Metadata()
+    with pytest.raises(UserError, match=message):
+        md.set("test.key", values, GGUFValueType.ARRAY, GGUFValueType[item_type])
+    assert "test.key" not in md
+    md.set("test.ok", np.arange(5, dtype=np.int32), GGUFValueType.ARRAY, GGUFValueType.INT32)
+    md.set("test.ok2", ["x"] * 3, GGUFValueType.ARRAY, GGUFValueType.STRING)
+    assert "test.ok" in md and "test.ok2" in md

@@ -78,6 +78,39 @@ def _value_problem(value: Any, vtype: GGUFValueType) -> str | None:
     return None
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _all_fine(items, kind: GGUFValueType) -> bool:
+    """True when every item surely passes _value_problem, checked in bulk (False: look one by one)."""
+    if isinstance(items, np.ndarray) and items.size and items.dtype.kind in "iuf":
+        if kind in INT_RANGES and items.dtype.kind in "iu":
+            low, high = INT_RANGES[kind]
+            return low <= int(items.min()) and int(items.max()) <= high
+        if kind in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64) and items.dtype.kind == "f":
+            return bool(np.isfinite(items).all()) and (kind == GGUFValueType.FLOAT64 or items.dtype.itemsize <= 4)
+        return False
+    kinds = set(map(type, items))
+    if not kinds:
+        return True
+    if kind == GGUFValueType.STRING:
+        if kinds != {str}:
+            return False
+        try:
+            "".join(items).encode("utf-8")  # an unpaired surrogate anywhere fails the whole
+        except UnicodeEncodeError:
+            return False
+        return True
+    if kind in INT_RANGES and kinds == {int}:
+        low, high = INT_RANGES[kind]
+        return low <= min(items) and max(items) <= high
+    if kind in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64) and kinds <= {float, int}:
+        if not all(map(math.isfinite, items)):
+            return False
+        return kind == GGUFValueType.FLOAT64 or max(map(abs, items)) <= _FLOAT32_MAX
+    return False
+
+
 def _shown(text: str) -> str:
     return ascii(text[:40] + ("..." if len(text) > 40 else ""))
 
@@ -91,11 +124,14 @@ class Metadata:
     def set(self, key: str, value: Any, vtype: GGUFValueType, item_type: GGUFValueType | None = None):
         # Values come from configs, tokenizers and override files: refuse what the file format cannot
         # store, or llama.cpp could not use, here, once for every key.
-        for item, kind in ([(v, item_type) for v in value] if vtype == GGUFValueType.ARRAY else [(value, vtype)]):
-            problem = _value_problem(item, kind)
-            if problem:
-                raise UserError(f"metadata {key}: {problem} (check config.json, the tokenizer files or the "
-                                f"--metadata file)")
+        items = value if vtype == GGUFValueType.ARRAY else (value,)
+        kind = item_type if vtype == GGUFValueType.ARRAY else vtype
+        if not _all_fine(items, kind):  # (a vocabulary is 10^5 strings: look one by one only for the message)
+            for item in items:
+                problem = _value_problem(item, kind)
+                if problem:
+                    raise UserError(f"metadata {key}: {problem} (check config.json, the tokenizer files or the "
+                                    f"--metadata file)")
         self.items.pop(key, None)  # re-setting moves the key to the end, like llama.cpp
         self.items[key] = (vtype, value, item_type)
 
