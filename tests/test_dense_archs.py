@@ -102,3 +102,21 @@ def test_fused_experts_are_refused_where_the_loader_has_none(mock_model, tmp_pat
     out = tmp_path / "o.gguf"
     assert main(["convert-hf", str(mock_model(arch)), "--outfile", str(out), "--fuse-gate-up-exps"]) == 2
     assert "--fuse-gate-up-exps" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_transformers_gguf_loader_round_trip(mock_model, tmp_path, tied):
+    """transformers' own GGUF loader reads our qwen2 file back to the original model's logits. (Its
+    qwen3 / qwen3moe mapping ignores attention.key_length and expert_feed_forward_length and falls back
+    to 128 / 768, so only checkpoints with those sizes round-trip; the mocks do not have them.)"""
+    import torch
+    import transformers as T
+    model = mock_model("qwen2", tied=tied, full_precision=True)
+    out = tmp_path / "m.gguf"
+    assert main(["convert-hf", str(model), "--outfile", str(out), "--outtype", "f32", "--quiet"]) == 0
+    back = T.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32).eval()
+    original = T.AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    ids = torch.arange(1, 50)[None]
+    with torch.no_grad():
+        a, b = back(ids).logits, original(ids).logits
+    assert torch.equal(a, b)
