@@ -48,7 +48,7 @@ class DecoderArch:
     output_required = False  # the loader needs output.weight even when the checkpoint ties it
     zero_centred_norms = False  # HF computes x*(1+w) for its RMS norms (the converter adds 1)
     mock: MockSpec | None = None  # how scripts/make_mocks.py builds a tiny checkpoint of this arch
-    vocab = "bpe"  # the vocabulary loader (convert/vocab.py VOCAB_LOADERS) for this family's tokenizers
+    vocab = "bpe"  # the vocabulary kind (convert/vocab.py register_vocab) of this family's tokenizers
 
     def __init__(self, hparams: dict, options: ConvertOptions | None = None, tensor_names=()):
         self.hparams = hparams
