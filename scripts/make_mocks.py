@@ -303,25 +303,38 @@ def vision_tensors(arch: str, text_cfg, seed: int) -> tuple[dict, dict]:
     return sd, json.loads(cfg.to_json_string())  # diff form, as save_pretrained writes it
 
 
+def _initialise_and_save(model, arch: str, seed: int, full_precision: bool, tdtype, dtype: str,
+                         out: Path) -> tuple[dict, dict]:
+    """Draw the weights, save as transformers does; (state dict as saved, config.json). The generation
+    config goes to `out` as it is."""
+    from safetensors.torch import load_file
+
+    init_weights(model, arch, seed, bf16_exact=not full_precision)
+    model.to(tdtype)
+    model.config.dtype = dtype
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        sd = load_file(str(Path(tmp) / "model.safetensors"))  # the names transformers writes (per expert...)
+        config = json.loads((Path(tmp) / "config.json").read_text())
+        gen = Path(tmp) / "generation_config.json"
+        if gen.exists():
+            shutil.copy(gen, out / "generation_config.json")
+    return sd, config
+
+
 def _wrapper_only_mock(arch: str, out: Path, kw: dict, layout: str, tdtype, dtype: str, seed: int,
                        full_precision: bool) -> Path:
     """A model that exists only inside its ConditionalGeneration wrapper (Qwen3-VL): built and saved as
     transformers does ("causal"), or as published ("hub": bf16 shards, packed experts transposed)."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     _, _, cg_cfg_cls, cg_cls = _classes(arch)
     vision = dict(VISION_STUB, out_hidden_size=kw["hidden_size"], deepstack_visual_indexes=[1])
     cfg = cg_cfg_cls(text_config=kw, vision_config=vision, tie_word_embeddings=kw["tie_word_embeddings"])
     torch.manual_seed(seed)
     model = cg_cls(cfg)
-    init_weights(model, arch, seed, bf16_exact=not full_precision)
-    model.to(tdtype)
-    model.config.dtype = dtype
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        sd = load_file(str(Path(tmp) / "model.safetensors"))
-        config = json.loads((Path(tmp) / "config.json").read_text())
+    sd, config = _initialise_and_save(model, arch, seed, full_precision, tdtype, dtype, out)
     if layout == "causal":
         save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     else:  # the published layout: experts [E, H, 2F] and [E, F, H]
@@ -386,7 +399,7 @@ def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None =
     if layout == "hub" and not mock.hub:
         raise ValueError(f"the hub layout exists for {', '.join(a for a in ARCHS if spec(a).hub)} only")
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     dtype = dtype or ("bfloat16" if layout == "hub" else "float32")
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -419,17 +432,7 @@ def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None =
     cfg = cfg_cls(**kw)
     torch.manual_seed(seed)
     model = lm_cls(cfg)
-    init_weights(model, arch, seed, bf16_exact=not full_precision)
-    model.to(tdtype)
-    model.config.dtype = dtype
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        sd = load_file(str(Path(tmp) / "model.safetensors"))  # the per-expert names transformers writes
-        config = json.loads((Path(tmp) / "config.json").read_text())
-        gen = Path(tmp) / "generation_config.json"
-        if gen.exists():
-            shutil.copy(gen, out / "generation_config.json")
+    sd, config = _initialise_and_save(model, arch, seed, full_precision, tdtype, dtype, out)
 
     if "layer_types" in config:  # Hub configs carry the interval too (transformers pops it)
         config["full_attention_interval"] = 2

@@ -23,17 +23,14 @@ from gguf import GGMLQuantizationType as T
 import gguforge as gguforge_api
 from gguforge.cli import main
 
-from helpers import gguf_fields, gguforge, llama_cpp_tree, read_gguf, run_reference_converter
+from helpers import gguf_fields, gguforge, read_gguf, run_reference_converter
 
 pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
-def llama_tree():
-    found = llama_cpp_tree()
-    if found is None:
-        pytest.skip("llama.cpp source (llama-cpp-python sdist) could not be fetched from PyPI")
-    return found
+def llama_tree(tree):
+    return tree  # (conftest's llama.cpp tree)
 
 
 def mmproj(model: Path, out: Path, outtype: str, *extra: str) -> Path:
