@@ -162,11 +162,9 @@ def convert_hf_cmd(
     if model is None and not quiet:
         _say(f"no model given: converting the built-in tiny model ({EMBEDDED_MODEL})")
     split = _split_options(split_max_size, split_max_tensors)
-    from .format.atomic import replacing
-    with replacing(force):
-        plan, target = convert_hf(source, outfile, options, force=force, dry_run=dry_run,
-                                  progress_factory=progress_factory(quiet),
-                                  display_name=EMBEDDED_MODEL if model is None else None, split=split)
+    plan, target = convert_hf(source, outfile, options, force=force, dry_run=dry_run,
+                              progress_factory=progress_factory(quiet),
+                              display_name=EMBEDDED_MODEL if model is None else None, split=split)
     shards = plan.shards
     if dry_run:
         _print_plan(plan, target)
@@ -246,11 +244,9 @@ def quantize_cmd(
         allow_requantize=allow_requantize,
         no_fallback=no_fallback,
     )
-    from .format.atomic import replacing
-    with replacing(force):
-        result = quantize_gguf(source, target, preset, options, threads=threads, force=force, dry_run=dry_run,
-                               progress_factory=progress_factory(quiet),
-                               split=_split_options(split_max_size, split_max_tensors), keep_split=keep_split)
+    result = quantize_gguf(source, target, preset, options, threads=threads, force=force, dry_run=dry_run,
+                           progress_factory=progress_factory(quiet),
+                           split=_split_options(split_max_size, split_max_tensors), keep_split=keep_split)
     sizes = size_summary(result.plans)
     totals = (f"{len(result.plans)} tensors, {sizes.src_bytes / 1e6:.2f} MB -> {sizes.dst_bytes / 1e6:.2f} MB, "
               f"{sizes.src_bpw:.2f} -> {sizes.dst_bpw:.2f} bits per weight")

@@ -18,6 +18,7 @@ from ..quantize.encode import encode
 from ..archs.options import ConvertOptions
 from .plan import Plan, PlannedTensor, output_path, plan_conversion
 from ..checkpoint.read import SAFETENSORS_DTYPES, open_checkpoint, resolve_model
+from ..format.atomic import replacing
 from ..format.split import SplitOptions, plan_shards, write_shards
 from ..format.writer import FileSpan
 
@@ -174,9 +175,10 @@ def convert_hf(model: str, outfile: str | None, options: ConvertOptions, *, forc
         return plan, target
     for shard in plan.shards:
         check_output(shard.path, root, force)
-    if progress_factory is None:
-        write_plan(plan, target, options, split=split)
-    else:
-        with progress_factory(plan.nbytes, f"writing {target.name}") as advance:
-            write_plan(plan, target, options, advance, split=split)
+    with replacing(force):  # checked again when the output is moved into place (it may appear meanwhile)
+        if progress_factory is None:
+            write_plan(plan, target, options, split=split)
+        else:
+            with progress_factory(plan.nbytes, f"writing {target.name}") as advance:
+                write_plan(plan, target, options, advance, split=split)
     return plan, target

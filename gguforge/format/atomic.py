@@ -23,6 +23,7 @@ import contextvars
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import stat
 import sys
@@ -69,8 +70,8 @@ def describe_kind(mode: int) -> str | None:
 
 # -- before writing -------------------------------------------------------------------------------
 
-# Whether an existing output may be replaced (the CLI sets it from --force); None: the caller has
-# already decided (library use), and whatever exists when writing starts may be replaced.
+# Whether an existing output may be replaced (convert_hf / quantize_gguf set it from `force`); None: the
+# caller of the writer has already decided, and whatever exists when writing starts may be replaced.
 _REPLACE: contextvars.ContextVar[bool | None] = contextvars.ContextVar("gguforge_replace", default=None)
 
 
@@ -178,6 +179,7 @@ def remove_stale_temps(directory: Path, prefix: str) -> None:
 # -- moving into place ----------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
 def _renameat2():
     try:
         return ctypes.CDLL(None, use_errno=True).renameat2

@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType as T, GGUFValueType
 
 from ..parallel import ordered_parallel, row_chunks
 from ..format.reader import SourceGGUF, numpy_shape, open_gguf, raw_rows, release_pages
+from ..format.atomic import replacing
 from ..format.split import SPLIT_KEYS, SplitOptions, plan_shards, write_shards
 from ..format.text import plan_line
 from ..format.types import FLOAT_TYPES, QUANT_VERSION
@@ -194,11 +195,12 @@ def quantize_gguf(source_path, target_path, preset: str | Preset, options: Quant
         write_shards(shards, metadata, entries, chunks, advance)
 
     total = sum(e.nbytes for e in entries)
-    if progress_factory is None:
-        write()
-    else:
-        with progress_factory(total, f"writing {target.name}") as advance:
-            write(advance)
+    with replacing(force):  # checked again when the output is moved into place (it may appear meanwhile)
+        if progress_factory is None:
+            write()
+        else:
+            with progress_factory(total, f"writing {target.name}") as advance:
+                write(advance)
     return result
 
 
