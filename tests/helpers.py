@@ -30,6 +30,13 @@ def qwen2moe_config(**over) -> dict:
     return config
 
 
+def tiny_qwen2moe_config(**over) -> dict:
+    """The smallest Qwen2-MoE config (one layer, two experts): for fuzzing many variants fast."""
+    return qwen2moe_config(**{**dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
+                                     num_experts=2, moe_intermediate_size=8, shared_expert_intermediate_size=8),
+                              **over})
+
+
 def qwen2moe_tensors(config: dict, seed: int = 0, packed: bool = False) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     H, V, E = config["hidden_size"], config["vocab_size"], config["num_experts"]

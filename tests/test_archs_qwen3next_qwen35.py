@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from gguforge.archs import lookup
-from gguforge.archs.qwen35 import Qwen35, Qwen35Moe, tiled_v_order
+from gguforge.archs.qwen35 import Qwen35, Qwen35Moe
+from gguforge.archs.rules import tiled_v_order
 from gguforge.archs.qwen3next import Qwen3Next, qkvz_rows
 from gguforge.cli import main
 from gguforge.archs.options import ConvertOptions

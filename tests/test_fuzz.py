@@ -21,14 +21,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 from gguforge.cli import main  # noqa: E402
 from gguforge.errors import EXIT_BAD_INPUT  # noqa: E402
 
-from helpers import qwen2moe_config, qwen2moe_tensors, write_checkpoint  # noqa: E402
+from helpers import qwen2moe_tensors, tiny_qwen2moe_config, write_checkpoint  # noqa: E402
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 OK_CODES = (0, EXIT_BAD_INPUT)
 
-TINY = qwen2moe_config(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
-                       num_experts=2, moe_intermediate_size=8, shared_expert_intermediate_size=8)
+TINY = tiny_qwen2moe_config()
 
 # Values a JSON edit may put into a header field: plausible, wrong-typed and huge ones.
 JSON_VALUES = st.one_of(

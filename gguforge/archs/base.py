@@ -44,6 +44,7 @@ class DecoderArch:
     gguf_arch: str = ""
     gguf_type = "model"  # general.type ("mmproj" for a vision encoder written alone)
     hf_architectures: tuple[str, ...] = ()
+    config_prefix = ""  # where this class's hparams sit in config.json, for messages ("vision_config.")
     file_type: int | None = None  # general.file_type, set by the planner before add_metadata()
     output_required = False  # the loader needs output.weight even when the checkpoint ties it
     zero_centred_norms = False  # HF computes x*(1+w) for its RMS norms (the converter adds 1)
@@ -181,8 +182,9 @@ class DecoderArch:
             value = self.hparams.get(key)
             if value is not None:
                 if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    raise UserError(f"config.json: {key} must be a positive integer, got {value!r}")
-                return Dim(value, f"{key}={value}")
+                    raise UserError(f"config.json: {self.config_prefix}{key} must be a positive integer, "
+                                    f"got {value!r}")
+                return Dim(value, f"{self.config_prefix}{key}={value}")
         if default is ...:
             self.hp(*keys)  # raises the missing-key error
         return default

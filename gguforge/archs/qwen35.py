@@ -16,9 +16,7 @@ from typing import Iterator
 
 from gguf import GGUFValueType
 
-from .api import (Metadata, MockSizes, MockSpec, Qwen3VLVision, Rule, TiledVHeads, VisionTower,  # noqa: F401
-                  register, tiled_v_order)
-# (tiled_v_order: a public name of this module)
+from .api import Metadata, MockSizes, MockSpec, Qwen3VLVision, Rule, TiledVHeads, VisionTower, register
 from .qwen3next import Qwen3Next
 
 DEFAULT_MROPE_SECTIONS = [11, 11, 10, 0]

@@ -56,21 +56,22 @@ class Expected:
         return cls((tuple(dims),), optional)
 
     def matches(self, shape: tuple[int, ...]) -> bool:
-        return any(len(s) == len(shape) and all(_dim(d).matches(n) for d, n in zip(s, shape)) for s in self.shapes)
+        return any(len(s) == len(shape) and all(as_dim(d).matches(n) for d, n in zip(s, shape)) for s in self.shapes)
 
 
-def _dim(d) -> Dim:
+def as_dim(d) -> Dim:
+    """A shape entry as a Dim (plain integers name themselves)."""
     return d if isinstance(d, Dim) else Dim(d, str(d))
 
 
 def format_shape(shape) -> str:
-    return "[" + ", ".join(str(_dim(d)) for d in shape) + "]"
+    return "[" + ", ".join(str(as_dim(d)) for d in shape) + "]"
 
 
 def mismatch_message(name: str, found: tuple[int, ...], expected: Expected) -> str:
     want = expected.shapes[0]
-    why = [_dim(d).why for i, d in enumerate(want)
-           if _dim(d).why and not _dim(d).why.isdigit() and (i >= len(found) or not _dim(d).matches(found[i]))]
+    why = [as_dim(d).why for i, d in enumerate(want)
+           if as_dim(d).why and not as_dim(d).why.isdigit() and (i >= len(found) or not as_dim(d).matches(found[i]))]
     also = " or ".join(format_shape(s) for s in expected.shapes[1:])
     return (f"{name}: shape {list(found)} but config implies {format_shape(want)}"
             + (f" (or {also})" if also else "") + (f" ({'; '.join(why)})" if why else ""))

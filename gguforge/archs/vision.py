@@ -67,6 +67,7 @@ class VisionEncoder(DecoderArch):
 
     gguf_arch = "clip"
     gguf_type = "mmproj"  # general.type
+    config_prefix = "vision_config."  # its hparams are config.json's vision_config
     vocab = None  # an mmproj carries no vocabulary
 
     def __init__(self, hparams: dict, options: ConvertOptions | None = None, tensor_names=(), *,
@@ -87,18 +88,6 @@ class VisionEncoder(DecoderArch):
             return super().hp(*keys, default=default)
         except UserError:
             raise UserError(f"config.json: vision_config has no {' / '.join(keys)} (needed for --mmproj)") from None
-
-    def dim(self, *keys: str, default=...) -> Dim:
-        """A positive integer of vision_config as a Dim naming it (vision_config.hidden_size=1152)."""
-        for key in keys:
-            value = self.hparams.get(key)
-            if value is not None:
-                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    raise UserError(f"config.json: vision_config.{key} must be a positive integer, got {value!r}")
-                return Dim(value, f"vision_config.{key}={value}")
-        if default is ...:
-            self.hp(*keys)  # raises the missing-key error
-        return default
 
     def rename(self, name: str) -> str | None:
         """visual.* under any accepted prefix; everything else (the text model, MTP) is not ours."""

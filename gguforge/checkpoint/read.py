@@ -179,12 +179,11 @@ class Shard:
     def read_into(self, buffer: np.ndarray, offset: int) -> None:
         """Fill `buffer` from byte `offset`. pread instead of mmap: pages read for one chunk are not
         kept mapped, so resident memory stays at the chunks in flight, whatever the model size."""
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        fd = self.fileno()
         view = memoryview(buffer).cast("B")
         done = 0
         while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], offset + done)
+            n = os.preadv(fd, [view[done:]], offset + done)
             if n <= 0:
                 raise UserError(f"{self.path}: unexpected end of file (the file changed while converting?)")
             done += n

@@ -16,7 +16,7 @@ import re
 from numbers import Real
 
 from ..errors import UserError
-from ..archs.shapes import Dim, Expected, mismatch_message
+from ..archs.shapes import Expected, as_dim, mismatch_message
 from ..checkpoint.read import FLOAT_DTYPES, Checkpoint
 
 
@@ -90,7 +90,7 @@ def unknown_dims(renamed: str, shape: tuple[int, ...], want: Expected):
     tensors sharing a key must agree on it. The key is the dimension's config name when it has one, else
     the tensor's name with layer and expert numbers dropped, and the axis."""
     for alternative in want.shapes:
-        dims = [d if isinstance(d, Dim) else Dim(d, str(d)) for d in alternative]
+        dims = [as_dim(d) for d in alternative]
         if len(dims) == len(shape) and all(d.matches(n) for d, n in zip(dims, shape)):
             for axis, d in enumerate(dims):
                 if d.size is None:

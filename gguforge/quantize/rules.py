@@ -288,10 +288,10 @@ class _Model:
     has_imatrix: bool = False  # no imatrix support yet; named for the rules that test it
 
 
-def model_n_gqa(arch: str, get) -> int:
-    """llama_hparams::n_gqa(0) (llama-hparams.cpp): head_count / head_count_kv of layer 0, 0 when there are
-    no KV heads. head_count_kv defaults to head_count; either may be a per-layer array (llama-model.cpp
-    load_hparams, get_key_or_arr). `get(key)` reads a GGUF metadata value."""
+def layer0_heads(arch: str, get) -> tuple[int, int]:
+    """(head_count, head_count_kv) of layer 0, as llama_hparams::n_head(0) / n_head_kv(0) read them: either
+    key may be a per-layer array (llama-model.cpp load_hparams, get_key_or_arr), head_count_kv defaults to
+    head_count. `get(key)` reads a GGUF metadata value."""
     def first(value):
         if value is None or isinstance(value, (int, float)):
             return value
@@ -300,7 +300,13 @@ def model_n_gqa(arch: str, get) -> int:
 
     n_head = int(first(get(f"{arch}.attention.head_count")) or 0)
     n_head_kv = first(get(f"{arch}.attention.head_count_kv"))
-    n_head_kv = n_head if n_head_kv is None else int(n_head_kv)
+    return n_head, n_head if n_head_kv is None else int(n_head_kv)
+
+
+def model_n_gqa(arch: str, get) -> int:
+    """llama_hparams::n_gqa(0) (llama-hparams.cpp): head_count / head_count_kv of layer 0, 0 when there are
+    no KV heads."""
+    n_head, n_head_kv = layer0_heads(arch, get)
     return n_head // n_head_kv if n_head_kv else 0
 
 
@@ -526,13 +532,8 @@ def model_is_70b(arch: str, get) -> bool:
         return False
     if not rule[1]:
         return True
-
-    def first(value):  # per-layer arrays: llama.cpp's n_head() is layer 0's
-        return value[0] if isinstance(value, (list, tuple)) and value else value
-
-    n_head = first(get(f"{arch}.attention.head_count"))
-    n_head_kv = first(get(f"{arch}.attention.head_count_kv"))
-    return n_head != (n_head if n_head_kv is None else n_head_kv)  # the 65B has as many KV heads as heads
+    n_head, n_head_kv = layer0_heads(arch, get)
+    return n_head != n_head_kv  # the 65B has as many KV heads as heads
 
 
 def plan_quantization(
