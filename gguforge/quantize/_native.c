@@ -228,6 +228,8 @@ static float make_qkx2_quants(int n, int nmax, const float *x, const float *w, u
     return scale;
 }
 
+ALWAYS_INLINE void kq45_pack(const uint8_t *L, int nmax, uint8_t *y);
+
 /* Steps 2-5 of Q4_K/Q5_K (spec 3.3/3.4): 6-bit scales, fp16 d/dmin, re-quantize
  * with the decoded values (skipping dj == 0), pack. Shared by both paths. */
 ALWAYS_INLINE void kq45_finish(const float *x, const float *scales, const float *mins,
@@ -268,6 +270,11 @@ ALWAYS_INLINE void kq45_finish(const float *x, const float *scales, const float 
             Ls[i] = (uint8_t)MAXI(0, MINI(nmax, l));
         }
     }
+    kq45_pack(L, nmax, y);
+}
+
+/* Q4_K / Q5_K indices into qs (and qh for Q5_K). */
+ALWAYS_INLINE void kq45_pack(const uint8_t *L, int nmax, uint8_t *y) {
     if (nmax == 15) {
         uint8_t *q = y + 16;
         for (int p = 0; p < 4; p++)
@@ -458,11 +465,9 @@ ALWAYS_INLINE int iq4_index(float x) {
     return x - (float)kvalues_iq4nl[mu - 1] < (float)kvalues_iq4nl[mu] - x ? mu - 1 : mu;
 }
 
-/* The per-32 scale search of quantize_row_iq4_nl_impl (weights x^2, ntry = 7). */
-static float iq4_scale32(const float *xb) {
-    float w[32];
+/* The per-32 scale search of quantize_row_iq4_nl_impl (ntry = 7) with weights w. */
+static float iq4_scale32w(const float *xb, const float *w) {
     float amax = 0.0f, max = 0.0f;
-    for (int j = 0; j < 32; j++) w[j] = xb[j] * xb[j];
     for (int j = 0; j < 32; j++) {
         const float ax = fabsf(xb[j]);
         if (ax > amax) { amax = ax; max = xb[j]; }
@@ -492,6 +497,13 @@ static float iq4_scale32(const float *xb) {
         }
     }
     return d;
+}
+
+/* Without an imatrix the weights are x^2. */
+static float iq4_scale32(const float *xb) {
+    float w[32];
+    for (int j = 0; j < 32; j++) w[j] = xb[j] * xb[j];
+    return iq4_scale32w(xb, w);
 }
 
 ALWAYS_INLINE void iq4_pack32(const uint8_t *L, uint8_t *q) {
@@ -579,6 +591,8 @@ ALWAYS_INLINE void pack_2bit(const uint8_t *L, uint8_t *qs) {
 
 /* Q2_K (84 bytes: scales[16], qs[64], fp16 d, fp16 dmin). Per 16: make_qkx2_quants(nmax 3,
  * w = |x|, rmin -0.5, rdelta 0.1, 15 steps, mean absolute error); 4-bit scale and min. */
+ALWAYS_INLINE void q2k_tail(const float *x, uint8_t *L, uint8_t *y, uint16_t dh, uint16_t mh);
+
 /* Q2_K after the 16 searches: 4-bit scales and mins, fp16 d/dmin, re-quantize, pack. */
 ALWAYS_INLINE void q2k_finish(const float *x, const float *scales, const float *mins, uint8_t *L, uint8_t *y) {
     float max_scale = 0.0f, max_min = 0.0f;
@@ -586,7 +600,7 @@ ALWAYS_INLINE void q2k_finish(const float *x, const float *scales, const float *
         if (scales[j] > max_scale) max_scale = scales[j];
         if (mins[j] > max_min) max_min = mins[j];
     }
-    uint8_t *sc = y, *qs = y + 16;
+    uint8_t *sc = y;
     uint16_t dh, mh;
     if (max_scale > 0) {
         const float iscale = 15.0f / max_scale;
@@ -603,6 +617,13 @@ ALWAYS_INLINE void q2k_finish(const float *x, const float *scales, const float *
     } else {
         mh = fp32_to_fp16(0.0f);
     }
+    q2k_tail(x, L, y, dh, mh);
+}
+
+/* Q2_K, scales and mins packed in y[0..15]: fp16 d/dmin, re-quantize with them, pack. */
+ALWAYS_INLINE void q2k_tail(const float *x, uint8_t *L, uint8_t *y, uint16_t dh, uint16_t mh) {
+    const uint8_t *sc = y;
+    uint8_t *qs = y + 16;
     const float df = fp16_to_fp32(dh), mf = fp16_to_fp32(mh);
     for (int j = 0; j < 16; j++) {
         const float d = df * (float)(sc[j] & 0xF);
@@ -686,6 +707,8 @@ ALWAYS_INLINE int q3k_scale(const uint8_t *sc, int j) {
 }
 
 /* Q3_K (110 bytes: hmask[32], qs[64], scales[12], fp16 d). */
+ALWAYS_INLINE void q3k_tail(const float *x, int8_t *L, uint8_t *y, uint16_t dh);
+
 /* Q3_K after the 16 searches: 6-bit scales, fp16 d, re-quantize, high bits, pack. */
 ALWAYS_INLINE void q3k_finish(const float *x, const float *scales, int8_t *L, uint8_t *y) {
     float max_scale = 0.0f, amax = 0.0f;
@@ -693,7 +716,7 @@ ALWAYS_INLINE void q3k_finish(const float *x, const float *scales, int8_t *L, ui
         const float scale = fabsf(scales[j]);
         if (scale > amax) { amax = scale; max_scale = scales[j]; }
     }
-    uint8_t *hm = y, *qs = y + 32, *sc = y + 96;
+    uint8_t *sc = y + 96;
     memset(sc, 0, 12);
     uint16_t dh;
     if (max_scale != 0) {
@@ -710,6 +733,13 @@ ALWAYS_INLINE void q3k_finish(const float *x, const float *scales, int8_t *L, ui
     } else {
         dh = fp32_to_fp16(0.0f);
     }
+    q3k_tail(x, L, y, dh);
+}
+
+/* Q3_K, scales packed in y[96..107]: re-quantize with fp16 d, high bits, pack. */
+ALWAYS_INLINE void q3k_tail(const float *x, int8_t *L, uint8_t *y, uint16_t dh) {
+    uint8_t *hm = y, *qs = y + 32;
+    const uint8_t *sc = y + 96;
     const float df = fp16_to_fp32(dh);
     for (int j = 0; j < 16; j++) {
         const float d = df * (float)(int8_t)q3k_scale(sc, j);
@@ -738,6 +768,337 @@ static void q3k_block(const float *x, uint8_t *y) {
     float scales[16];
     for (int j = 0; j < 16; j++) scales[j] = make_q3_quants16(x + 16 * j, L + 16 * j);
     q3k_finish(x, scales, L, y);
+}
+
+/* ===================================================================== */
+/* Weighted quantizers (importance matrix): what ggml_quantize_chunk runs  */
+/* when imatrix != NULL. ggml-quants.c quantize_row_{q2_K,q3_K,q4_K,q5_K,  */
+/* q6_K,q4_0,q4_1,q5_0,q5_1}_impl and quantize_iq4_nl / quantize_iq4_xs    */
+/* (quantize_row_iq4_nl_impl) with quant_weights; helpers make_qx_quants   */
+/* (rmse_type 1, weights given), make_qkx3_quants, make_qp_quants.         */
+/* `qw` always points at the imatrix entries of the block's columns.       */
+/* ===================================================================== */
+
+/* ggml get_scale_min_k4: 6-bit scale and min j of a Q4_K/Q5_K block's 12 scale bytes. */
+ALWAYS_INLINE void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
+    if (j < 4) { *sc = q[j] & 63; *m = q[j + 4] & 63; }
+    else {
+        *sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* make_qx_quants(n, nmax, x, L, rmse_type = 1, qw): symmetric fit with weights qw; L = l + nmax
+ * (all 0 for a group below GROUP_MAX_EPS). Products associate left to right as in C: w*x*l. */
+static float make_qx_quants_w(int n, int nmax, const float *x, int8_t *L, const float *qw) {
+    float max = 0.0f, amax = 0.0f;
+    for (int i = 0; i < n; i++) {
+        const float ax = fabsf(x[i]);
+        if (ax > amax) { amax = ax; max = x[i]; }
+    }
+    if (amax < GROUP_MAX_EPS) {
+        memset(L, 0, (size_t)n);
+        return 0.0f;
+    }
+    float iscale = (float)(-nmax) / max;
+    float sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < n; i++) {
+        int l = nearest_int(iscale * x[i]);
+        l = MAXI(-nmax, MINI(nmax - 1, l));
+        L[i] = (int8_t)(l + nmax);
+        const float w = qw[i];
+        sumlx += w * x[i] * (float)l;
+        suml2 += w * (float)l * (float)l;
+    }
+    float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f;
+    float best = scale * sumlx;
+    for (int is = -9; is <= 9; is++) {
+        if (is == 0) continue;
+        iscale = -((float)nmax + 0.1f * (float)is) / max;
+        sumlx = suml2 = 0.0f;
+        for (int i = 0; i < n; i++) {
+            int l = nearest_int(iscale * x[i]);
+            l = MAXI(-nmax, MINI(nmax - 1, l));
+            const float w = qw[i];
+            sumlx += w * x[i] * (float)l;
+            suml2 += w * (float)l * (float)l;
+        }
+        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+            for (int i = 0; i < n; i++) {
+                const int l = nearest_int(iscale * x[i]);
+                L[i] = (int8_t)(nmax + MAXI(-nmax, MINI(nmax - 1, l)));
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    return scale;
+}
+
+/* make_qkx3_quants(n, nmax, x, w, L, the_min, rmin, rdelta, nstep, use_mad = false) with weights
+ * given: the same float sequence as make_qkx2_quants (above) except the degenerate test
+ * `max <= min` instead of `max == min`, which agree for finite x (min <= max always). */
+#define make_qkx3_quants_w(n, nmax, x, w, L, the_min) \
+    make_qkx2_quants(n, nmax, x, w, L, the_min, -0.9f, 0.05f, 36, 0)
+
+/* make_qp_quants(n, nmax, x, L, quant_weights): positive-only fit of the sub-block scales
+ * (or mins) with weights sw. L is uint8_t as in ggml (negative indices wrap, as there). */
+static float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *qw) {
+    float max = 0.0f;
+    for (int i = 0; i < n; i++) max = MAXF(max, x[i]);
+    if (max < GROUP_MAX_EPS) {
+        memset(L, 0, (size_t)n);
+        return 0.0f;
+    }
+    float iscale = (float)nmax / max;
+    for (int i = 0; i < n; i++) L[i] = (uint8_t)nearest_int(iscale * x[i]);
+    const float scale = 1.0f / iscale;
+    float best_mse = 0.0f;
+    for (int i = 0; i < n; i++) {
+        const float diff = x[i] - scale * (float)L[i];
+        best_mse += qw[i] * diff * diff;
+    }
+    for (int is = -4; is <= 4; is++) {
+        if (is == 0) continue;
+        const float iscale_is = (0.1f * (float)is + (float)nmax) / max;
+        const float scale_is = 1.0f / iscale_is;
+        float mse = 0.0f;
+        for (int i = 0; i < n; i++) {
+            const int l = MINI(nmax, nearest_int(iscale_is * x[i]));
+            const float diff = x[i] - scale_is * (float)l;
+            mse += qw[i] * diff * diff;
+        }
+        if (mse < best_mse) {
+            best_mse = mse;
+            iscale = iscale_is;
+        }
+    }
+    float sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < n; i++) {
+        const int l = MINI(nmax, nearest_int(iscale * x[i]));
+        L[i] = (uint8_t)l;
+        const float w = qw[i];
+        sumlx += w * x[i] * (float)l;
+        suml2 += w * (float)l * (float)l;
+    }
+    for (int itry = 0; itry < 5; itry++) {
+        int n_changed = 0;
+        for (int i = 0; i < n; i++) {
+            const float w = qw[i];
+            float slx = sumlx - w * x[i] * (float)L[i];
+            float sl2 = suml2 - w * (float)L[i] * (float)L[i];
+            if (slx > 0 && sl2 > 0) {
+                const int new_l = MINI(nmax, nearest_int(x[i] * sl2 / slx));
+                if (new_l != L[i]) {
+                    slx += w * x[i] * (float)new_l;
+                    sl2 += w * (float)new_l * (float)new_l;
+                    if (slx * slx * suml2 > sumlx * sumlx * sl2) {
+                        L[i] = (uint8_t)new_l;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        n_changed++;
+                    }
+                }
+            }
+        }
+        if (!n_changed) break;
+    }
+    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+/* sum of x[i]^2, sequential (every *_impl starts with it) */
+ALWAYS_INLINE float sum_sq(const float *x, int64_t n) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += x[i] * x[i];
+    return s;
+}
+
+/* the weights of every *_impl: w = qw * sqrtf(sigma2 + x^2) */
+ALWAYS_INLINE void imatrix_weights(const float *x, const float *qw, float sigma2, float *w, int n) {
+    for (int i = 0; i < n; i++) w[i] = qw[i] * sqrtf(sigma2 + x[i] * x[i]);
+}
+
+ALWAYS_INLINE float sum_seq(const float *w, int n) {
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s += w[i];
+    return s;
+}
+
+/* quantize_row_q2_K_impl after the 16 searches: make_qp_quants for scales and mins with
+ * weights sw, 4+4 bit packing, then the common re-quantize and pack. */
+ALWAYS_INLINE void q2k_finish_w(const float *x, const float *scales, const float *mins, const float *sw,
+                                uint8_t *L, uint8_t *y) {
+    uint8_t Ls[16], Lm[16];
+    const float dm = make_qp_quants(16, 15, scales, Ls, sw);
+    const float mm = make_qp_quants(16, 15, mins, Lm, sw);
+    for (int j = 0; j < 16; j++) y[j] = (uint8_t)(Ls[j] | (Lm[j] << 4));
+    q2k_tail(x, L, y, fp32_to_fp16(dm), fp32_to_fp16(mm));
+}
+
+/* quantize_row_q2_K_impl: sigma2 = sum x^2 / 256; make_qkx3_quants(16, 3, .., -0.9, 0.05, 36). */
+static void q2k_block_w(const float *x, const float *qw, uint8_t *y) {
+    uint8_t L[QK_K];
+    float w[16], sw[16], scales[16], mins[16];
+    const float sigma2 = sum_sq(x, QK_K) / (float)QK_K;
+    for (int j = 0; j < 16; j++) {
+        imatrix_weights(x + 16 * j, qw + 16 * j, sigma2, w, 16);
+        sw[j] = sum_seq(w, 16);
+        scales[j] = make_qkx3_quants_w(16, 3, x + 16 * j, w, L + 16 * j, &mins[j]);
+    }
+    q2k_finish_w(x, scales, mins, sw, L, y);
+}
+
+/* quantize_row_q3_K_impl after the 16 searches: the super-scale by a weighted make_qx_quants
+ * over the 16 scales (nmax 32, so Ls already carries the +32 offset), packing, common tail. */
+ALWAYS_INLINE void q3k_finish_w(const float *x, const float *scales, const float *sw, int8_t *L, uint8_t *y) {
+    int8_t Ls[16];
+    uint8_t *sc = y + 96;
+    memset(sc, 0, 12);
+    const float d_block = make_qx_quants_w(16, 32, scales, Ls, sw);
+    for (int j = 0; j < 16; j++) {
+        int l = Ls[j];
+        if (j < 8) sc[j] = (uint8_t)(l & 0xF);
+        else sc[j - 8] |= (uint8_t)((l & 0xF) << 4);
+        l >>= 4;
+        sc[j % 4 + 8] |= (uint8_t)(l << (2 * (j / 4)));
+    }
+    q3k_tail(x, L, y, fp32_to_fp16(d_block));
+}
+
+/* quantize_row_q3_K_impl: sigma2 = 2 sum x^2 / 256; make_qx_quants(16, 4, .., 1, w). */
+static void q3k_block_w(const float *x, const float *qw, uint8_t *y) {
+    int8_t L[QK_K];
+    float w[16], sw[16], scales[16];
+    const float sigma2 = 2 * sum_sq(x, QK_K) / (float)QK_K;
+    for (int j = 0; j < 16; j++) {
+        imatrix_weights(x + 16 * j, qw + 16 * j, sigma2, w, 16);
+        sw[j] = sum_seq(w, 16);
+        scales[j] = make_qx_quants_w(16, 4, x + 16 * j, L + 16 * j, w);
+    }
+    q3k_finish_w(x, scales, sw, L, y);
+}
+
+/* quantize_row_q4_K_impl / q5_K_impl after the 8 searches: 6-bit scales and mins by
+ * make_qp_quants(8, 63, .., sw); Q5_K clamps them to 63 (Q4_K does not); packing as ggml
+ * writes it (bytes, with uint8_t wrap-around); re-quantize with the decoded scales. */
+ALWAYS_INLINE void kq45_finish_w(const float *x, const float *scales, const float *mins, const float *sw,
+                                 uint8_t *L, int nmax, uint8_t *y) {
+    uint8_t Ls[8], Lm[8];
+    const float d_block = make_qp_quants(8, 63, scales, Ls, sw);
+    const float m_block = make_qp_quants(8, 63, mins, Lm, sw);
+    uint8_t *s = y + 4;
+    for (int j = 0; j < 8; j++) {
+        uint8_t ls = Ls[j], lm = Lm[j];
+        if (nmax == 31) {
+            ls = MINI(63, ls);
+            lm = MINI(63, lm);
+        }
+        if (j < 4) {
+            s[j] = ls;
+            s[j + 4] = lm;
+        } else {
+            s[j + 4] = (uint8_t)((ls & 0xF) | ((lm & 0xF) << 4));
+            s[j - 4] |= (uint8_t)((ls >> 4) << 6);
+            s[j] |= (uint8_t)((lm >> 4) << 6);
+        }
+    }
+    const uint16_t dh = fp32_to_fp16(d_block), mh = fp32_to_fp16(m_block);
+    put_u16(y, dh);
+    put_u16(y + 2, mh);
+    const float df = fp16_to_fp32(dh), mf = fp16_to_fp32(mh);
+    for (int j = 0; j < 8; j++) {
+        int sc, m;
+        scale_min_k4(j, s, &sc, &m);
+        const float d = df * (float)sc;
+        if (d == 0) continue;
+        const float dm = mf * (float)m;
+        const float *xs = x + 32 * j;
+        uint8_t *Lj = L + 32 * j;
+        for (int i = 0; i < 32; i++) {
+            const int l = nearest_int((xs[i] + dm) / d);
+            Lj[i] = (uint8_t)MAXI(0, MINI(nmax, l));
+        }
+    }
+    kq45_pack(L, nmax, y);
+}
+
+/* quantize_row_q4_K_impl / q5_K_impl: sigma2 = 2 sum x^2 / 256; make_qkx3_quants(32, nmax, ..). */
+static void kq45_block_w(const float *x, const float *qw, uint8_t *y, int nmax) {
+    uint8_t L[QK_K];
+    float w[32], sw[8], scales[8], mins[8];
+    const float sigma2 = 2 * sum_sq(x, QK_K) / (float)QK_K;
+    for (int j = 0; j < 8; j++) {
+        imatrix_weights(x + 32 * j, qw + 32 * j, sigma2, w, 32);
+        sw[j] = sum_seq(w, 32);
+        scales[j] = make_qkx3_quants_w(32, nmax, x + 32 * j, w, L + 32 * j, &mins[j]);
+    }
+    kq45_finish_w(x, scales, mins, sw, L, nmax, y);
+}
+
+/* quantize_row_q6_K_impl: make_qx_quants(16, 32, .., 1, qw) with the raw imatrix as weights;
+ * the rest is the unweighted path's. */
+static void q6k_block_w(const float *x, const float *qw, uint8_t *y) {
+    int8_t L[QK_K];
+    float scales[16];
+    for (int ib = 0; ib < 16; ib++) scales[ib] = make_qx_quants_w(16, 32, x + 16 * ib, L + 16 * ib, qw + 16 * ib);
+    q6k_finish(x, scales, L, y);
+}
+
+/* quantize_row_q4_0_impl / q5_0_impl / q4_1_impl / q5_1_impl for one row: sigma2 over the whole
+ * row (sum x^2 / n_per_row), then per 32-block make_qx_quants(32, 8 | 16, .., w) or
+ * make_qkx3_quants(32, 15 | 31, .., w); no re-quantization with the rounded scale. */
+static void row32_w(int type, const float *x, const float *qw, uint8_t *y, int64_t n) {
+    const float sigma2 = sum_sq(x, n) / (float)n;
+    float w[32];
+    for (int64_t ib = 0; ib < n / 32; ib++) {
+        const float *xb = x + 32 * ib;
+        imatrix_weights(xb, qw + 32 * ib, sigma2, w, 32);
+        switch (type) {
+        case T_Q4_0: case T_Q5_0: {
+            const int q5 = type == T_Q5_0;
+            uint8_t *b = y + (q5 ? 22 : 18) * ib;
+            int8_t L[32];
+            const float d = make_qx_quants_w(32, q5 ? 16 : 8, xb, L, w);
+            put_u16(b, fp32_to_fp16(d));
+            if (q5) q5_pack((const uint8_t *)L, b + 2, b + 6);
+            else for (int j = 0; j < 16; j++) b[2 + j] = (uint8_t)(L[j] | (L[j + 16] << 4));
+            break;
+        }
+        case T_Q4_1: case T_Q5_1: {
+            const int q5 = type == T_Q5_1;
+            uint8_t *b = y + (q5 ? 24 : 20) * ib;
+            uint8_t L[32];
+            float the_min;
+            const float d = make_qkx3_quants_w(32, q5 ? 31 : 15, xb, w, L, &the_min);
+            put_u16(b, fp32_to_fp16(d));
+            put_u16(b + 2, fp32_to_fp16(-the_min));
+            if (q5) q5_pack(L, b + 4, b + 8);
+            else for (int j = 0; j < 16; j++) b[4 + j] = (uint8_t)(L[j] | (L[j + 16] << 4));
+            break;
+        }
+        }
+    }
+}
+
+/* quantize_iq4_nl with quant_weights: quantize_row_iq4_nl_impl(32, 32, ..), sigma2 = 2 sum x^2 / 32 */
+static void iq4nl_block_w(const float *x, const float *qw, uint8_t *y) {
+    float w[32];
+    float sigma2 = sum_sq(x, 32);
+    sigma2 *= 2.0f / 32;
+    imatrix_weights(x, qw, sigma2, w, 32);
+    iq4nl_finish(x, iq4_scale32w(x, w), y);
+}
+
+/* quantize_iq4_xs with quant_weights: quantize_row_iq4_nl_impl(256, 32, ..), sigma2 over 256 */
+static void iq4xs_block_w(const float *x, const float *qw, uint8_t *y) {
+    float w[32], scales[8];
+    float sigma2 = sum_sq(x, QK_K);
+    sigma2 *= 2.0f / QK_K;
+    for (int ib = 0; ib < 8; ib++) {
+        imatrix_weights(x + 32 * ib, qw + 32 * ib, sigma2, w, 32);
+        scales[ib] = iq4_scale32w(x + 32 * ib, w);
+    }
+    iq4xs_finish(x, scales, y);
 }
 
 /* ===================================================================== */
@@ -931,17 +1292,60 @@ static void quantize_blocks(int type, const float *x, uint8_t *y, int64_t nb, in
     }
 }
 
+/* With an importance matrix (ggml_quantize_chunk with imatrix != NULL): nrows whole rows of n
+ * elements, every row weighted by the same qw[0..n-1]. Types the imatrix does not affect
+ * (F32/F16/BF16/Q8_0) take the unweighted path. */
+static int uses_imatrix(int type) {
+    switch (type) {
+    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_IQ4_NL: case T_IQ4_XS:
+    case T_Q2_K: case T_Q3_K: case T_Q4_K: case T_Q5_K: case T_Q6_K: return 1;
+    default: return 0;
+    }
+}
+
+static void quantize_rows_w(int type, const float *x, uint8_t *y, int64_t nrows, int64_t n, const float *qw,
+                            int impl) {
+    int blck, bytes;
+    block_info(type, &blck, &bytes);
+    if (!uses_imatrix(type)) {
+        quantize_blocks(type, x, y, nrows * n / blck, impl);
+        return;
+    }
+    const int64_t nb = n / blck, row_bytes = nb * bytes;
+    for (int64_t r = 0; r < nrows; r++) {
+        const float *xr = x + r * n;
+        uint8_t *yr = y + r * row_bytes;
+        switch (type) {
+        case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1:
+            row32_w(type, xr, qw, yr, n);
+            break;
+        case T_IQ4_NL:
+            for (int64_t i = 0; i < nb; i++) iq4nl_block_w(xr + 32 * i, qw + 32 * i, yr + 18 * i);
+            break;
+        case T_IQ4_XS:
+            for (int64_t i = 0; i < nb; i++) iq4xs_block_w(xr + QK_K * i, qw + QK_K * i, yr + 136 * i);
+            break;
+        case T_Q2_K:
+            for (int64_t i = 0; i < nb; i++) q2k_block_w(xr + QK_K * i, qw + QK_K * i, yr + 84 * i);
+            break;
+        case T_Q3_K:
+            for (int64_t i = 0; i < nb; i++) q3k_block_w(xr + QK_K * i, qw + QK_K * i, yr + 110 * i);
+            break;
+        case T_Q4_K: case T_Q5_K: {
+            const int nmax = type == T_Q4_K ? 15 : 31;
+            for (int64_t i = 0; i < nb; i++) kq45_block_w(xr + QK_K * i, qw + QK_K * i, yr + bytes * i, nmax);
+            break;
+        }
+        case T_Q6_K:
+            for (int64_t i = 0; i < nb; i++) q6k_block_w(xr + QK_K * i, qw + QK_K * i, yr + 210 * i);
+            break;
+        }
+    }
+}
+
 /* ===================================================================== */
 /* dequantization (spec 5; each op rounded separately)                    */
 /* ===================================================================== */
-
-ALWAYS_INLINE void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
-    if (j < 4) { *sc = q[j] & 63; *m = q[j + 4] & 63; }
-    else {
-        *sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4);
-        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-    }
-}
 
 static void dequantize_blocks(int type, const uint8_t *x, float *y, int64_t nb) {
     for (int64_t i = 0; i < nb; i++) {
@@ -1117,6 +1521,40 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* quantize_w(type, src_f32, dst, n_per_row, imatrix_f32, impl=-1): whole rows, each weighted by
+ * the n_per_row imatrix values (ggml_quantize_chunk with an imatrix). */
+static PyObject *py_quantize_w(PyObject *self, PyObject *args) {
+    int type, impl = -1, blck, bytes;
+    Py_ssize_t n;
+    PyObject *so, *dob, *wo;
+    if (!PyArg_ParseTuple(args, "iOOnO|i", &type, &so, &dob, &n, &wo, &impl)) return NULL;
+    if (!block_info(type, &blck, &bytes)) return PyErr_Format(PyExc_ValueError, "unsupported type %d", type);
+    if (impl < 0) impl = best_impl();
+    if (!impl_available(impl)) return PyErr_Format(PyExc_ValueError, "implementation %d not available", impl);
+    if (n <= 0 || n % blck) return PyErr_Format(PyExc_ValueError, "row length %zd is not a multiple of %d", n, blck);
+    buf_t s, d, w;
+    if (get_buf(so, &s, 0) < 0) return NULL;
+    if (get_buf(dob, &d, 1) < 0) { rel_buf(&s); return NULL; }
+    if (get_buf(wo, &w, 0) < 0) { rel_buf(&s); rel_buf(&d); return NULL; }
+    const Py_ssize_t nel = s.b.len / 4, nrows = nel / n;
+    if (s.b.len % 4 || nel % n || d.b.len != nrows * (n / blck) * bytes || w.b.len != n * 4) {
+        rel_buf(&s); rel_buf(&d); rel_buf(&w);
+        return PyErr_Format(PyExc_ValueError, "bad sizes: src %zd bytes, dst %zd bytes, imatrix %zd bytes",
+                            s.b.len, d.b.len, w.b.len);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    quantize_rows_w(type, (const float *)s.b.buf, (uint8_t *)d.b.buf, nrows, n, (const float *)w.b.buf, impl);
+    Py_END_ALLOW_THREADS
+    rel_buf(&s); rel_buf(&d); rel_buf(&w);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_uses_imatrix(PyObject *self, PyObject *args) {
+    int type;
+    if (!PyArg_ParseTuple(args, "i", &type)) return NULL;
+    return PyBool_FromLong(uses_imatrix(type));
+}
+
 /* dequantize(type, src_bytes, dst_f32) */
 static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     int type, blck, bytes;
@@ -1255,6 +1693,8 @@ static PyObject *py_best_impl(PyObject *self, PyObject *noargs) { return PyLong_
 
 static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS, "quantize(type, src_f32, dst_u8, impl=-1)"},
+    {"quantize_w", py_quantize_w, METH_VARARGS, "quantize_w(type, src_f32, dst_u8, n_per_row, imatrix_f32, impl=-1)"},
+    {"uses_imatrix", py_uses_imatrix, METH_VARARGS, "uses_imatrix(type) -> bool"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(type, src_u8, dst_f32)"},
     {"count_nonfinite", py_count_nonfinite, METH_VARARGS, "count_nonfinite(src, kind=0)"},
     {"bf16_to_f32", py_bf16_to_f32, METH_VARARGS, "bf16_to_f32(src_u16, dst_f32)"},

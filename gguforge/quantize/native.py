@@ -80,11 +80,42 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         return p
 
 
-def quantize(x: np.ndarray, qtype, threads: int | None = None, impl: int | None = None) -> np.ndarray:
+def uses_imatrix(qtype) -> bool:
+    """True when an importance matrix changes this type's bytes (Q8_0, F16, BF16, F32 ignore it)."""
+    return bool(_native.uses_imatrix(_qtype(qtype)))
+
+
+def _check_imatrix(imatrix, x: np.ndarray) -> np.ndarray:
+    """The imatrix as float32 (n_per_row,), or (n_expert, n_per_row) for a 3-D x; ValueError otherwise."""
+    w = np.asarray(imatrix)
+    if w.dtype != np.float32:
+        raise ValueError(f"imatrix must be float32, got {w.dtype}")
+    n = x.shape[-1]
+    if w.ndim == 1:
+        ok = w.shape[0] == n
+    elif w.ndim == 2:
+        ok = x.ndim == 3 and w.shape == (x.shape[0], n)
+    else:
+        ok = False
+    if not ok:
+        want = f"({n},)" + (f" or ({x.shape[0]}, {n})" if x.ndim == 3 else "")
+        raise ValueError(f"imatrix shape {w.shape} does not fit tensor shape {x.shape}: expected {want}")
+    if not np.isfinite(w).all():
+        raise ValueError("imatrix holds NaN or Inf values")
+    return np.ascontiguousarray(w)
+
+
+def quantize(x: np.ndarray, qtype, threads: int | None = None, impl: int | None = None,
+             imatrix: np.ndarray | None = None) -> np.ndarray:
     """Quantize float32 rows (..., n) to uint8 (..., n//block*bytes).
 
     F32/F16/BF16 are accepted too and return the converted bytes. `impl` selects a C
     implementation (see IMPLS); default is the fastest one.
+
+    `imatrix`: importance weights, what ggml_quantize_chunk takes as `imatrix` (llama-quantize
+    --imatrix): float32 of shape (n,) for every row, or (n_expert, n) when x is 3-D
+    (n_expert, rows, n), expert e's rows weighted by imatrix[e]. Types for which
+    uses_imatrix() is False ignore it.
     """
     q = _qtype(qtype)
     blck, nbytes = block_info(q)
@@ -96,6 +127,11 @@ def quantize(x: np.ndarray, qtype, threads: int | None = None, impl: int | None 
         raise ValueError(f"row length {n} is not a multiple of the {T(q).name} block size {blck}")
     out = np.empty(x.shape[:-1] + (n // blck * nbytes,), dtype=np.uint8)
     impl = BEST_IMPL if impl is None else impl
+    if imatrix is not None:
+        w = _check_imatrix(imatrix, x)
+        if uses_imatrix(q):
+            _quantize_weighted(q, x, out, w, threads, impl)
+            return out
     flat, oflat = x.reshape(-1), out.reshape(-1)
     nblocks = flat.size // blck
     threads = max(1, threads if threads is not None else (os.cpu_count() or 1))
@@ -113,6 +149,28 @@ def quantize(x: np.ndarray, qtype, threads: int | None = None, impl: int | None 
     for f in futs:
         f.result()
     return out
+
+
+def _quantize_weighted(q: int, x: np.ndarray, out: np.ndarray, w: np.ndarray, threads, impl: int) -> None:
+    """Tasks of whole rows (Q4_0..Q5_1 weigh by a row-wide sigma2), each with its expert's weights."""
+    n = x.shape[-1]
+    if x.size == 0:
+        return
+    ne = w.shape[0] if w.ndim == 2 else 1
+    xs = x.reshape(ne, -1, n)
+    os_ = out.reshape(ne, xs.shape[1], -1)
+    ws = w.reshape(ne, n)
+    rows = xs.shape[1]
+    threads = max(1, threads if threads is not None else (os.cpu_count() or 1))
+    per = max(-(-_MIN_CHUNK_ELEMS // n), -(-ne * rows // (threads * 4)))
+    tasks = [(xs[e, a : a + per], os_[e, a : a + per], ws[e]) for e in range(ne) for a in range(0, rows, per)]
+    if threads == 1 or len(tasks) == 1:
+        for t in tasks:
+            _native.quantize_w(q, t[0], t[1], n, t[2], impl)
+        return
+    futs = [_pool(threads).submit(_native.quantize_w, q, t[0], t[1], n, t[2], impl) for t in tasks]
+    for f in futs:
+        f.result()
 
 
 def dequantize(data: np.ndarray, qtype, n: int) -> np.ndarray:
