@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .writer import Metadata, TensorEntry, write_gguf_shards
+from .writer import Metadata, OutputFiles, TensorEntry, write_gguf_outputs, write_gguf_shards
 
 SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT = "split.no", "split.count", "split.tensors.count"
 SPLIT_KEYS = (SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT)
@@ -129,3 +129,11 @@ def write_shards(shards: list[Shard], metadata: Metadata, tensors: list[TensorEn
     """Write the planned files (a single shard is a plain, unsplit file) atomically, all or none."""
     write_gguf_shards([s.path for s in shards], shard_metadata(metadata, shards),
                       [(s.start, s.stop) for s in shards], tensors, chunks, progress)
+
+
+def write_many_shards(outputs: list[tuple[list[Shard], Metadata, list[TensorEntry]]], chunks, progress=None) -> None:
+    """Several planned outputs (shards, metadata, tensors) from one stream: `chunks()` yields (tensor
+    index, one data per output); every file of every output appears, or none."""
+    write_gguf_outputs([OutputFiles([s.path for s in shards], shard_metadata(metadata, shards),
+                                    [(s.start, s.stop) for s in shards], tensors)
+                        for shards, metadata, tensors in outputs], chunks, progress)

@@ -314,29 +314,60 @@ def write_gguf_shards(targets: list[Path], metadatas: list[Metadata], groups: li
     tensor's chunks must add up to exactly its planned size. All shards are renamed into
     place together, and none is left behind on failure.
     """
-    shard_of = [k for k, (a, b) in enumerate(groups) for _ in range(a, b)]
-    headers = [encode_header(md, tensors[a:b]) for md, (a, b) in zip(metadatas, groups)]
+    write_gguf_outputs([OutputFiles(targets, metadatas, groups, tensors)],
+                       lambda: ((i, (data,)) for i, data in chunks()), progress)
+
+
+@dataclass
+class OutputFiles:
+    """One output of write_gguf_outputs: a GGUF file, or the shards of a split one (see write_gguf_shards)."""
+    targets: list[Path]
+    metadatas: list[Metadata]
+    groups: list[tuple[int, int]]
+    tensors: list[TensorEntry]
+
+
+def write_gguf_outputs(outputs: list[OutputFiles], chunks: Callable[[], Iterable[tuple[int, Any]]],
+                       progress: Callable[[int], None] | None = None) -> None:
+    """Write several GGUF outputs (each possibly split) from one stream of chunks.
+
+    Every output has the same number of tensors; `chunks()` yields (tensor index, one bytes-like or
+    FileSpan per output) in tensor order. All files of all outputs are renamed into place together,
+    and none is left behind on failure.
+    """
+    n_tensors = len(outputs[0].tensors)
+    if any(len(o.tensors) != n_tensors for o in outputs):
+        raise RuntimeError("outputs written together must have the same number of tensors")
+    targets = [t for o in outputs for t in o.targets]
     with atomic_outputs(targets) as files:
-        for f, header in zip(files, headers):
-            f.write(header)
-        current, written = 0, 0
+        shard_files = []  # per output, the file each tensor goes to
+        at = 0
+        for o in outputs:
+            mine = files[at:at + len(o.targets)]
+            at += len(o.targets)
+            for f, md, (a, b) in zip(mine, o.metadatas, o.groups):
+                f.write(encode_header(md, o.tensors[a:b]))
+            shard_files.append([mine[k] for k, (a, b) in enumerate(o.groups) for _ in range(a, b)])
+        current, written = 0, [0] * len(outputs)
 
-        def close_tensor(i, n):
-            if n != tensors[i].nbytes:
-                raise RuntimeError(f"{tensors[i].name}: wrote {n} bytes, planned {tensors[i].nbytes}")
-            files[shard_of[i]].write(b"\0" * _pad(n))
+        def close_tensor(i):
+            for o, fs, n in zip(outputs, shard_files, written):
+                if n != o.tensors[i].nbytes:
+                    raise RuntimeError(f"{o.tensors[i].name}: wrote {n} bytes, planned {o.tensors[i].nbytes}")
+                fs[i].write(b"\0" * _pad(n))
 
-        for index, data in chunks():
+        for index, datas in chunks():
             while index != current:
-                close_tensor(current, written)
-                current, written = current + 1, 0
-            n = _write_chunk(files[shard_of[index]], data)
-            written += n
-            if progress:
-                progress(n)
-        if tensors:
+                close_tensor(current)
+                current, written = current + 1, [0] * len(outputs)
+            for k, data in enumerate(datas):
+                n = _write_chunk(shard_files[k][index], data)
+                written[k] += n
+                if progress:
+                    progress(n)
+        if n_tensors:
             while True:
-                close_tensor(current, written)
-                if current == len(tensors) - 1:
+                close_tensor(current)
+                if current == n_tensors - 1:
                     break
-                current, written = current + 1, 0
+                current, written = current + 1, [0] * len(outputs)
