@@ -15,8 +15,10 @@ def native_supports(ggml_type: T) -> bool:
     return native.supported(ggml_type)
 
 
-def encode(a: np.ndarray, ggml_type: T) -> np.ndarray:
-    """Bytes (as a contiguous array) of `a` stored as `ggml_type`; rows run along the last axis."""
+def encode(a: np.ndarray, ggml_type: T, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Bytes (as a contiguous array) of `a` stored as `ggml_type`; rows run along the last axis.
+    `imatrix`: float32 importance (row length,) for every row (llama-quantize --imatrix); float types
+    and the types whose quantizer ignores it take no notice."""
     if ggml_type == T.F32:
         return np.ascontiguousarray(a, dtype=np.float32)
     if ggml_type == T.F16:
@@ -26,4 +28,6 @@ def encode(a: np.ndarray, ggml_type: T) -> np.ndarray:
     if ggml_type == T.BF16:
         return native.f32_to_bf16(np.ascontiguousarray(a, dtype=np.float32))
     rows = np.ascontiguousarray(a, dtype=np.float32).reshape(-1, a.shape[-1] if a.ndim else 1)
+    if imatrix is not None and native.uses_imatrix(ggml_type):
+        return native.quantize(rows, ggml_type, threads=1, imatrix=imatrix)
     return native.quantize(rows, ggml_type, threads=1)
