@@ -315,6 +315,55 @@ def verify_cmd(
         raise UserError(f"tokenizer parity failed on {len(report.token_mismatches)} text(s)")
 
 
+@app.command("imatrix")
+def imatrix_cmd(
+    model: str = typer.Argument(..., help="HF model directory or hub id"),
+    text_file: Path = typer.Option(..., "-f", "--file", help="calibration text (UTF-8)"),
+    chunk: int = typer.Option(512, "-c", "--ctx-size", min=1, help="tokens per chunk (llama-imatrix -c)"),
+    chunks: Optional[int] = typer.Option(None, "--chunks", min=0, help="use at most this many chunks"),
+    output: str = typer.Option("imatrix.gguf", "-o", "--output", help="output file"),
+    output_format: str = typer.Option("gguf", "--output-format", metavar="gguf|dat",
+                                      help="llama-imatrix's GGUF format or the legacy .dat"),
+    device: str = typer.Option("auto", "--device", metavar="cpu|cuda|auto", help="where torch runs the model"),
+    process_output: bool = typer.Option(False, "--process-output", help="also collect output.weight"),
+    batch_size: int = typer.Option(2048, "-b", "--batch-size", min=1, help="llama-imatrix -b (decides which "
+                                   "small matmuls it skips)"),
+    ubatch_size: int = typer.Option(512, "--ubatch-size", "-ub", min=1, help="llama-imatrix -ub"),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, max=MAX_THREADS,
+                                          help="torch CPU threads (default: torch's)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="tracebacks for internal errors"),
+):
+    """Compute an importance matrix from a Hugging Face checkpoint (torch), named for its GGUF conversion."""
+    _state["verbose"] = verbose
+    fmt = output_format.strip().lower()
+    if fmt not in ("gguf", "dat"):
+        raise UserError(f"--output-format must be gguf or dat, not {output_format!r}")
+    _check_not_empty(("MODEL", model), ("-o", output))
+    _check_output_arg(output, "-o")
+    target = Path(output)
+    if target.exists() and not force:
+        raise UserError(f"{target} already exists", hint="pass --force to overwrite it")
+    _require("imatrix", ("torch", "transformers"), hint='pip install "gguforge[verify]" (install torch==2.13.0 first)')
+    from .format.atomic import replacing
+    from .format.imatrix import write_imatrix
+    from .imatrix.compute import ImatrixOptions, compute_imatrix
+    from .progress import progress_factory
+
+    options = ImatrixOptions(chunk_size=chunk, chunks=chunks, process_output=process_output, device=device,
+                             threads=threads, batch_size=batch_size, ubatch_size=ubatch_size)
+    run = compute_imatrix(model, text_file, options, progress=progress_factory(quiet, unit="tokens"))
+    with replacing(force):
+        write_imatrix(target, run.imatrix, fmt)
+    if run.missing:
+        _say(f"warning: no module of the HF model fed {len(run.missing)} GGUF weights, e.g. {run.missing[0]}")
+    if not quiet:
+        im = run.imatrix
+        _say(f"wrote {target}: {len(im.entries)} entries, {im.chunk_count} chunks of {im.chunk_size} tokens, "
+             f"{run.n_tokens / max(run.seconds, 1e-9):,.0f} tokens/s")
+
+
 VERIFY_MODULES = ("torch", "transformers", "llama_cpp")
 
 
