@@ -183,6 +183,23 @@ def test_threads_and_chunking_identical(qtype):
                           one[::97])
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("qtype", WEIGHTED, ids=lambda t: t.name)
+def test_vector_paths_equal_scalar(qtype):
+    """The lane-parallel weighted kernels batch super-blocks across rows: odd counts (partial
+    batches), rows of 1 and 3 super-blocks, every kind of data."""
+    rng = np.random.default_rng(23 + int(qtype))
+    blk, _ = native.block_info(qtype)
+    for nsb, per_row in ((1, 1), (3, 3), (257, 1), (51, 3)):
+        n = 256 * per_row
+        x = np.concatenate([case(ALL_KINDS[i % len(ALL_KINDS)], rng) for i in range(nsb)]).reshape(-1, n)
+        w = imatrix_of(IMATRIX_KINDS[nsb % len(IMATRIX_KINDS)], rng, n)
+        want = native.quantize(x, qtype, threads=1, impl=0, imatrix=w)
+        for impl in IMPLS[1:]:
+            got = native.quantize(x, qtype, threads=1, impl=impl, imatrix=w)
+            assert np.array_equal(got, want), (qtype.name, native.IMPLS[impl], nsb, per_row)
+
+
 # ---------------------------------------------------------------------------------------------
 # The imatrix must matter (a quantizer that ignored it would pass the tests above only if ggml
 # did too; these make the difference explicit)

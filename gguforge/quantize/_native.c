@@ -1343,6 +1343,36 @@ static void quantize_rows_w(int type, const float *x, uint8_t *y, int64_t nrows,
     }
 }
 
+/* The lane-parallel weighted kernels take all rows' super-blocks at once (rows are contiguous). */
+static void quantize_rows_w_vec(int type, const float *x, uint8_t *y, int64_t nrows, int64_t n, const float *qw,
+                                int impl) {
+    const int64_t nbr = n / QK_K, nsb = nrows * nbr;
+    switch (type) {
+    case T_Q4_K: case T_Q5_K: {
+        const int nmax = type == T_Q4_K ? 15 : 31;
+        switch (impl) {
+#ifdef HAVE_X86_DISPATCH
+        case IMPL_AVX512: kq45w_vec_avx512(x, y, nsb, nmax, qw, nbr); return;
+        case IMPL_AVX2: kq45w_vec_avx2(x, y, nsb, nmax, qw, nbr); return;
+#endif
+        default: kq45w_vec_base(x, y, nsb, nmax, qw, nbr); return;
+        }
+    }
+    case T_Q3_K: case T_Q6_K: {
+        const int q3 = type == T_Q3_K;
+        switch (impl) {
+#ifdef HAVE_X86_DISPATCH
+        case IMPL_AVX512: qxw_vec_avx512(x, y, nsb, q3, qw, nbr); return;
+        case IMPL_AVX2: qxw_vec_avx2(x, y, nsb, q3, qw, nbr); return;
+#endif
+        default: qxw_vec_base(x, y, nsb, q3, qw, nbr); return;
+        }
+    }
+    default:
+        quantize_rows_w(type, x, y, nrows, n, qw, impl);
+    }
+}
+
 /* ===================================================================== */
 /* dequantization (spec 5; each op rounded separately)                    */
 /* ===================================================================== */
@@ -1543,7 +1573,8 @@ static PyObject *py_quantize_w(PyObject *self, PyObject *args) {
                             s.b.len, d.b.len, w.b.len);
     }
     Py_BEGIN_ALLOW_THREADS
-    quantize_rows_w(type, (const float *)s.b.buf, (uint8_t *)d.b.buf, nrows, n, (const float *)w.b.buf, impl);
+    if (impl == IMPL_SCALAR) quantize_rows_w(type, (const float *)s.b.buf, (uint8_t *)d.b.buf, nrows, n, (const float *)w.b.buf, impl);
+    else quantize_rows_w_vec(type, (const float *)s.b.buf, (uint8_t *)d.b.buf, nrows, n, (const float *)w.b.buf, impl);
     Py_END_ALLOW_THREADS
     rel_buf(&s); rel_buf(&d); rel_buf(&w);
     Py_RETURN_NONE;
@@ -1856,9 +1887,10 @@ static void N(kq45_vec)(const float *x, uint8_t *y, int64_t nsb, int nmax) {
     }
 }
 
-/* make_qx_quants(16, 32, rmse_type=1, no weights) on NV6*VW sub-blocks at once. */
-ALWAYS_INLINE void qx_vec(vf xt[16][NV6], vf Lb[16][NV6], vf *scale_out) {
-    vf w[16][NV6], wx[16][NV6], Lc[16][NV6];
+/* make_qx_quants(16, nmax, rmse_type=1, weights w) on NV6*VW sub-blocks at once; Q6_K without an
+ * imatrix passes w = x^2 (what make_qx_quants uses for qw == NULL). */
+ALWAYS_INLINE void qx_vec(int nmax, vf xt[16][NV6], vf w[16][NV6], vf Lb[16][NV6], vf *scale_out) {
+    vf wx[16][NV6], Lc[16][NV6];
     vf max[NV6], amax[NV6], isc[NV6], sumlx[NV6], suml2[NV6], scale[NV6], best[NV6];
     const vf zero = (vf){};
     for (int v = 0; v < NV6; v++) max[v] = amax[v] = zero;
@@ -1868,17 +1900,16 @@ ALWAYS_INLINE void qx_vec(vf xt[16][NV6], vf Lb[16][NV6], vf *scale_out) {
             vi m = ax > amax[v];
             amax[v] = vsel(m, ax, amax[v]);
             max[v] = vsel(m, xt[i][v], max[v]);
-            w[i][v] = xt[i][v] * xt[i][v];
             wx[i][v] = w[i][v] * xt[i][v];   /* (w*x)*l: w*x is the same every pass */
         }
     for (int v = 0; v < NV6; v++) {
-        isc[v] = -32.0f / max[v];
+        isc[v] = (float)(-nmax) / max[v];
         sumlx[v] = suml2[v] = zero;
     }
     for (int i = 0; i < 16; i++)
         for (int v = 0; v < NV6; v++) {
-            vf l = vnearest_clamp(isc[v] * xt[i][v], -32, 31);
-            Lb[i][v] = l + 32.0f;
+            vf l = vnearest_clamp(isc[v] * xt[i][v], -nmax, nmax - 1);
+            Lb[i][v] = l + (float)nmax;
             sumlx[v] += wx[i][v] * l;
             suml2[v] += (w[i][v] * l) * l;
         }
@@ -1888,14 +1919,14 @@ ALWAYS_INLINE void qx_vec(vf xt[16][NV6], vf Lb[16][NV6], vf *scale_out) {
     }
     for (int is = -9; is <= 9; is++) {
         if (is == 0) continue;
-        const float c = -(32.0f + 0.1f * (float)is);
+        const float c = -((float)nmax + 0.1f * (float)is);
         for (int v = 0; v < NV6; v++) {
             isc[v] = c / max[v];
             sumlx[v] = suml2[v] = zero;
         }
         for (int i = 0; i < 16; i++)
             for (int v = 0; v < NV6; v++) {
-                vf l = vnearest_clamp(isc[v] * xt[i][v], -32, 31);
+                vf l = vnearest_clamp(isc[v] * xt[i][v], -nmax, nmax - 1);
                 Lc[i][v] = l;
                 sumlx[v] += wx[i][v] * l;
                 suml2[v] += (w[i][v] * l) * l;
@@ -1904,7 +1935,7 @@ ALWAYS_INLINE void qx_vec(vf xt[16][NV6], vf Lb[16][NV6], vf *scale_out) {
             vi acc = (suml2[v] > 0) & (sumlx[v] * sumlx[v] > best[v] * suml2[v]);
             vf ns = sumlx[v] / suml2[v];
             vf nb = ns * sumlx[v];
-            for (int i = 0; i < 16; i++) Lb[i][v] = vsel(acc, Lc[i][v] + 32.0f, Lb[i][v]);
+            for (int i = 0; i < 16; i++) Lb[i][v] = vsel(acc, Lc[i][v] + (float)nmax, Lb[i][v]);
             scale[v] = vsel(acc, ns, scale[v]);
             best[v] = vsel(acc, nb, best[v]);
         }
@@ -1927,7 +1958,10 @@ static void N(q6k_vec)(const float *x, uint8_t *y, int64_t nsb) {
             const float *src = x + (b + sb) * QK_K + 16 * (k % 16);
             for (int l = 0; l < 16; l++) xt[l][k / VW][k % VW] = sb < nb ? src[l] : 0.0f;
         }
-        qx_vec(xt, Lb, scale);
+        vf w[16][NV6];
+        for (int l = 0; l < 16; l++)
+            for (int v = 0; v < NV6; v++) w[l][v] = xt[l][v] * xt[l][v];
+        qx_vec(32, xt, w, Lb, scale);
         for (int sb = 0; sb < nb; sb++) {
             float scales[16];
             int8_t L[QK_K];
@@ -1937,6 +1971,94 @@ static void N(q6k_vec)(const float *x, uint8_t *y, int64_t nsb) {
                 for (int l = 0; l < 16; l++) L[16 * j + l] = (int8_t)(int)Lb[l][v][e];
             }
             q6k_finish(x + (b + sb) * QK_K, scales, L, y + (b + sb) * 210);
+        }
+    }
+}
+
+/* Weighted (imatrix) K-quants, lane-parallel searches. Super-block s of the batch uses the
+ * imatrix slice qw + QK_K * (s % nbr) (nbr = super-blocks per row; calls start on a row).
+ * sigma2, the weights and their sums are computed per super-block with the scalar code. */
+
+/* quantize_row_q4_K_impl / q5_K_impl: make_qkx3_quants(32, nmax, .., -0.9, 0.05, 36) is
+ * qkx2_vec with those parameters (see make_qkx3_quants_w). */
+static void N(kq45w_vec)(const float *x, uint8_t *y, int64_t nsb, int nmax, const float *qw, int64_t nbr) {
+    enum { NL = NV45 * VW, NB = NL / 8 };
+    const int bytes = nmax == 15 ? 144 : 176;
+    for (int64_t b = 0; b < nsb; b += NB) {
+        const int nb = (int)(nsb - b < NB ? nsb - b : NB);
+        vf xt[32][NV45], w[32][NV45], Lb[32][NV45], scale[NV45], the_min[NV45];
+        float sw[NB][8];
+        for (int sb = 0; sb < NB; sb++) {
+            const float *xs = x + (b + sb) * QK_K, *q = qw + QK_K * ((b + sb) % nbr);
+            const float sigma2 = sb < nb ? 2 * sum_sq(xs, QK_K) / (float)QK_K : 0.0f;
+            for (int j = 0; j < 8; j++) {
+                const int k = sb * 8 + j, v = k / VW, e = k % VW;
+                float wj[32];
+                if (sb < nb) {
+                    imatrix_weights(xs + 32 * j, q + 32 * j, sigma2, wj, 32);
+                    sw[sb][j] = sum_seq(wj, 32);
+                }
+                for (int l = 0; l < 32; l++) {
+                    xt[l][v][e] = sb < nb ? xs[32 * j + l] : 0.0f;
+                    w[l][v][e] = sb < nb ? wj[l] : 0.0f;
+                }
+            }
+        }
+        qkx2_vec(nmax, xt, w, Lb, scale, the_min, -0.9f, 0.05f, 36);
+        for (int sb = 0; sb < nb; sb++) {
+            float scales[8], mins[8];
+            uint8_t L[QK_K];
+            for (int j = 0; j < 8; j++) {
+                const int k = sb * 8 + j, v = k / VW, e = k % VW;
+                scales[j] = scale[v][e];
+                mins[j] = the_min[v][e];
+                for (int l = 0; l < 32; l++) L[32 * j + l] = (uint8_t)(int)Lb[l][v][e];
+            }
+            kq45_finish_w(x + (b + sb) * QK_K, scales, mins, sw[sb], L, nmax, y + (b + sb) * bytes);
+        }
+    }
+}
+
+/* quantize_row_q6_K_impl (weights: the raw imatrix) and quantize_row_q3_K_impl (weights
+ * qw*sqrt(sigma2 + x^2), sigma2 = 2 sum x^2/256): make_qx_quants(16, nmax 32 | 4, .., w) for
+ * the 16 sub-blocks of NV6*VW/16 super-blocks; lane k = sub-block k%16 of super-block k/16. */
+static void N(qxw_vec)(const float *x, uint8_t *y, int64_t nsb, int q3, const float *qw, int64_t nbr) {
+    enum { NL = NV6 * VW, NB = NL / 16 };
+    for (int64_t b = 0; b < nsb; b += NB) {
+        const int nb = (int)(nsb - b < NB ? nsb - b : NB);
+        vf xt[16][NV6], w[16][NV6], Lb[16][NV6], scale[NV6];
+        float sw[NB][16];
+        for (int sb = 0; sb < NB; sb++) {
+            const float *xs = x + (b + sb) * QK_K, *q = qw + QK_K * ((b + sb) % nbr);
+            const float sigma2 = q3 && sb < nb ? 2 * sum_sq(xs, QK_K) / (float)QK_K : 0.0f;
+            for (int j = 0; j < 16; j++) {
+                const int k = sb * 16 + j, v = k / VW, e = k % VW;
+                float wj[16];
+                if (sb < nb) {
+                    if (q3) {
+                        imatrix_weights(xs + 16 * j, q + 16 * j, sigma2, wj, 16);
+                        sw[sb][j] = sum_seq(wj, 16);
+                    } else {
+                        memcpy(wj, q + 16 * j, sizeof wj);
+                    }
+                }
+                for (int l = 0; l < 16; l++) {
+                    xt[l][v][e] = sb < nb ? xs[16 * j + l] : 0.0f;
+                    w[l][v][e] = sb < nb ? wj[l] : 0.0f;
+                }
+            }
+        }
+        qx_vec(q3 ? 4 : 32, xt, w, Lb, scale);
+        for (int sb = 0; sb < nb; sb++) {
+            float scales[16];
+            int8_t L[QK_K];
+            for (int j = 0; j < 16; j++) {
+                const int k = sb * 16 + j, v = k / VW, e = k % VW;
+                scales[j] = scale[v][e];
+                for (int l = 0; l < 16; l++) L[16 * j + l] = (int8_t)(int)Lb[l][v][e];
+            }
+            if (q3) q3k_finish_w(x + (b + sb) * QK_K, scales, sw[sb], L, y + (b + sb) * 110);
+            else q6k_finish(x + (b + sb) * QK_K, scales, L, y + (b + sb) * 210);
         }
     }
 }
