@@ -41,6 +41,8 @@ class ImatrixOptions:
     include: Sequence[str] = ()   # --include-weights: keep only entries whose name contains one of these
     exclude: Sequence[str] = ()   # --exclude-weights: drop entries whose name contains one of these
     missing: str = "static"       # tensors without data: "static" (warn, as llama-quantize) or "error"
+    computed: object = None       # a format.imatrix.Imatrix already in memory (convert-hf --imatrix-text);
+                                  # `path` then only names it (quantize.imatrix.file)
 
     def __post_init__(self) -> None:
         if self.include and self.exclude:
@@ -66,7 +68,7 @@ class LoadedImatrix:
 def load_imatrix(options: ImatrixOptions) -> LoadedImatrix | None:
     """Read, normalise and filter the file as llama-quantize does; None when the filters leave nothing
     (llama-quantize then quantizes without an imatrix and writes no quantize.imatrix.* keys)."""
-    im = read_imatrix(options.path)
+    im = options.computed if options.computed is not None else read_imatrix(options.path)
     if not im.legacy and not im.has_metadata:
         raise UserError(f"{options.path}: missing imatrix metadata (imatrix.datasets, imatrix.chunk_count and "
                         "imatrix.chunk_size), which llama-quantize requires", hint="the file is incomplete")
