@@ -196,3 +196,14 @@ def llama_quantize(src, dst, preset: str, **params) -> None:
     for key, value in params.items():
         setattr(p, key, value)
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), p) == 0
+
+
+def llama_tool(name: str) -> Path:
+    """Path of one of llama.cpp's programs (llama-quantize, llama-imatrix, ...), built with cmake from
+    the pinned sdist's llama.cpp tree and cached under ~/.cache/gguforge-tests (scripts/llama_tools.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        from llama_tools import llama_tools
+    finally:
+        sys.path.pop(0)
+    return llama_tools(name)[name]
