@@ -559,7 +559,7 @@ static void iq4xs_block(const float *x, uint8_t *y) {
 
 /* IQ4 with the scale searches of many 32-blocks done lane-parallel (iq4_scales_*, below), the rest
  * scalar: nb32 consecutive 32-blocks, in batches; the bytes are the scalar path's. */
-typedef void (*iq4_scales_fn)(const float *x, float *scales, int64_t nb32);
+typedef void (*iq4_scales_fn)(const float *x, const float *w, float *scales, int64_t nb32);
 
 static void iq4_batched(iq4_scales_fn scales_of, int xs, const float *x, uint8_t *y, int64_t nb) {
     enum { BATCH = 64 };   /* 32-blocks per batch: 8 IQ4_XS super-blocks */
@@ -568,7 +568,7 @@ static void iq4_batched(iq4_scales_fn scales_of, int xs, const float *x, uint8_t
     for (int64_t b = 0; b < nb; b += BATCH / per) {
         const int n = (int)(nb - b < BATCH / per ? nb - b : BATCH / per);
         const float *xb = x + b * 32 * per;
-        scales_of(xb, scales, (int64_t)n * per);
+        scales_of(xb, NULL, scales, (int64_t)n * per);
         for (int i = 0; i < n; i++) {
             if (xs) iq4xs_finish(xb + 256 * i, scales + 8 * i, y + (b + i) * bytes);
             else iq4nl_finish(xb + 32 * i, scales[i], y + (b + i) * bytes);
@@ -1101,6 +1101,30 @@ static void iq4xs_block_w(const float *x, const float *qw, uint8_t *y) {
     iq4xs_finish(x, scales, y);
 }
 
+/* IQ4 with an imatrix, the scale searches lane-parallel: nb blocks (32 for IQ4_NL, 256 for IQ4_XS)
+ * from the start of a row; block i uses the imatrix slice of its place in the row (nbr blocks). */
+static void iq4_batched_w(iq4_scales_fn scales_of, int xs, const float *x, uint8_t *y, int64_t nb,
+                          const float *qw, int64_t nbr) {
+    enum { BATCH = 64 };
+    float scales[BATCH], w[BATCH * 32];
+    const int per = xs ? 8 : 1, bytes = xs ? 136 : 18, sbs = 32 * per;
+    for (int64_t b = 0; b < nb; b += BATCH / per) {
+        const int n = (int)(nb - b < BATCH / per ? nb - b : BATCH / per);
+        const float *xb = x + b * sbs;
+        for (int i = 0; i < n; i++) {
+            const float *xi = xb + (int64_t)i * sbs, *q = qw + sbs * ((b + i) % nbr);
+            float sigma2 = sum_sq(xi, sbs);
+            sigma2 *= 2.0f / sbs;
+            imatrix_weights(xi, q, sigma2, w + i * sbs, sbs);
+        }
+        scales_of(xb, w, scales, (int64_t)n * per);
+        for (int i = 0; i < n; i++) {
+            if (xs) iq4xs_finish(xb + 256 * i, scales + 8 * i, y + (b + i) * bytes);
+            else iq4nl_finish(xb + 32 * i, scales[i], y + (b + i) * bytes);
+        }
+    }
+}
+
 /* ===================================================================== */
 /* K-quants: vector path (one sub-block per SIMD lane)                    */
 /* ===================================================================== */
@@ -1358,6 +1382,14 @@ static void quantize_rows_w_vec(int type, const float *x, uint8_t *y, int64_t nr
         default: kq45w_vec_base(x, y, nsb, nmax, qw, nbr); return;
         }
     }
+    case T_Q2_K:
+        switch (impl) {
+#ifdef HAVE_X86_DISPATCH
+        case IMPL_AVX512: q2kw_vec_avx512(x, y, nsb, qw, nbr); return;
+        case IMPL_AVX2: q2kw_vec_avx2(x, y, nsb, qw, nbr); return;
+#endif
+        default: q2kw_vec_base(x, y, nsb, qw, nbr); return;
+        }
     case T_Q3_K: case T_Q6_K: {
         const int q3 = type == T_Q3_K;
         switch (impl) {
@@ -1366,6 +1398,17 @@ static void quantize_rows_w_vec(int type, const float *x, uint8_t *y, int64_t nr
         case IMPL_AVX2: qxw_vec_avx2(x, y, nsb, q3, qw, nbr); return;
 #endif
         default: qxw_vec_base(x, y, nsb, q3, qw, nbr); return;
+        }
+    }
+    case T_IQ4_NL: case T_IQ4_XS: {
+        const int xs = type == T_IQ4_XS;
+        const int64_t nbl = xs ? nbr : n / 32;
+        switch (impl) {
+#ifdef HAVE_X86_DISPATCH
+        case IMPL_AVX512: iq4_batched_w(iq4_scales_avx512, xs, x, y, nrows * nbl, qw, nbl); return;
+        case IMPL_AVX2: iq4_batched_w(iq4_scales_avx2, xs, x, y, nrows * nbl, qw, nbl); return;
+#endif
+        default: iq4_batched_w(iq4_scales_base, xs, x, y, nrows * nbl, qw, nbl); return;
         }
     }
     default:
@@ -1770,9 +1813,9 @@ ALWAYS_INLINE vf vnearest_clamp(vf f, int lo, int hi) {
     return __builtin_convertvector(l, vf);
 }
 
-/* make_qkx2_quants (n = 32) on NV45*VW sub-blocks at once: xt[i][v] holds element i of
+/* make_qkx2_quants (n = 32, or 16 for Q2_K; rows past n are not read) on NV45*VW sub-blocks at once: xt[i][v] holds element i of
  * VW sub-blocks. Branches become per-lane selects; the drifting min is per lane. */
-ALWAYS_INLINE void qkx2_vec(int nmax, vf xt[32][NV45], vf w[32][NV45], vf Lb[32][NV45],
+ALWAYS_INLINE void qkx2_vec(int nmax, int n, vf xt[32][NV45], vf w[32][NV45], vf Lb[32][NV45],
                             vf *scale_out, vf *the_min_out, float rmin, float rdelta, int nstep) {
     vf Laux[32][NV45];
     vf min[NV45], max[NV45], sum_w[NV45], sum_x[NV45], scale[NV45], best[NV45], isc[NV45];
@@ -1783,7 +1826,7 @@ ALWAYS_INLINE void qkx2_vec(int nmax, vf xt[32][NV45], vf w[32][NV45], vf Lb[32]
         sum_w[v] = w[0][v];
         sum_x[v] = sum_w[v] * xt[0][v];
     }
-    for (int i = 1; i < 32; i++)
+    for (int i = 1; i < n; i++)
         for (int v = 0; v < NV45; v++) {
             min[v] = vsel(xt[i][v] < min[v], xt[i][v], min[v]);
             max[v] = vsel(xt[i][v] > max[v], xt[i][v], max[v]);
@@ -1797,7 +1840,7 @@ ALWAYS_INLINE void qkx2_vec(int nmax, vf xt[32][NV45], vf w[32][NV45], vf Lb[32]
         scale[v] = 1.0f / isc[v];
         best[v] = zero;
     }
-    for (int i = 0; i < 32; i++)
+    for (int i = 0; i < n; i++)
         for (int v = 0; v < NV45; v++) {
             vf l = vnearest_clamp(isc[v] * (xt[i][v] - min[v]), 0, nmax);
             Lb[i][v] = l;
@@ -1812,7 +1855,7 @@ ALWAYS_INLINE void qkx2_vec(int nmax, vf xt[32][NV45], vf w[32][NV45], vf Lb[32]
             isc[v] = c / (max[v] - min[v]);   /* current (possibly drifted) min */
             sum_l[v] = sum_l2[v] = sum_xl[v] = zero;
         }
-        for (int i = 0; i < 32; i++)
+        for (int i = 0; i < n; i++)
             for (int v = 0; v < NV45; v++) {
                 vf l = vnearest_clamp(isc[v] * (xt[i][v] - min[v]), 0, nmax);
                 Laux[i][v] = l;
@@ -1831,21 +1874,21 @@ ALWAYS_INLINE void qkx2_vec(int nmax, vf xt[32][NV45], vf w[32][NV45], vf Lb[32]
             cur[v] = zero;
             ok[v] = (D > 0) & ~degen[v];   /* the reference skips the step unless D > 0 */
         }
-        for (int i = 0; i < 32; i++)
+        for (int i = 0; i < n; i++)
             for (int v = 0; v < NV45; v++) {
                 vf diff = ts[v] * Laux[i][v] + tm[v] - xt[i][v];
                 cur[v] += w[i][v] * (diff * diff);
             }
         for (int v = 0; v < NV45; v++) {
             vi acc = ok[v] & (cur[v] < best[v]);
-            for (int i = 0; i < 32; i++) Lb[i][v] = vsel(acc, Laux[i][v], Lb[i][v]);
+            for (int i = 0; i < n; i++) Lb[i][v] = vsel(acc, Laux[i][v], Lb[i][v]);
             best[v] = vsel(acc, cur[v], best[v]);
             scale[v] = vsel(acc, ts[v], scale[v]);
             min[v] = vsel(acc, tm[v], min[v]);
         }
     }
     for (int v = 0; v < NV45; v++) {
-        for (int i = 0; i < 32; i++) Lb[i][v] = vsel(degen[v], zero, Lb[i][v]);
+        for (int i = 0; i < n; i++) Lb[i][v] = vsel(degen[v], zero, Lb[i][v]);
         scale_out[v] = vsel(degen[v], zero, scale[v]);
         the_min_out[v] = -min[v];
     }
@@ -1872,7 +1915,7 @@ static void N(kq45_vec)(const float *x, uint8_t *y, int64_t nsb, int nmax) {
             for (int k = 0; k < VW; k++) av[k] = sqrtf(s2[k] / 32.0f);
             for (int l = 0; l < 32; l++) w[l][v] = av + vabs(xt[l][v]);
         }
-        qkx2_vec(nmax, xt, w, Lb, scale, the_min, rmin, 0.1f, nstep);
+        qkx2_vec(nmax, 32, xt, w, Lb, scale, the_min, rmin, 0.1f, nstep);
         for (int sb = 0; sb < nb; sb++) {
             float scales[8], mins[8];
             uint8_t L[QK_K];
@@ -2004,7 +2047,7 @@ static void N(kq45w_vec)(const float *x, uint8_t *y, int64_t nsb, int nmax, cons
                 }
             }
         }
-        qkx2_vec(nmax, xt, w, Lb, scale, the_min, -0.9f, 0.05f, 36);
+        qkx2_vec(nmax, 32, xt, w, Lb, scale, the_min, -0.9f, 0.05f, 36);
         for (int sb = 0; sb < nb; sb++) {
             float scales[8], mins[8];
             uint8_t L[QK_K];
@@ -2060,6 +2103,46 @@ static void N(qxw_vec)(const float *x, uint8_t *y, int64_t nsb, int q3, const fl
             if (q3) q3k_finish_w(x + (b + sb) * QK_K, scales, sw[sb], L, y + (b + sb) * 110);
             else q6k_finish(x + (b + sb) * QK_K, scales, L, y + (b + sb) * 210);
         }
+    }
+}
+
+/* quantize_row_q2_K_impl: make_qkx3_quants(16, 3, .., -0.9, 0.05, 36) = qkx2_vec with n = 16.
+ * Lane k of pass p is sub-block p*NL + k of the batch (16 per super-block); with fewer than 16
+ * lanes a super-block takes several passes. */
+static void N(q2kw_vec)(const float *x, uint8_t *y, int64_t nsb, const float *qw, int64_t nbr) {
+    enum { NL = NV45 * VW, SPB = NL >= 16 ? NL / 16 : 1, NP = NL >= 16 ? 1 : 16 / NL };
+    for (int64_t b = 0; b < nsb; b += SPB) {
+        const int nb = (int)(nsb - b < SPB ? nsb - b : SPB);
+        float wt[SPB][QK_K], sw[SPB][16], scales[SPB][16], mins[SPB][16];
+        uint8_t L[SPB][QK_K];
+        for (int sb = 0; sb < nb; sb++) {
+            const float *xs = x + (b + sb) * QK_K, *q = qw + QK_K * ((b + sb) % nbr);
+            const float sigma2 = sum_sq(xs, QK_K) / (float)QK_K;
+            for (int j = 0; j < 16; j++) {
+                imatrix_weights(xs + 16 * j, q + 16 * j, sigma2, wt[sb] + 16 * j, 16);
+                sw[sb][j] = sum_seq(wt[sb] + 16 * j, 16);
+            }
+        }
+        for (int p = 0; p < NP; p++) {
+            vf xt[32][NV45], w[32][NV45], Lb[32][NV45], scale[NV45], the_min[NV45];
+            for (int k = 0; k < NL; k++) {
+                const int g = p * NL + k, sb = g / 16, j = g % 16;
+                for (int l = 0; l < 16; l++) {
+                    xt[l][k / VW][k % VW] = sb < nb ? x[(b + sb) * QK_K + 16 * j + l] : 0.0f;
+                    w[l][k / VW][k % VW] = sb < nb ? wt[sb][16 * j + l] : 0.0f;
+                }
+            }
+            qkx2_vec(3, 16, xt, w, Lb, scale, the_min, -0.9f, 0.05f, 36);
+            for (int k = 0; k < NL; k++) {
+                const int g = p * NL + k, sb = g / 16, j = g % 16;
+                if (sb >= nb) continue;
+                scales[sb][j] = scale[k / VW][k % VW];
+                mins[sb][j] = the_min[k / VW][k % VW];
+                for (int l = 0; l < 16; l++) L[sb][16 * j + l] = (uint8_t)(int)Lb[l][k / VW][k % VW];
+            }
+        }
+        for (int sb = 0; sb < nb; sb++)
+            q2k_finish_w(x + (b + sb) * QK_K, scales[sb], mins[sb], sw[sb], L[sb], y + (b + sb) * 84);
     }
 }
 
@@ -2282,16 +2365,19 @@ ALWAYS_INLINE vf N(iq4_vq)(vf x) {
 }
 
 /* iq4_scale32 for VW 32-blocks at once (lane k = block k of the batch; pad lanes hold zeros). */
-static void N(iq4_scales)(const float *x, float *scales, int64_t nb) {
+static void N(iq4_scales)(const float *x, const float *wts, float *scales, int64_t nb) {
     const vf zero = (vf){};
     for (int64_t b = 0; b < nb; b += VW) {
         const int n = (int)(nb - b < VW ? nb - b : VW);
         vf xt[32], w[32];
         for (int l = 0; l < 32; l++)
             for (int k = 0; k < VW; k++) xt[l][k] = k < n ? x[(b + k) * 32 + l] : 0.0f;
+        if (wts)   /* imatrix weights, laid out like x */
+            for (int l = 0; l < 32; l++)
+                for (int k = 0; k < VW; k++) w[l][k] = k < n ? wts[(b + k) * 32 + l] : 0.0f;
         vf amax = zero, max = zero;
         for (int l = 0; l < 32; l++) {
-            w[l] = xt[l] * xt[l];
+            if (!wts) w[l] = xt[l] * xt[l];
             const vf ax = vabs(xt[l]);
             const vi m = ax > amax;
             amax = vsel(m, ax, amax);
