@@ -20,3 +20,5 @@ class ConvertOptions:
     vocab_only: bool = False
     allow_pickle: bool = False  # load pytorch_model*.bin with torch (weights only)
     mmproj: bool = False  # write the vision encoder (a clip GGUF), not the text model
+    # --imatrix FILE with a quantize preset as --outtype: a quantize.imatrix.ImatrixOptions
+    imatrix: object = None
