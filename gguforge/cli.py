@@ -299,20 +299,49 @@ def diff_cmd(
 def verify_cmd(
     hf_dir: Path = typer.Argument(..., help="the original HF model directory"),
     gguf_file: Path = typer.Argument(..., help="the converted GGUF file"),
-    max_nmse: Optional[float] = typer.Option(None, "--max-nmse", help="exit non-zero above this NMSE"),
+    max_nmse: Optional[float] = typer.Option(None, "--max-nmse", help="exit 1 above this logits NMSE"),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="also compare this vision projector's image "
+                                          "embeddings (llama.cpp's mtmd) with the checkpoint's vision tower"),
+    image: Optional[Path] = typer.Option(None, "--image", help="with --mmproj: the image to compare on "
+                                         "(default: a synthetic test image; PPM/PNG, any format with Pillow)"),
+    max_image_nmse: float = typer.Option(1e-3, "--max-image-nmse", help="with --mmproj: exit 1 above this "
+                                         "image-embedding NMSE"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
-    """Run the HF model (transformers) and the GGUF (llama.cpp) on the same tokens and compare."""
+    """Run the HF model (transformers) and the GGUF (llama.cpp) on the same tokens and compare; exit 1
+    when a check fails."""
     _state["verbose"] = verbose
     hf_dir = _verify_inputs(hf_dir, gguf_file)
+    if image is not None and mmproj is None:
+        raise UserError("--image needs --mmproj (it is the image the vision projector is checked on)")
+    if not max_image_nmse >= 0:
+        raise UserError("--max-image-nmse must be a number >= 0")
+    if mmproj is not None:
+        from .verify_vision import choose_image, read_mmproj
+        from .checkpoint.read import load_config
+        choose_image(read_mmproj(mmproj), image)  # both read before torch loads: bad input fails fast
+        if not isinstance(load_config(hf_dir).get("vision_config"), dict):
+            raise UserError(f"--mmproj: {hf_dir} has no vision_config, so no vision tower to compare with")
     _require("verify", VERIFY_MODULES, hint='pip install "gguforge[verify]" (install torch==2.13.0 first)')
     from .verify import verify
     report = verify(hf_dir, gguf_file)
     _echo(report.format())
+    failed = []
     if max_nmse is not None and not report.nmse <= max_nmse:
-        raise UserError(f"NMSE {report.nmse:.3e} is above --max-nmse {max_nmse:.3e}")
+        failed.append(f"NMSE {report.nmse:.3e} is above --max-nmse {max_nmse:.3e}")
     if not report.tokenizer_ok:
-        raise UserError(f"tokenizer parity failed on {len(report.token_mismatches)} text(s)")
+        failed.append(f"tokenizer parity failed on {len(report.token_mismatches)} text(s)")
+    if mmproj is not None:
+        from .verify_vision import verify_vision
+        vision = verify_vision(hf_dir, gguf_file, mmproj, image=image)
+        _echo(vision.format())
+        if vision.problems:
+            failed.append(f"image embeddings cannot be compared: {vision.problems[0]}")
+        elif not vision.nmse <= max_image_nmse:
+            failed.append(f"image-embedding NMSE {vision.nmse:.3e} is above --max-image-nmse {max_image_nmse:.3e}")
+    if failed:
+        _say("verify failed: " + "; ".join(failed))
+        raise typer.Exit(1)
 
 
 @app.command("imatrix")
