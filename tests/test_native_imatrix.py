@@ -186,18 +186,19 @@ def test_threads_and_chunking_identical(qtype):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("qtype", WEIGHTED, ids=lambda t: t.name)
 def test_vector_paths_equal_scalar(qtype):
-    """The lane-parallel weighted kernels batch super-blocks across rows: odd counts (partial
-    batches), rows of 1 and 3 super-blocks, every kind of data."""
+    """The lane-parallel weighted kernels batch blocks across rows: odd counts (partial batches),
+    rows of one block and of several, every kind of data."""
     rng = np.random.default_rng(23 + int(qtype))
     blk, _ = native.block_info(qtype)
-    for nsb, per_row in ((1, 1), (3, 3), (257, 1), (51, 3)):
-        n = 256 * per_row
-        x = np.concatenate([case(ALL_KINDS[i % len(ALL_KINDS)], rng) for i in range(nsb)]).reshape(-1, n)
+    shapes = ((1, 256), (1, 768), (257, 256), (17, 768)) if blk == 256 else ((1, 32), (7, 96), (129, 32), (33, 800))
+    for nrows, n in shapes:
+        nsb = nrows * n // 256 + 1
+        x = np.concatenate([case(ALL_KINDS[i % len(ALL_KINDS)], rng) for i in range(nsb)])[: nrows * n].reshape(nrows, n)
         w = imatrix_of(IMATRIX_KINDS[nsb % len(IMATRIX_KINDS)], rng, n)
         want = native.quantize(x, qtype, threads=1, impl=0, imatrix=w)
         for impl in IMPLS[1:]:
             got = native.quantize(x, qtype, threads=1, impl=impl, imatrix=w)
-            assert np.array_equal(got, want), (qtype.name, native.IMPLS[impl], nsb, per_row)
+            assert np.array_equal(got, want), (qtype.name, native.IMPLS[impl], nrows, n)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1382,6 +1382,14 @@ static void quantize_rows_w_vec(int type, const float *x, uint8_t *y, int64_t nr
         default: kq45w_vec_base(x, y, nsb, nmax, qw, nbr); return;
         }
     }
+    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1:
+        switch (impl) {
+#ifdef HAVE_X86_DISPATCH
+        case IMPL_AVX512: row32w_vec_avx512(type, x, y, nrows, n, qw); return;
+        case IMPL_AVX2: row32w_vec_avx2(type, x, y, nrows, n, qw); return;
+#endif
+        default: row32w_vec_base(type, x, y, nrows, n, qw); return;
+        }
     case T_Q2_K:
         switch (impl) {
 #ifdef HAVE_X86_DISPATCH
@@ -1930,14 +1938,14 @@ static void N(kq45_vec)(const float *x, uint8_t *y, int64_t nsb, int nmax) {
     }
 }
 
-/* make_qx_quants(16, nmax, rmse_type=1, weights w) on NV6*VW sub-blocks at once; Q6_K without an
+/* make_qx_quants(n = 16 | 32, nmax, rmse_type=1, weights w) on NV6*VW sub-blocks at once; Q6_K without an
  * imatrix passes w = x^2 (what make_qx_quants uses for qw == NULL). */
-ALWAYS_INLINE void qx_vec(int nmax, vf xt[16][NV6], vf w[16][NV6], vf Lb[16][NV6], vf *scale_out) {
-    vf wx[16][NV6], Lc[16][NV6];
+ALWAYS_INLINE void qx_vec(int nmax, int n, vf xt[][NV6], vf w[][NV6], vf Lb[][NV6], vf *scale_out) {
+    vf wx[32][NV6], Lc[32][NV6];
     vf max[NV6], amax[NV6], isc[NV6], sumlx[NV6], suml2[NV6], scale[NV6], best[NV6];
     const vf zero = (vf){};
     for (int v = 0; v < NV6; v++) max[v] = amax[v] = zero;
-    for (int i = 0; i < 16; i++)
+    for (int i = 0; i < n; i++)
         for (int v = 0; v < NV6; v++) {
             vf ax = vabs(xt[i][v]);
             vi m = ax > amax[v];
@@ -1949,7 +1957,7 @@ ALWAYS_INLINE void qx_vec(int nmax, vf xt[16][NV6], vf w[16][NV6], vf Lb[16][NV6
         isc[v] = (float)(-nmax) / max[v];
         sumlx[v] = suml2[v] = zero;
     }
-    for (int i = 0; i < 16; i++)
+    for (int i = 0; i < n; i++)
         for (int v = 0; v < NV6; v++) {
             vf l = vnearest_clamp(isc[v] * xt[i][v], -nmax, nmax - 1);
             Lb[i][v] = l + (float)nmax;
@@ -1967,7 +1975,7 @@ ALWAYS_INLINE void qx_vec(int nmax, vf xt[16][NV6], vf w[16][NV6], vf Lb[16][NV6
             isc[v] = c / max[v];
             sumlx[v] = suml2[v] = zero;
         }
-        for (int i = 0; i < 16; i++)
+        for (int i = 0; i < n; i++)
             for (int v = 0; v < NV6; v++) {
                 vf l = vnearest_clamp(isc[v] * xt[i][v], -nmax, nmax - 1);
                 Lc[i][v] = l;
@@ -1978,14 +1986,14 @@ ALWAYS_INLINE void qx_vec(int nmax, vf xt[16][NV6], vf w[16][NV6], vf Lb[16][NV6
             vi acc = (suml2[v] > 0) & (sumlx[v] * sumlx[v] > best[v] * suml2[v]);
             vf ns = sumlx[v] / suml2[v];
             vf nb = ns * sumlx[v];
-            for (int i = 0; i < 16; i++) Lb[i][v] = vsel(acc, Lc[i][v] + (float)nmax, Lb[i][v]);
+            for (int i = 0; i < n; i++) Lb[i][v] = vsel(acc, Lc[i][v] + (float)nmax, Lb[i][v]);
             scale[v] = vsel(acc, ns, scale[v]);
             best[v] = vsel(acc, nb, best[v]);
         }
     }
     for (int v = 0; v < NV6; v++) {
         vi tiny = amax[v] < GROUP_MAX_EPS;   /* all L = 0, scale 0 */
-        for (int i = 0; i < 16; i++) Lb[i][v] = vsel(tiny, zero, Lb[i][v]);
+        for (int i = 0; i < n; i++) Lb[i][v] = vsel(tiny, zero, Lb[i][v]);
         scale_out[v] = vsel(tiny, zero, scale[v]);
     }
 }
@@ -2004,7 +2012,7 @@ static void N(q6k_vec)(const float *x, uint8_t *y, int64_t nsb) {
         vf w[16][NV6];
         for (int l = 0; l < 16; l++)
             for (int v = 0; v < NV6; v++) w[l][v] = xt[l][v] * xt[l][v];
-        qx_vec(32, xt, w, Lb, scale);
+        qx_vec(32, 16, xt, w, Lb, scale);
         for (int sb = 0; sb < nb; sb++) {
             float scales[16];
             int8_t L[QK_K];
@@ -2091,7 +2099,7 @@ static void N(qxw_vec)(const float *x, uint8_t *y, int64_t nsb, int q3, const fl
                 }
             }
         }
-        qx_vec(q3 ? 4 : 32, xt, w, Lb, scale);
+        qx_vec(q3 ? 4 : 32, 16, xt, w, Lb, scale);
         for (int sb = 0; sb < nb; sb++) {
             float scales[16];
             int8_t L[QK_K];
@@ -2143,6 +2151,72 @@ static void N(q2kw_vec)(const float *x, uint8_t *y, int64_t nsb, const float *qw
         }
         for (int sb = 0; sb < nb; sb++)
             q2k_finish_w(x + (b + sb) * QK_K, scales[sb], mins[sb], sw[sb], L[sb], y + (b + sb) * 84);
+    }
+}
+
+/* quantize_row_q4_0_impl / q5_0_impl (make_qx_quants(32, 8 | 16, .., w)) and q4_1_impl / q5_1_impl
+ * (make_qkx3_quants(32, 15 | 31, .., w) = qkx2_vec), one 32-block per lane, blocks taken across
+ * rows; sigma2 is the block's row's sum x^2 / n (computed once per row, scalar). */
+ALWAYS_INLINE void N(row32w_fill)(const float *x, const float *qw, int64_t n, int64_t blk, int64_t *cur_row,
+                                  float *sigma2, float *wk) {
+    const int64_t nbr = n / 32, row = blk / nbr;
+    if (row != *cur_row) {
+        *sigma2 = sum_sq(x + row * n, n) / (float)n;
+        *cur_row = row;
+    }
+    imatrix_weights(x + 32 * blk, qw + 32 * (blk % nbr), *sigma2, wk, 32);
+}
+
+static void N(row32w_vec)(int type, const float *x, uint8_t *y, int64_t nrows, int64_t n, const float *qw) {
+    const int64_t nbt = nrows * (n / 32);
+    const int q5 = type == T_Q5_0 || type == T_Q5_1;
+    const int bytes = type == T_Q4_0 ? 18 : type == T_Q4_1 ? 20 : type == T_Q5_0 ? 22 : 24;
+    int64_t cur_row = -1;
+    float sigma2 = 0.0f, wk[32];
+    if (type == T_Q4_1 || type == T_Q5_1) {
+        enum { NL = NV45 * VW };
+        const int nmax = q5 ? 31 : 15;
+        for (int64_t b = 0; b < nbt; b += NL) {
+            const int nb = (int)(nbt - b < NL ? nbt - b : NL);
+            vf xt[32][NV45], w[32][NV45], Lb[32][NV45], scale[NV45], the_min[NV45];
+            for (int k = 0; k < NL; k++) {
+                if (k < nb) N(row32w_fill)(x, qw, n, b + k, &cur_row, &sigma2, wk);
+                for (int l = 0; l < 32; l++) {
+                    xt[l][k / VW][k % VW] = k < nb ? x[32 * (b + k) + l] : 0.0f;
+                    w[l][k / VW][k % VW] = k < nb ? wk[l] : 0.0f;
+                }
+            }
+            qkx2_vec(nmax, 32, xt, w, Lb, scale, the_min, -0.9f, 0.05f, 36);
+            for (int k = 0; k < nb; k++) {
+                uint8_t *o = y + bytes * (b + k), L[32];
+                for (int l = 0; l < 32; l++) L[l] = (uint8_t)(int)Lb[l][k / VW][k % VW];
+                put_u16(o, fp32_to_fp16(scale[k / VW][k % VW]));
+                put_u16(o + 2, fp32_to_fp16(-the_min[k / VW][k % VW]));
+                if (q5) q5_pack(L, o + 4, o + 8);
+                else for (int j = 0; j < 16; j++) o[4 + j] = (uint8_t)(L[j] | (L[j + 16] << 4));
+            }
+        }
+    } else {
+        enum { NL = NV6 * VW };
+        for (int64_t b = 0; b < nbt; b += NL) {
+            const int nb = (int)(nbt - b < NL ? nbt - b : NL);
+            vf xt[32][NV6], w[32][NV6], Lb[32][NV6], scale[NV6];
+            for (int k = 0; k < NL; k++) {
+                if (k < nb) N(row32w_fill)(x, qw, n, b + k, &cur_row, &sigma2, wk);
+                for (int l = 0; l < 32; l++) {
+                    xt[l][k / VW][k % VW] = k < nb ? x[32 * (b + k) + l] : 0.0f;
+                    w[l][k / VW][k % VW] = k < nb ? wk[l] : 0.0f;
+                }
+            }
+            qx_vec(q5 ? 16 : 8, 32, xt, w, Lb, scale);
+            for (int k = 0; k < nb; k++) {
+                uint8_t *o = y + bytes * (b + k), L[32];
+                for (int l = 0; l < 32; l++) L[l] = (uint8_t)(int)Lb[l][k / VW][k % VW];
+                put_u16(o, fp32_to_fp16(scale[k / VW][k % VW]));
+                if (q5) q5_pack(L, o + 2, o + 6);
+                else for (int j = 0; j < 16; j++) o[2 + j] = (uint8_t)(L[j] | (L[j + 16] << 4));
+            }
+        }
     }
 }
 
