@@ -28,12 +28,16 @@ def convert_hf(model: str | Path, outfile: str | Path | None = None, *, outtype:
     outfile: a file, a directory, or a template with {ftype}; None: llama.cpp's file naming in the
     current directory. Other keyword arguments are `ConvertOptions` fields (threads, model_name,
     no_mtp, mtp_only, fuse_qkv, fuse_gate_up_exps, pre_tokenizer, metadata_overrides, vocab_only,
-    allow_nonfinite, allow_pickle, mmproj: write the vision encoder as an mmproj file).
+    allow_nonfinite, allow_pickle, mmproj: write the vision encoder as an mmproj file); imatrix: an
+    importance-matrix file for a quantize preset (with include_weights, exclude_weights, imatrix_missing).
     """
     from .archs.options import ConvertOptions
     from .convert.pipeline import convert_hf as run
     from .format.split import SplitOptions
 
+    from .quantize.imatrix import imatrix_option
+    options["imatrix"] = imatrix_option(options.get("imatrix"), options.pop("include_weights", ()),
+                                        options.pop("exclude_weights", ()), options.pop("imatrix_missing", "static"))
     opts = ConvertOptions(outtype=outtype, **options)
     split = SplitOptions(split_max_size, split_max_tensors)
     plan, target = run(str(model), None if outfile is None else str(outfile), opts, force=force, split=split)

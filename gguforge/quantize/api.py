@@ -14,7 +14,12 @@ def quantize_file(source: str | Path, target: str | Path, qtype: str, *, threads
     """Quantize a GGUF file as llama-quantize would (same per-tensor types, byte-identical tensors);
     returns the output path (the first shard of a split output). Other keyword arguments are
     `QuantOptions` fields (pure, output_tensor_type, token_embedding_type, leave_output_tensor,
-    tensor_type_overrides, allow_requantize, no_fallback); types may be given by name ("Q8_0")."""
+    tensor_type_overrides, allow_requantize, no_fallback); types may be given by name ("Q8_0").
+    imatrix: an importance-matrix file (llama-quantize --imatrix), with include_weights / exclude_weights
+    (substrings) and imatrix_missing ("static" or "error")."""
+    from .imatrix import imatrix_option
+    options["imatrix"] = imatrix_option(options.get("imatrix"), options.pop("include_weights", ()),
+                                        options.pop("exclude_weights", ()), options.pop("imatrix_missing", "static"))
     for key in ("output_tensor_type", "token_embedding_type"):
         if isinstance(options.get(key), str):
             options[key] = parse_ggml_type(options[key])

@@ -53,6 +53,16 @@ class ImatrixOptions:
             raise UserError("--imatrix needs a file name")
 
 
+def imatrix_option(value, include: Sequence[str] = (), exclude: Sequence[str] = (),
+                   missing: str = "static") -> ImatrixOptions | None:
+    """The library API's `imatrix=` argument: a path (str or Path), an ImatrixOptions, or None."""
+    if value is None or isinstance(value, ImatrixOptions):
+        if value is None and (include or exclude):
+            raise UserError("include_weights/exclude_weights need an imatrix")
+        return value
+    return ImatrixOptions(str(value), tuple(include), tuple(exclude), missing)
+
+
 @dataclass
 class LoadedImatrix:
     file: str                      # as given (written to quantize.imatrix.file)
