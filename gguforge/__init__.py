@@ -36,8 +36,10 @@ def convert_hf(model: str | Path, outfile: str | Path | None = None, *, outtype:
     from .format.split import SplitOptions
 
     from .quantize.imatrix import imatrix_option
-    options["imatrix"] = imatrix_option(options.get("imatrix"), options.pop("include_weights", ()),
-                                        options.pop("exclude_weights", ()), options.pop("imatrix_missing", "static"))
+    imatrix = imatrix_option(options.pop("imatrix", None), options.pop("include_weights", ()),
+                             options.pop("exclude_weights", ()), options.pop("imatrix_missing", "static"))
+    if imatrix is not None:
+        options["imatrix"] = imatrix
     opts = ConvertOptions(outtype=outtype, **options)
     split = SplitOptions(split_max_size, split_max_tensors)
     plan, target = run(str(model), None if outfile is None else str(outfile), opts, force=force, split=split)

@@ -18,8 +18,10 @@ def quantize_file(source: str | Path, target: str | Path, qtype: str, *, threads
     imatrix: an importance-matrix file (llama-quantize --imatrix), with include_weights / exclude_weights
     (substrings) and imatrix_missing ("static" or "error")."""
     from .imatrix import imatrix_option
-    options["imatrix"] = imatrix_option(options.get("imatrix"), options.pop("include_weights", ()),
-                                        options.pop("exclude_weights", ()), options.pop("imatrix_missing", "static"))
+    imatrix = imatrix_option(options.pop("imatrix", None), options.pop("include_weights", ()),
+                             options.pop("exclude_weights", ()), options.pop("imatrix_missing", "static"))
+    if imatrix is not None:
+        options["imatrix"] = imatrix
     for key in ("output_tensor_type", "token_embedding_type"):
         if isinstance(options.get(key), str):
             options[key] = parse_ggml_type(options[key])
