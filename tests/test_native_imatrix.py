@@ -77,7 +77,7 @@ def case(kind: str, rng: np.random.Generator, n: int = 256) -> np.ndarray:
 
 
 ALL_KINDS = [*KINDS, "huge"]
-IMATRIX_KINDS = ["random", "zeros", "ones", "dynamic", "tiny"]
+IMATRIX_KINDS = ["random", "zeros", "ones", "dynamic", "tiny", "all_zero", "huge"]
 
 
 def imatrix_of(kind: str, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -93,6 +93,10 @@ def imatrix_of(kind: str, rng: np.random.Generator, n: int) -> np.ndarray:
         w = 10.0 ** rng.uniform(-12, 12, n)
     elif kind == "tiny":
         w = rng.uniform(0, 1, n) * 1e-30
+    elif kind == "all_zero":  # an expert no token reached, before llama-quantize's fallback
+        w = np.zeros(n)
+    elif kind == "huge":      # weights times sqrt(sigma2 + x^2) overflow
+        w = rng.uniform(0.5, 1, n) * 1e37
     else:
         raise AssertionError(kind)
     return w.astype(F)

@@ -5,6 +5,10 @@
  * Q8_0, Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, Q4_0, Q4_1, Q3_K and Q2_K, and as llama-quantize's
  * IQ4_NL / IQ4_XS path (quantize_iq4_nl / quantize_iq4_xs without an imatrix, ntry = 7),
  * plus exact F16/BF16 converters.
+ * With an importance matrix (quantize_w) the same bytes as ggml_quantize_chunk(.., imatrix):
+ * the weighted quantize_row_*_impl of Q2_K..Q6_K, Q4_0/Q4_1/Q5_0/Q5_1 and quantize_iq4_nl /
+ * quantize_iq4_xs with quant_weights (make_qkx3_quants, make_qp_quants, weighted make_qx_quants);
+ * Q8_0/F16/BF16/F32 ignore it, as in ggml. Every id has a lane-parallel weighted kernel too.
  * Upstream: ggml/src/ggml-quants.c (quantize_row_*_ref, make_qkx2_quants, make_q3_quants,
  * make_qx_quants, quantize_iq4_nl / quantize_iq4_xs) and ggml/src/ggml-common.h (block layouts).
  *

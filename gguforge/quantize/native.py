@@ -5,6 +5,10 @@ quantizers (`quantize_row_*_ref`), and for IQ4_NL / IQ4_XS `quantize_iq4_nl` /
 `quantize_iq4_xs` (the ntry=7 search of `quantize_row_iq4_nl_impl`, not
 `quantize_row_iq4_nl_ref`). Blocks are independent, so the bytes never
 depend on thread count or chunking.
+
+With `imatrix=` the bytes are those of llama-quantize --imatrix, i.e. ggml_quantize_chunk with an
+importance matrix (the weighted `quantize_row_*_impl`); Q4_0/Q4_1/Q5_0/Q5_1 weigh by a sigma2 over
+the whole row, so that path splits work by whole rows.
 """
 
 from __future__ import annotations
