@@ -104,7 +104,8 @@ def _list_archs() -> None:
 def convert_hf_cmd(
     model: Optional[str] = typer.Argument(None, help="HF model directory or hub id (default: the built-in tiny model)"),
     outfile: Optional[str] = typer.Option(None, "--outfile", help="output file, directory, or template with {ftype}"),
-    outtype: str = typer.Option("auto", "--outtype", help="f32, f16, bf16, q8_0 or auto"),
+    outtype: str = typer.Option("auto", "--outtype", help="f32, f16, bf16, q8_0, auto or a quantize preset "
+                                "(Q4_K_M, ...); a comma-separated list writes every one in one pass"),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="general.name (and the file name)"),
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="JSON file of GGUF metadata overrides"),
     pre_tokenizer: Optional[str] = typer.Option(None, "--pre-tokenizer", help="name the pre-tokenizer by hand"),
@@ -162,16 +163,23 @@ def convert_hf_cmd(
     if model is None and not quiet:
         _say(f"no model given: converting the built-in tiny model ({EMBEDDED_MODEL})")
     split = _split_options(split_max_size, split_max_tensors)
-    plan, target = convert_hf(source, outfile, options, force=force, dry_run=dry_run,
+    if "," in outtype:  # several types in one pass
+        from .convert.pipeline import convert_hf_many
+        outputs = convert_hf_many(source, outfile, options, force=force, dry_run=dry_run,
+                                  progress_factory=progress_factory(quiet),
+                                  display_name=EMBEDDED_MODEL if model is None else None, split=split)
+    else:
+        outputs = [convert_hf(source, outfile, options, force=force, dry_run=dry_run,
                               progress_factory=progress_factory(quiet),
-                              display_name=EMBEDDED_MODEL if model is None else None, split=split)
-    shards = plan.shards
-    if dry_run:
-        _print_plan(plan, target)
-        _print_shards(shards)
-    elif not quiet:
-        where = target if len(shards) == 1 else f"{len(shards)} shards {shards[0].path} ..."
-        _say(f"wrote {where} ({plan.nbytes / 1e6:.1f} MB, {len(plan.tensors)} tensors, {plan.arch.gguf_arch})")
+                              display_name=EMBEDDED_MODEL if model is None else None, split=split)]
+    for plan, target in outputs:
+        shards = plan.shards
+        if dry_run:
+            _print_plan(plan, target)
+            _print_shards(shards)
+        elif not quiet:
+            where = target if len(shards) == 1 else f"{len(shards)} shards {shards[0].path} ..."
+            _say(f"wrote {where} ({plan.nbytes / 1e6:.1f} MB, {len(plan.tensors)} tensors, {plan.arch.gguf_arch})")
 
 
 def _split_options(max_size: Optional[str], max_tensors: int):
@@ -200,14 +208,25 @@ def _print_plan(plan, target) -> None:
 @app.command("quantize")
 def quantize_cmd(
     source: Path = typer.Argument(..., help="input GGUF file"),
-    target: str = typer.Argument(..., help="output GGUF file"),
-    qtype: str = typer.Argument(..., metavar="TYPE", help="a llama-quantize preset (Q4_K_M, Q8_0, IQ4_XS, F16, ...) or its ftype id"),
+    target: str = typer.Argument(..., help="output GGUF file; with several TYPEs a name with {ftype} (q4_k_m) "
+                                 "or {FTYPE} (Q4_K_M)"),
+    qtype: str = typer.Argument(..., metavar="TYPE", help="a llama-quantize preset (Q4_K_M, Q8_0, IQ4_XS, F16, ...) "
+                                "or its ftype id; a comma-separated list writes every one in one pass"),
+    nthreads: Optional[str] = typer.Argument(None, metavar="[NTHREADS]", help="worker threads, as llama-quantize's "
+                                             "last argument (same as --threads; 0: all cores)"),
     pure: bool = typer.Option(False, "--pure", help="every quantizable tensor gets TYPE's default type"),
     output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="type for output.weight"),
     token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type",
                                                        help="type for token_embd.weight"),
     leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor", help="keep output.weight as it is"),
     tensor_type: List[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE for matching tensors (repeatable)"),
+    tensor_type_file: List[Path] = typer.Option([], "--tensor-type-file", help="a file of REGEX=TYPE words, "
+                                                "each one --tensor-type (repeatable)"),
+    override_kv: List[str] = typer.Option([], "--override-kv", metavar="KEY=TYPE:VALUE",
+                                          help="set a metadata key in the output: TYPE int, float, bool or str "
+                                          "(repeatable)"),
+    prune_layers: Optional[str] = typer.Option(None, "--prune-layers", metavar="L1,L2,...",
+                                               help="remove these blocks and renumber the others"),
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="dequantize quantized tensors and "
                                           "quantize them again (loses quality)"),
     no_fallback: bool = typer.Option(False, "--no-fallback", help="refuse instead of falling back to another "
@@ -229,38 +248,104 @@ def quantize_cmd(
     _state["verbose"] = verbose
     from .progress import progress_factory
     from .quantize.presets import parse_ggml_type, parse_preset, parse_tensor_type_option
+    from .quantize.overrides import parse_kv_overrides, parse_prune_layers
     from .quantize.rules import QuantOptions, fallback_summary, size_summary
-    from .quantize.run import format_plan, quantize_gguf
+    from .quantize.run import format_plan, quantize_gguf_many
 
     _check_output_arg(target, "output")
-    target = Path(target)
-    preset = parse_preset(qtype)
+    presets = parse_preset_list(qtype)
+    threads = _positional_threads(nthreads, threads)
     options = QuantOptions(
         pure=pure,
         output_tensor_type=parse_ggml_type(output_tensor_type) if output_tensor_type else None,
         token_embedding_type=parse_ggml_type(token_embedding_type) if token_embedding_type else None,
         leave_output_tensor=leave_output_tensor,
-        tensor_type_overrides=[parse_tensor_type_option(o) for o in tensor_type],
+        tensor_type_overrides=_tensor_types_in_order(tensor_type, tensor_type_file),
         allow_requantize=allow_requantize,
         no_fallback=no_fallback,
+        prune_layers=parse_prune_layers(prune_layers) if prune_layers is not None else (),
+        kv_overrides=parse_kv_overrides(override_kv),
     )
-    result = quantize_gguf(source, target, preset, options, threads=threads, force=force, dry_run=dry_run,
-                           progress_factory=progress_factory(quiet),
-                           split=_split_options(split_max_size, split_max_tensors), keep_split=keep_split)
-    sizes = size_summary(result.plans)
-    totals = (f"{len(result.plans)} tensors, {sizes.src_bytes / 1e6:.2f} MB -> {sizes.dst_bytes / 1e6:.2f} MB, "
-              f"{sizes.src_bpw:.2f} -> {sizes.dst_bpw:.2f} bits per weight")
-    warning = fallback_summary(result.plans)
-    if dry_run:
-        for line in format_plan(result.plans):
-            _echo(line)
-        _print_shards(result.shards)
-        _echo(f"{totals} ({preset.name}; dry run: nothing written)")
-    elif not quiet:
-        where = target if len(result.shards) <= 1 else f"{len(result.shards)} shards {result.shards[0].path} ..."
-        _say(f"wrote {where} ({preset.name}): {totals}")
-    if warning and not quiet:
-        _say(f"warning: {warning}")
+    outputs = [(output_for_type(target, p, len(presets) > 1), p) for p in presets]
+    results = quantize_gguf_many(source, outputs, options, threads=threads, force=force, dry_run=dry_run,
+                                 progress_factory=progress_factory(quiet),
+                                 split=_split_options(split_max_size, split_max_tensors), keep_split=keep_split)
+    for result in results:
+        preset = result.preset
+        sizes = size_summary(result.plans)
+        totals = (f"{len(result.plans)} tensors, {sizes.src_bytes / 1e6:.2f} MB -> {sizes.dst_bytes / 1e6:.2f} MB, "
+                  f"{sizes.src_bpw:.2f} -> {sizes.dst_bpw:.2f} bits per weight")
+        warning = fallback_summary(result.plans)
+        if dry_run:
+            if len(results) > 1:
+                _echo(f"{preset.name} -> {result.target}:")
+            for line in format_plan(result.plans):
+                _echo(line)
+            _print_shards(result.shards)
+            _echo(f"{totals} ({preset.name}; dry run: nothing written)")
+        elif not quiet:
+            where = (result.target if len(result.shards) <= 1
+                     else f"{len(result.shards)} shards {result.shards[0].path} ...")
+            _say(f"wrote {where} ({preset.name}): {totals}")
+        if warning and not quiet:
+            _say(f"warning: {warning}" + (f" ({preset.name})" if len(results) > 1 else ""))
+
+
+def parse_preset_list(text: str) -> list:
+    """TYPE or TYPE1,TYPE2,...: every entry a preset, none twice (checked before anything is read)."""
+    from .quantize.presets import parse_preset
+    entries = text.split(",")
+    if len(entries) > 1 and any(not e.strip() for e in entries):
+        raise UserError(f"TYPE {text!r} has an empty entry", hint="separate the types with single commas: Q4_K_M,Q8_0")
+    presets = [parse_preset(e) for e in entries]
+    for i, p in enumerate(presets):
+        if p in presets[:i]:
+            raise UserError(f"TYPE {text!r} names {p.name} twice")
+    return presets
+
+
+def output_for_type(target: str, preset, several: bool) -> Path:
+    """The output file of one preset: {ftype}/{FTYPE} (or {outtype}/{OUTTYPE}) in the name become its
+    name, lower or upper case, as convert-hf --outfile does. Several types need one of them."""
+    from .format.text import fill_ftype, has_ftype_field
+    if several and not has_ftype_field(target):
+        raise UserError(f"several types need an output name with {{ftype}}, e.g. model-{{ftype}}.gguf "
+                        f"(got {target})")
+    return Path(fill_ftype(target, preset.name))
+
+
+def _positional_threads(nthreads: Optional[str], threads: Optional[int]) -> Optional[int]:
+    """llama-quantize's optional last argument; <= 0 means all cores, as there."""
+    if nthreads is None:
+        return threads
+    try:
+        n = int(nthreads.strip(), 10)
+    except ValueError:
+        raise UserError(f"NTHREADS {nthreads!r} is not a whole number") from None
+    if n > MAX_THREADS:
+        raise UserError(f"NTHREADS {n} is more than {MAX_THREADS}")
+    n = n if n > 0 else None
+    if threads is not None and n != threads:
+        raise UserError(f"NTHREADS {nthreads} and --threads {threads} disagree", hint="give one of them")
+    return n
+
+
+def _tensor_types_in_order(inline: List[str], files: List[Path]) -> list:
+    """--tensor-type and --tensor-type-file entries in command-line order (the first matching pattern
+    wins, as in llama-quantize, so the order matters); typer hands each option's values over separately."""
+    from .quantize.overrides import read_tensor_type_file
+    from .quantize.presets import parse_tensor_type_option
+    names = ("--tensor-type", "--tensor-type-file")
+    order = [n for arg in _state.get("argv") or [] for n in names if arg == n or arg.startswith(n + "=")]
+    if sorted(order) != sorted([names[0]] * len(inline) + [names[1]] * len(files)):
+        order = [names[0]] * len(inline) + [names[1]] * len(files)  # not called from the command line
+    inline_values, file_values, out = iter(inline), iter(files), []
+    for name in order:
+        if name == names[0]:
+            out.append(parse_tensor_type_option(next(inline_values)))
+        else:
+            out += read_tensor_type_file(next(file_values))
+    return out
 
 
 @app.command("inspect")
@@ -449,6 +534,7 @@ USER_ERRNOS = {getattr(errno, name) for name in ("ENAMETOOLONG", "EACCES", "EPER
 
 def _run(argv: List[str] | None) -> int:
     from .signals import Terminated, signal_name
+    _state["argv"] = list(sys.argv[1:] if argv is None else argv)
     try:
         result = app(args=argv, standalone_mode=False, prog_name="gguforge")
         if result == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt into this exit code, silently

@@ -19,7 +19,7 @@ from ..archs.options import ConvertOptions
 from .plan import Plan, PlannedTensor, output_path, plan_conversion
 from ..checkpoint.read import SAFETENSORS_DTYPES, open_checkpoint, resolve_model
 from ..format.atomic import replacing
-from ..format.split import SplitOptions, plan_shards, write_shards
+from ..format.split import SplitOptions, plan_shards, write_many_shards, write_shards
 from ..format.writer import FileSpan
 
 RAW_COPY = {t.name: t for t in FLOAT_TYPES}  # safetensors dtype name -> the same GGUF type
@@ -107,6 +107,11 @@ def encode_chunk(t: PlannedTensor, start: int, stop: int, check_finite: bool, bu
     rows = lazy.rows(start, stop)
     if check_finite and rows.dtype.kind == "f" and _count_nonfinite(rows, None):
         raise _nonfinite(t)
+    return encode_rows_of(t, rows, start)
+
+
+def encode_rows_of(t: PlannedTensor, rows: np.ndarray, start: int):
+    """The output bytes of leading-axis rows [start, ...) of `t`'s values."""
     return encode(rows, t.ggml_type)
 
 
@@ -182,3 +187,112 @@ def convert_hf(model: str, outfile: str | None, options: ConvertOptions, *, forc
             with progress_factory(plan.nbytes, f"writing {target.name}") as advance:
                 write_plan(plan, target, options, advance, split=split)
     return plan, target
+
+
+# ---------------------------------------------------------------------------------------------
+# convert-hf --outtype A,B,...: several outputs from one read of the checkpoint
+
+
+def encode_chunks(ts: list[PlannedTensor], start: int, stop: int, check_finite: bool) -> list:
+    """encode_chunk for one tensor in several outputs: outputs that share the tensor's values (the same
+    Lazy) read and transform its rows once, and each distinct (values, type, importance) is encoded once.
+    Kernel copies and stored-bits conversions are made per output (they never widen to float32)."""
+    rows_of: dict[int, np.ndarray] = {}
+    done: dict[tuple, object] = {}
+    out = []
+    for t in ts:
+        lazy = t.tensor
+        key = (id(lazy), t.ggml_type)
+        if key not in done:
+            if raw_copy_possible(t) or stored_bits_suffice(t):
+                done[key] = encode_chunk(t, start, stop, check_finite)
+            else:
+                rows = rows_of.get(id(lazy))
+                if rows is None:
+                    rows = rows_of[id(lazy)] = lazy.rows(start, stop)
+                    if check_finite and rows.dtype.kind == "f" and _count_nonfinite(rows, None):
+                        raise _nonfinite(t)
+                done[key] = encode_rows_of(t, rows, start)
+        out.append(done[key])
+    return out
+
+
+def write_plans(plans: list[Plan], options: ConvertOptions, progress=None) -> None:
+    """Write every plan's (already sharded) output from one pass over the tensors; all or none appear."""
+    threads = options.threads or os.cpu_count() or 1
+    check = not options.allow_nonfinite
+
+    def jobs():
+        for i in range(len(plans[0].tensors)):
+            ts = [p.tensors[i] for p in plans]
+            for start, stop in row_chunks(ts[0].tensor.n_rows, ts[0].tensor.row_elems):
+                yield i, ts, start, stop
+
+    def chunks():
+        for (i, *_), data in ordered_parallel(jobs(), lambda i, ts, start, stop: encode_chunks(ts, start, stop, check),
+                                              threads, 2 * threads):
+            yield i, data
+
+    write_many_shards([(p.shards, p.metadata, p.tensors) for p in plans], chunks, progress)
+
+
+def split_outtypes(outtype: str) -> list[str]:
+    """--outtype A,B,...: the entries (each checked when planned); empty entries are refused."""
+    entries = outtype.split(",")
+    if any(not e.strip() for e in entries):
+        raise UserError(f"--outtype {outtype!r} has an empty entry", hint="separate the types with single commas: "
+                        "Q4_K_M,Q8_0")
+    return [e.strip() for e in entries]
+
+
+def convert_hf_many(model: str, outfile: str | None, options: ConvertOptions, *, force: bool = False,
+                    dry_run: bool = False, progress_factory=None, display_name: str | None = None,
+                    split: SplitOptions | None = None) -> list[tuple[Plan, Path]]:
+    """convert_hf for every type in `options.outtype` ("Q4_K_M,Q6_K,Q8_0"): each output equals its own
+    convert_hf run byte for byte, the checkpoint is read once, and all outputs appear together or none."""
+    from dataclasses import replace
+    from ..format.text import has_ftype_field
+    types = split_outtypes(options.outtype)
+    if outfile and not Path(outfile).is_dir() and len(types) > 1 and not has_ftype_field(outfile):
+        raise UserError(f"several output types need an --outfile with {{ftype}}, e.g. model-{{ftype}}.gguf, or a "
+                        f"directory (got {outfile})")
+    root = resolve_model(model)
+    checkpoint = open_checkpoint(root, allow_pickle=options.allow_pickle)
+    if display_name is None and not Path(model).exists() and "/" in model:
+        display_name = model
+    out: list[tuple[Plan, Path]] = []
+    mapped = None
+    for outtype in types:
+        plan = plan_conversion(checkpoint, replace(options, outtype=outtype), display_name, mapped)
+        mapped = plan.mapped
+        target = output_path(plan, outfile)
+        for earlier, where in out:
+            if earlier.type_label == plan.type_label:
+                raise UserError(f"--outtype {options.outtype!r} names {plan.type_label} twice")
+            if [t.name for t in earlier.tensors] != [t.name for t in plan.tensors]:
+                raise UserError(f"--outtype {earlier.type_label} and {plan.type_label} write different tensors",
+                                hint="convert to them one at a time")
+        plan.shards = plan_shards(target, plan.tensors, split)
+        out.append((plan, target))
+    seen: dict[Path, str] = {}
+    for plan, _ in out:
+        for shard in plan.shards:
+            key = Path(os.path.abspath(shard.path))
+            if key in seen:
+                raise UserError(f"{seen[key]} and {plan.type_label} would both be written to {shard.path}",
+                                hint="put {ftype} in --outfile")
+            seen[key] = plan.type_label
+    if dry_run:
+        return out
+    for plan, _ in out:
+        for shard in plan.shards:
+            check_output(shard.path, root, force)
+    plans = [plan for plan, _ in out]
+    with replacing(force):
+        if progress_factory is None:
+            write_plans(plans, options)
+        else:
+            names = ", ".join(target.name for _, target in out)
+            with progress_factory(sum(p.nbytes for p in plans), f"writing {names}") as advance:
+                write_plans(plans, options, advance)
+    return out

@@ -64,6 +64,7 @@ class Plan:
     general: GeneralInfo | None = None
     vocab_only: bool = False
     shards: list = field(default_factory=list)  # format.split.Shard per output file, once planned
+    mapped: list = field(default_factory=list, repr=False)  # map_tensors' (name, Lazy) list, for plan_conversion
 
     @property
     def n_params(self) -> int:
@@ -174,7 +175,10 @@ def count_params(tensors: list[PlannedTensor]) -> tuple[int, int, int, int]:
     return total, shared, expert, (expert_sum // n_expert_tensors if n_expert_tensors else 0)
 
 
-def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_name: str | None = None) -> Plan:
+def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_name: str | None = None,
+                    mapped: list[tuple[str, Lazy]] | None = None) -> Plan:
+    """`mapped`: the tensors as map_tensors gave them for an earlier plan of the same checkpoint and options
+    but another outtype (convert-hf --outtype A,B shares them, so each is read once for all outputs)."""
     hparams = checkpoint.hparams
     arch = lookup(checkpoint.config)(hparams, options, list(checkpoint.tensors))
     if options.mmproj:
@@ -193,7 +197,8 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
         # Plan as the float file llama-quantize would be given: the checkpoint's own float type.
         ggml_out, file_type, outtype = preset_base(checkpoint), preset.file_type, preset.name
 
-    mapped = [] if options.vocab_only else map_tensors(checkpoint, arch)
+    if mapped is None:
+        mapped = [] if options.vocab_only else map_tensors(checkpoint, arch)
     tensors = [PlannedTensor(name, t.shape, float_type(name, t, ggml_out, arch), t) for name, t in mapped]
 
     counts = count_params(tensors)
@@ -215,7 +220,8 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
     apply_overrides(md, options.metadata_overrides)
     if preset is not None:
         tensors = apply_preset(tensors, preset, md, ggml_out)
-    return Plan(arch, md, tensors, file_type, outtype.upper(), name, label, general, options.vocab_only)
+    return Plan(arch, md, tensors, file_type, outtype.upper(), name, label, general, options.vocab_only,
+                mapped=mapped)
 
 
 def vision_encoder(arch: DecoderArch, checkpoint: Checkpoint, options: ConvertOptions) -> DecoderArch:

@@ -53,6 +53,11 @@ class QuantOptions:
     allow_requantize: bool = False
     # Refuse instead of silently falling back to Q5_0/Q5_1/Q8_0/F16 (llama.cpp #26616).
     no_fallback: bool = False
+    # --prune-layers: block numbers to drop; the rest are renumbered (see prune_and_renumber).
+    prune_layers: Sequence[int] = ()
+    # --override-kv: "KEY=TYPE:VALUE" strings or overrides.KvOverride (written after the input's keys; the
+    # hyper-parameters the rules read see them too).
+    kv_overrides: Sequence = ()
 
 
 @dataclass
@@ -74,6 +79,12 @@ class TensorPlan:
     dst_type: T
     fallback_from: T | None  # type the rules chose before the shape fallback replaced it
     reason: str
+    source_name: str = ""    # the input tensor's name when --prune-layers renumbered it ("" = same name)
+
+    @property
+    def src_name(self) -> str:
+        return self.source_name or self.name
+
 
     @property
     def converts(self) -> bool:
@@ -162,6 +173,44 @@ def sort_key(name: str) -> tuple[int, str]:
 
 def llama_quantize_order(names: Iterable[str]) -> list[str]:
     return sorted(names, key=sort_key)
+
+
+# ---------------------------------------------------------------------------------------------
+# --prune-layers (llama-quant.cpp: remap_layer, and the block_count it sets afterwards)
+
+_BLOCK_ANYWHERE = re.compile(r"blk\.(\d+)\.")  # remap_layer's std::regex_search: anywhere in the name
+
+
+def prune_and_renumber(names: Sequence[str], prune: Sequence[int]) -> tuple[list[str | None], int]:
+    """New names for `names` (llama-quantize's order) with the blocks in `prune` dropped (None) and the
+    others renumbered, and the block count llama-quantize then writes.
+
+    As remap_layer does: blocks are numbered in the order they are first met; a block below the smallest
+    pruned one keeps its number, every later kept block takes the next free number."""
+    prune = sorted(set(prune))
+    if not prune:
+        return list(names), -1
+    mapped: dict[int, int | None] = {}
+    next_id = 0
+    out: list[str | None] = []
+    for name in names:
+        m = _BLOCK_ANYWHERE.search(name)
+        if m is None:
+            out.append(name)
+            continue
+        blk = int(m.group(1))
+        if blk not in mapped:
+            if blk in prune:
+                mapped[blk] = None
+            elif blk < prune[0]:
+                mapped[blk], next_id = blk, blk + 1
+            else:
+                mapped[blk], next_id = next_id, next_id + 1
+        new = mapped[blk]
+        out.append(None if new is None else name[:m.start(1)] + str(new) + name[m.end(1):])
+    return out, next_id
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,6 +611,9 @@ def plan_quantization(
     for a, b in zip(ordered, ordered[1:]):
         if a.name == b.name:
             raise UserError(f"duplicate tensor name {a.name!r}")
+    source_names: dict[str, str] = {}
+    if options.prune_layers:
+        ordered, source_names = _pruned(ordered, options.prune_layers)
 
     # Counted over every tensor in the file, eligible or not.
     categories = [tensor_category(t.name) for t in ordered]
@@ -573,6 +625,8 @@ def plan_quantization(
     plans = []
     for tensor, category in zip(ordered, categories):
         plan = _plan_one(tensor, category, preset, model, counters, options, overrides)
+        if tensor.name in source_names:
+            plan.source_name = source_names[tensor.name]
         _check_conversion(plan, options.allow_requantize)
         plans.append(plan)
 
@@ -581,6 +635,25 @@ def plan_quantization(
         if fallbacks:
             raise _fallback_error(fallbacks)
     return plans
+
+
+def _pruned(ordered: list[TensorIn], prune: Sequence[int]) -> tuple[list[TensorIn], dict[str, str]]:
+    """The tensors left by --prune-layers, renamed, in the input's order; new name -> input name."""
+    new_names, _ = prune_and_renumber([t.name for t in ordered], prune)
+    kept, source_names, seen = [], {}, set()
+    for tensor, new in zip(ordered, new_names):
+        if new is None:
+            continue
+        if new in seen:
+            raise UserError(f"--prune-layers renumbers two tensors to {new!r}",
+                            hint="llama-quantize would write a broken file; this model's block names cannot be pruned")
+        seen.add(new)
+        kept.append(TensorIn(new, tensor.shape, tensor.type))
+        if new != tensor.name:
+            source_names[new] = tensor.name
+    if not kept:
+        raise UserError("--prune-layers removes every tensor")
+    return kept, source_names
 
 
 def _plan_one(tensor: TensorIn, category: Category, preset: Preset, model: _Model, counters: _Counters,

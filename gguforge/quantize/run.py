@@ -19,15 +19,17 @@ from gguf import GGMLQuantizationType as T, GGUFValueType
 from ..parallel import ordered_parallel, row_chunks
 from ..format.reader import SourceGGUF, numpy_shape, open_gguf, raw_rows, release_pages
 from ..format.atomic import replacing
-from ..format.split import SPLIT_KEYS, SplitOptions, plan_shards, write_shards
+from ..format.split import SPLIT_KEYS, SplitOptions, plan_shards, write_many_shards
 from ..format.text import plan_line
 from ..format.types import FLOAT_TYPES, QUANT_VERSION
 from ..format.writer import Metadata, TensorEntry
 from ..errors import UserError
 from . import native
 from .encode import encode
+from .overrides import apply_kv_overrides, check_prune_layers, overridden_getter, parse_kv_override
 from .presets import Preset, parse_preset
-from .rules import QuantOptions, TensorIn, TensorPlan, ggml_n_dims, model_is_70b, model_n_gqa, plan_quantization
+from .rules import (QuantOptions, TensorIn, TensorPlan, ggml_n_dims, llama_quantize_order, model_is_70b, model_n_gqa,
+                    plan_quantization, prune_and_renumber)
 
 
 
@@ -46,19 +48,28 @@ def plan_for_gguf(path, preset: str | Preset, options: QuantOptions | None = Non
 NO_HPARAMS_ARCHS = frozenset({"clip"})
 
 
+def kv_overrides(options: QuantOptions) -> list:
+    return [parse_kv_override(o) if isinstance(o, str) else o for o in options.kv_overrides]
+
+
 def plan_file(source: SourceGGUF, preset: Preset, options: QuantOptions) -> list[TensorPlan]:
-    n_layer_all = 0 if source.arch in NO_HPARAMS_ARCHS else source.n_layer_all
+    # The model loader applies --override-kv before reading the hyper-parameters the rules use.
+    get = overridden_getter(source.field, kv_overrides(options), source.arch)
+    block_count, n_expert = get(f"{source.arch}.block_count"), get(f"{source.arch}.expert_count")
+    n_layer_all = 0 if source.arch in NO_HPARAMS_ARCHS else block_count
     if n_layer_all is None and not preset.is_float:
         raise UserError(f"{source.path} has no {source.arch}.block_count, which the {preset.name} rules need")
+    check_prune_layers(options.prune_layers, None if block_count is None else int(block_count), source.arch)
     tensors = [TensorIn(t.name, numpy_shape(t), t.tensor_type) for t in source.tensors]
-    return plan_quantization(tensors, preset, arch=source.arch, n_layer_all=n_layer_all or 0,
-                             n_expert=source.n_expert, options=options,
-                             model_is_70b=model_is_70b(source.arch, source.field),
-                             n_gqa=model_n_gqa(source.arch, source.field))
+    return plan_quantization(tensors, preset, arch=source.arch, n_layer_all=int(n_layer_all or 0),
+                             n_expert=int(n_expert or 0), options=options,
+                             model_is_70b=model_is_70b(source.arch, get),
+                             n_gqa=model_n_gqa(source.arch, get))
 
 
-def output_metadata(source: SourceGGUF, preset: Preset) -> Metadata:
-    """Every input KV in input order, split keys dropped, then quantization_version and file_type last."""
+def output_metadata(source: SourceGGUF, preset: Preset, options: QuantOptions | None = None) -> Metadata:
+    """Every input KV in input order, split keys dropped, then quantization_version and file_type, then
+    --override-kv's keys, then (--prune-layers) the new block count."""
     md = Metadata()
     for key, f in source.reader.fields.items():
         if key.startswith("GGUF.") or key in SPLIT_KEYS:
@@ -80,6 +91,11 @@ def output_metadata(source: SourceGGUF, preset: Preset) -> Metadata:
             md.set(key, f.contents(), vtype)
     md.u32("general.quantization_version", QUANT_VERSION)
     md.u32("general.file_type", int(preset.file_type))
+    if options is not None:
+        apply_kv_overrides(md, kv_overrides(options))
+        if options.prune_layers:
+            _, n_blocks = prune_and_renumber(llama_quantize_order(t.name for t in source.tensors), options.prune_layers)
+            md.u32(f"{source.arch}.block_count", n_blocks)
     return md
 
 
@@ -110,6 +126,25 @@ def to_f32(raw: np.ndarray, src: T, n_per_row: int) -> np.ndarray:
 def count_nonfinite(raw: np.ndarray, src: T) -> int:
     view = {T.F32: np.float32, T.F16: np.float16, T.BF16: np.uint16}[src]
     return native.count_nonfinite(raw.view(view), bf16=src == T.BF16)
+
+
+def convert_chunks(plans: list[TensorPlan], rows: np.ndarray) -> list:
+    """convert_chunk for several plans of the same input tensor (one per output of a many-preset run):
+    the rows are checked and widened to float32 once, and each distinct output type is encoded once."""
+    first = plans[0]
+    if first.src_type in FLOAT_TYPES and count_nonfinite(rows, first.src_type):
+        raise UserError(f"tensor {first.name} has invalid data (NaN or Inf values)")
+    wide, encoded, out = None, {}, []
+    for plan in plans:
+        if not plan.converts:
+            out.append(rows)
+            continue
+        if plan.dst_type not in encoded:
+            if wide is None:
+                wide = to_f32(rows, plan.src_type, plan.shape[-1])
+            encoded[plan.dst_type] = encode(wide, plan.dst_type)
+        out.append(encoded[plan.dst_type])
+    return out
 
 
 def convert_chunk(plan: TensorPlan, rows: np.ndarray):
@@ -146,62 +181,98 @@ def quantize_gguf(source_path, target_path, preset: str | Preset, options: Quant
                   threads: int | None = None, force: bool = False, dry_run: bool = False,
                   progress_factory=None, split: SplitOptions | None = None,
                   keep_split: bool = False) -> QuantizeResult:
-    preset = parse_preset(preset)
+    return quantize_gguf_many(source_path, [(target_path, preset)], options, threads=threads, force=force,
+                              dry_run=dry_run, progress_factory=progress_factory, split=split,
+                              keep_split=keep_split)[0]
+
+
+def quantize_gguf_many(source_path, outputs, options: QuantOptions | None = None, *,
+                       threads: int | None = None, force: bool = False, dry_run: bool = False,
+                       progress_factory=None, split: SplitOptions | None = None,
+                       keep_split: bool = False) -> list[QuantizeResult]:
+    """Quantize to several presets in one pass: `outputs` is [(target path, preset), ...]. Each input
+    chunk is read, checked and widened to float32 once and encoded once per distinct output type; each
+    output is byte-identical to its own quantize_gguf run, and all outputs are moved into place
+    together (all of them appear, or none)."""
     options = options or QuantOptions()
-    source_path, target = Path(source_path), Path(target_path)
-    if same_file(source_path, target):
-        raise UserError(f"the output {target} is the input file", hint="choose another output file name")
+    wanted = [(Path(target), parse_preset(preset)) for target, preset in outputs]
+    if not wanted:
+        raise UserError("no output type given")
+    source_path = Path(source_path)
+    for target, _ in wanted:
+        if same_file(source_path, target):
+            raise UserError(f"the output {target} is the input file", hint="choose another output file name")
     if keep_split and split is not None and split.active:
         raise UserError("--keep-split cannot be combined with --split-max-size/--split-max-tensors")
     source = open_gguf(source_path)
-    plans = plan_file(source, preset, options)
-    groups = None
-    if keep_split:
-        # As llama-quantize --keep-split: tensors in input order, each in its input shard's output shard.
-        shard_of, position = source.tensor_shards(), {t.name: i for i, t in enumerate(source.tensors)}
-        plans.sort(key=lambda p: (shard_of[p.name], position[p.name]))
-        counts = [sum(1 for p in plans if shard_of[p.name] == k) for k in range(source.shard_count)]
-        groups = [(sum(counts[:k]), sum(counts[:k + 1])) for k in range(source.shard_count)]
-    entries = [output_entry(p) for p in plans]
-    shards = plan_shards(target, entries, split, groups)
-    result = QuantizeResult(plans, target, preset, shards)
+    results = []
+    for target, preset in wanted:
+        plans = plan_file(source, preset, options)
+        groups = None
+        if keep_split:
+            # As llama-quantize --keep-split: tensors in input order, each in its input shard's output shard.
+            shard_of, position = source.tensor_shards(), {t.name: i for i, t in enumerate(source.tensors)}
+            plans.sort(key=lambda p: (shard_of[p.src_name], position[p.src_name]))
+            counts = [sum(1 for p in plans if shard_of[p.src_name] == k) for k in range(source.shard_count)]
+            groups = [(sum(counts[:k]), sum(counts[:k + 1])) for k in range(source.shard_count)]
+        shards = plan_shards(target, [output_entry(p) for p in plans], split, groups)
+        results.append(QuantizeResult(plans, target, preset, shards))
+    seen: dict[Path, str] = {}
+    for r in results:
+        for shard in r.shards:
+            key = Path(os.path.abspath(shard.path))
+            if key in seen:
+                raise UserError(f"{seen[key]} and {r.preset.name} would both be written to {shard.path}",
+                                hint="put {ftype} in the output name, or list each type once")
+            seen[key] = r.preset.name
     if dry_run:
-        return result
-    for shard in shards:
-        if same_file(source_path, shard.path):
-            raise UserError(f"the output {shard.path} is the input file", hint="choose another output file name")
-        if shard.path.exists() and not force:
-            raise UserError(f"{shard.path} already exists", hint="pass --force to overwrite it")
+        return results
+    for r in results:
+        for shard in r.shards:
+            if same_file(source_path, shard.path):
+                raise UserError(f"the output {shard.path} is the input file", hint="choose another output file name")
+            if shard.path.exists() and not force:
+                raise UserError(f"{shard.path} already exists", hint="pass --force to overwrite it")
 
-    metadata = output_metadata(source, preset)
+    order = [p.src_name for p in results[0].plans]
+    if any([p.src_name for p in r.plans] != order for r in results):
+        raise RuntimeError("presets planned the tensors in different orders")
+    written = [(r.shards, output_metadata(source, r.preset, options), [output_entry(p) for p in r.plans])
+               for r in results]
     by_name = {t.name: t for t in source.tensors}
     threads = threads or os.cpu_count() or 1
 
     def jobs():
-        for i, plan in enumerate(plans):
-            tensor = by_name[plan.name]
+        for i, name in enumerate(order):
+            tensor = by_name[name]
             raw = raw_rows(tensor)
-            for start, stop in row_chunks(raw.shape[0], plan.shape[-1]):
+            plans = [r.plans[i] for r in results]
+            for start, stop in row_chunks(raw.shape[0], plans[0].shape[-1]):
                 span = (tensor.data_offset + start * raw.shape[1], tensor.data_offset + stop * raw.shape[1])
-                yield i, plan, raw[start:stop], (tensor.data, span)
+                yield i, plans, raw[start:stop], (tensor.data, span)
+
+    def job(i, plans, rows, source):
+        if len(plans) == 1:
+            return (convert_chunk(plans[0], rows),)
+        return convert_chunks(plans, rows)
 
     def chunks():
-        for (i, _, _, source), data in ordered_parallel(
-                jobs(), lambda i, plan, rows, source: convert_chunk(plan, rows), threads, ahead=2 * threads):
+        for (i, _, _, source), data in ordered_parallel(jobs(), job, threads, ahead=2 * threads):
             yield i, data
             release_pages(*source)  # resumed only once the writer has written `data`
 
     def write(advance=None):
-        write_shards(shards, metadata, entries, chunks, advance)
+        write_many_shards(written, chunks, advance)
 
-    total = sum(e.nbytes for e in entries)
+    total = sum(e.nbytes for _, _, entries in written for e in entries)
+    names = ", ".join(r.target.name for r in results)
     with replacing(force):  # checked again when the output is moved into place (it may appear meanwhile)
         if progress_factory is None:
             write()
         else:
-            with progress_factory(total, f"writing {target.name}") as advance:
+            with progress_factory(total, f"writing {names}") as advance:
                 write(advance)
-    return result
+    return results
 
 
 def format_plan(plans: list[TensorPlan]) -> list[str]:

@@ -1,0 +1,201 @@
+"""Many presets in one pass (issue 13, item 4).
+
+`quantize IN OUT_{ftype}.gguf Q4_K_M,Q6_K,...` and `convert-hf --outtype Q4_K_M,Q6_K,...` read every
+source tensor once and write every output; each output must equal its own separate run byte for byte
+(dense and MoE mocks, split outputs too); all outputs appear together or none does; a bad list is
+refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from gguforge.cli import main
+from gguforge.format import atomic
+
+from helpers import gguforge, qwen2moe_config, qwen2moe_tensors, write_checkpoint
+
+PRESETS = ["Q4_K_M", "Q5_K_S", "Q6_K", "Q8_0", "Q4_0", "Q3_K_M", "IQ4_XS", "F16"]
+
+
+@pytest.fixture(scope="module", params=[("qwen3", 0), ("qwen2moe", 8)], ids=["dense", "moe-8experts"])
+def checkpoint(request, mock_model):
+    pytest.importorskip("torch")  # the mocks are built with transformers
+    arch, experts = request.param
+    kw = {"num_experts": experts} if experts else {}
+    return mock_model(arch, dtype="bfloat16", size="q256", num_hidden_layers=4, **kw)
+
+
+@pytest.fixture(scope="module")
+def bf16(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("many-src") / "model-bf16.gguf"
+    assert main(["convert-hf", str(checkpoint), "--outfile", str(out), "--outtype", "bf16", "-q"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    """A torch-free bf16 GGUF (the tiny qwen2moe config) for the refusal and interruption tests."""
+    root = tmp_path_factory.mktemp("many-small")
+    config = qwen2moe_config()
+    model = write_checkpoint(root / "model", config, qwen2moe_tensors(config), bf16=True)
+    out = root / "small-bf16.gguf"
+    assert main(["convert-hf", str(model), "--outfile", str(out), "--outtype", "bf16", "-q"]) == 0
+    return out
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize
+
+
+@pytest.mark.parametrize("split", [[], ["--split-max-size", "300K"]], ids=["single-file", "split"])
+def test_quantize_many_equals_separate_runs(bf16, tmp_path, split):
+    one, sep = tmp_path / "one-pass", tmp_path / "separate"
+    one.mkdir(), sep.mkdir()
+    assert main(["quantize", str(bf16), str(one / "m-{FTYPE}.gguf"), ",".join(PRESETS), "-q", "-t", "2", *split]) == 0
+    for preset in PRESETS:
+        assert main(["quantize", str(bf16), str(sep / f"m-{preset}.gguf"), preset, "-q", "-t", "2", *split]) == 0
+    ours, theirs = files(one), files(sep)
+    assert sorted(ours) == sorted(theirs)
+    if split:
+        assert any("-00002-of-" in name for name in ours)
+    for name in theirs:
+        same = ours[name] == theirs[name]
+        assert same, f"{name}: the one-pass output differs from the separate run"
+
+
+def test_quantize_many_lower_case_template_and_dry_run(small, tmp_path):
+    r = gguforge("quantize", str(small), str(tmp_path / "x-{ftype}.gguf"), "q8_0,Q4_K", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "Q8_0 -> " in r.stdout and "Q4_K_M -> " in r.stdout
+    assert os.listdir(tmp_path) == []
+    assert main(["quantize", str(small), str(tmp_path / "x-{ftype}.gguf"), "q8_0,Q4_K", "-q"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["x-q4_k_m.gguf", "x-q8_0.gguf"]
+
+
+@pytest.mark.parametrize("out,types,message", [
+    ("x.gguf", "Q4_K_M,Q8_0", "need an output name with {ftype}"),
+    ("x-{ftype}.gguf", "Q4_K_M,Q9_9", "unknown quantization type 'Q9_9'"),
+    ("x-{ftype}.gguf", "Q4_K_M,,Q8_0", "empty entry"),
+    ("x-{ftype}.gguf", "Q4_K_M,", "empty entry"),
+    ("x-{ftype}.gguf", "Q4_K,Q4_K_M", "names Q4_K_M twice"),
+    ("x-{ftype}.gguf", "Q8_0,7", "names Q8_0 twice"),
+    ("x-{ftype}.gguf", "Q4_K_M,IQ2_XS", "cannot write IQ2_XS"),
+    ("x-{ftype}.gguf", "Q8_0,Q4_K_M", "already exists"),
+])
+def test_quantize_bad_list_refused_before_writing(small, tmp_path, out, types, message):
+    if message == "already exists":
+        (tmp_path / "x-q4_k_m.gguf").write_bytes(b"keep me")
+    before = files(tmp_path)
+    r = gguforge("quantize", str(small), str(tmp_path / out), types)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr.splitlines()[0], r.stderr
+    assert files(tmp_path) == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_quantize_many_interrupted_leaves_nothing(small, tmp_path, monkeypatch, capsys, sig):
+    import gguforge.format.writer as writer
+    original, calls = writer._write_chunk, []
+
+    def write_then_signal(f, data):
+        calls.append(1)
+        if len(calls) == 30:
+            os.kill(os.getpid(), sig)
+        return original(f, data)
+    monkeypatch.setattr(writer, "_write_chunk", write_then_signal)
+    code = main(["quantize", str(small), str(tmp_path / "x-{ftype}.gguf"), "Q4_K_M,Q6_K,Q8_0", "-q", "-t", "1"])
+    assert code == 128 + sig and len(calls) >= 30
+    assert os.listdir(tmp_path) == []
+
+
+def test_quantize_many_failed_move_takes_back_the_others(small, tmp_path, monkeypatch, capsys):
+    original = atomic.place
+
+    def fail_on_q6(temp, target, expected):
+        if "q6_k" in target.name:
+            raise OSError(5, "Input/output error", str(target))
+        original(temp, target, expected)
+    monkeypatch.setattr(atomic, "place", fail_on_q6)
+    code = main(["quantize", str(small), str(tmp_path / "x-{ftype}.gguf"), "Q4_K_M,Q6_K,Q8_0", "-q"])
+    assert code == 2
+    assert "cannot write" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# convert-hf
+
+CONVERT_TYPES = ["Q4_K_M", "Q6_K", "Q8_0", "bf16", "f16", "Q4_0", "IQ4_NL"]
+
+
+@pytest.mark.parametrize("split", [[], ["--split-max-tensors", "7"]], ids=["single-file", "split"])
+def test_convert_many_equals_separate_runs(checkpoint, tmp_path, split):
+    one, sep = tmp_path / "one-pass", tmp_path / "separate"
+    one.mkdir(), sep.mkdir()
+    assert main(["convert-hf", str(checkpoint), "--outfile", str(one / "m-{ftype}.gguf"),
+                 "--outtype", ",".join(CONVERT_TYPES), "-q", "-t", "2", *split]) == 0
+    for outtype in CONVERT_TYPES:
+        assert main(["convert-hf", str(checkpoint), "--outfile", str(sep / f"m-{outtype.lower()}.gguf"),
+                     "--outtype", outtype, "-q", "-t", "2", *split]) == 0
+    ours, theirs = files(one), files(sep)
+    assert sorted(ours) == sorted(theirs)
+    if split:
+        assert any("-00002-of-" in name for name in ours)
+    for name in theirs:
+        same = ours[name] == theirs[name]
+        assert same, f"{name}: the one-pass output differs from the separate run"
+
+
+def test_convert_many_default_names(tmp_path):
+    """Without --outfile (or with a directory) each output gets llama.cpp's name, which holds its type."""
+    r = gguforge("convert-hf", "--outtype", "q8_0,Q4_K_M", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["tiny-qwen2moe-4x128K-Q4_K_M.gguf", "tiny-qwen2moe-4x128K-Q8_0.gguf"]
+    (tmp_path / "d").mkdir()
+    assert main(["convert-hf", "--outtype", "bf16,f16", "--outfile", str(tmp_path / "d"), "-q"]) == 0
+    assert sorted(os.listdir(tmp_path / "d")) == ["tiny-qwen2moe-4x128K-BF16.gguf", "tiny-qwen2moe-4x128K-F16.gguf"]
+
+
+@pytest.mark.parametrize("outfile,types,message", [
+    ("x.gguf", "Q4_K_M,q8_0", "need an --outfile with {ftype}"),
+    ("x-{ftype}.gguf", "Q4_K_M,q9_0", "unknown output type 'q9_0'"),
+    ("x-{ftype}.gguf", "Q4_K_M,,q8_0", "empty entry"),
+    ("x-{ftype}.gguf", "q8_0,Q8_0", "names Q8_0 twice"),
+    ("x-{ftype}.gguf", "Q4_K,Q4_K_M", "names Q4_K_M twice"),
+    ("x-{ftype}.gguf", "f16,IQ2_XS", "cannot write IQ2_XS"),
+    ("x-{ftype}.gguf", "Q8_0,bf16", "already exists"),
+])
+def test_convert_bad_list_refused_before_writing(tmp_path, outfile, types, message):
+    if message == "already exists":
+        (tmp_path / "x-bf16.gguf").write_bytes(b"keep me")
+    before = files(tmp_path)
+    r = gguforge("convert-hf", "--outfile", str(tmp_path / outfile), "--outtype", types, "-q")
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr.splitlines()[0], r.stderr
+    assert files(tmp_path) == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_convert_many_interrupted_leaves_nothing(tmp_path, monkeypatch, sig):
+    import gguforge.format.writer as writer
+    original, calls = writer._write_chunk, []
+
+    def write_then_signal(f, data):
+        calls.append(1)
+        if len(calls) == 40:
+            os.kill(os.getpid(), sig)
+        return original(f, data)
+    monkeypatch.setattr(writer, "_write_chunk", write_then_signal)
+    code = main(["convert-hf", "--outfile", str(tmp_path / "x-{ftype}.gguf"), "--outtype", "Q4_K_M,bf16,Q8_0",
+                 "-q", "-t", "1", "--split-max-tensors", "10"])
+    assert code == 128 + sig and len(calls) >= 40
+    assert os.listdir(tmp_path) == []
