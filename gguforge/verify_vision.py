@@ -331,10 +331,15 @@ def _unfilter(kind: int, line: np.ndarray, prev: np.ndarray, bpp: int) -> np.nda
     return cur
 
 
-def normalise(img: np.ndarray, mean, std) -> np.ndarray:
-    """[H, W, 3] uint8 -> float32 (x / 255 - mean) / std, per channel."""
-    x = img.astype(np.float32) / np.float32(255)
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+def normalise(img: np.ndarray, mean, std, rescale: float | None = 1 / 255, normalize: bool = True) -> np.ndarray:
+    """[H, W, 3] uint8 -> float32 (x * rescale - mean) / std per channel, as an image processor does
+    with do_rescale (rescale None: off) and do_normalize."""
+    x = img.astype(np.float32)
+    if rescale is not None:
+        x = x / np.float32(255) if rescale == 1 / 255 else x * np.float32(rescale)
+    if normalize:
+        x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return x
 
 
 def qwen_vl_patches(pixels: np.ndarray, patch: int, merge: int, temporal: int) -> np.ndarray:
@@ -364,11 +369,11 @@ def compare(gguf, hf) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def hf_normalisation(hf_dir) -> tuple[list[float], list[float], list[str]]:
-    """(image_mean, image_std, warnings) as transformers' image processor of the checkpoint has them:
-    processor_config.json's "image_processor" when present, else preprocessor_config.json
+def hf_preprocessing(hf_dir) -> tuple[dict, list[str]]:
+    """(normalise() keyword arguments, warnings) as transformers' image processor of the checkpoint
+    has them: processor_config.json's "image_processor" when present, else preprocessor_config.json
     (transformers: ImageProcessingMixin.get_image_processor_dict); a value missing there is the
-    Qwen2-VL image processor's default (OpenAI CLIP's)."""
+    Qwen2-VL image processor's default (OpenAI CLIP's mean/std, rescale by 1/255, normalise)."""
     from transformers.image_processing_base import ImageProcessingMixin
     from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -376,8 +381,7 @@ def hf_normalisation(hf_dir) -> tuple[list[float], list[float], list[str]]:
         config, _ = ImageProcessingMixin.get_image_processor_dict(str(hf_dir))
     except (OSError, ValueError):
         config = {}
-    warnings = []
-    out = []
+    warnings, out = [], {}
     for key, default in (("image_mean", OPENAI_CLIP_MEAN), ("image_std", OPENAI_CLIP_STD)):
         value = config.get(key)
         if value is None:
@@ -385,8 +389,10 @@ def hf_normalisation(hf_dir) -> tuple[list[float], list[float], list[str]]:
             value = default
         if isinstance(value, (int, float)):
             value = [value] * 3
-        out.append([float(v) for v in value])
-    return out[0], out[1], warnings
+        out[key[len("image_"):]] = [float(v) for v in value]
+    out["rescale"] = float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else None
+    out["normalize"] = bool(config.get("do_normalize", True))
+    return out, warnings
 
 
 def load_hf_vision(hf_dir):
@@ -554,10 +560,10 @@ def verify_vision(hf_dir, text_gguf, mmproj, *, image=None) -> VisionReport:
     facts = read_mmproj(mmproj)
     img, label = choose_image(facts, image)
     report = VisionReport(str(mmproj), label, width=img.shape[1], height=img.shape[0])
-    mean, std, report.warnings = hf_normalisation(hf_dir)
+    preprocessing, report.warnings = hf_preprocessing(hf_dir)
     model, vision_config, warnings = load_hf_vision(hf_dir)
     report.warnings += warnings
-    hf_parts = hf_image_embeddings(model, vision_config, normalise(img, mean, std))
+    hf_parts = hf_image_embeddings(model, vision_config, normalise(img, **preprocessing))
     gguf, nx, ny = mtmd_image_embeddings(text_gguf, mmproj, img)
 
     align = vision_config.patch_size * vision_config.spatial_merge_size

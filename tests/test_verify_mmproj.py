@@ -81,6 +81,23 @@ def test_image_embeddings_match_transformers_at_the_reference_level(converted, a
         assert mine.nmse <= 1.5 * theirs.nmse + 1e-9 and mine.nmse < 1e-6, (mine.nmse, theirs.nmse)
 
 
+@pytest.mark.parametrize("arch,layout", [("qwen3vlmoe", "hub"), ("qwen35", "inner")])
+def test_other_checkpoint_layouts(mock_model, tmp_path, arch, layout):
+    """Published bf16 shards with packed experts, and the tower under model.language_model.visual.*:
+    the vision tensors are found under either prefix on the HF side too."""
+    from test_mmproj import relabel
+    model = mock_model(arch, layout="hub")
+    if layout == "inner":
+        model = relabel(model, tmp_path / "inner" / model.name,
+                        lambda k: k.replace("model.visual.", "model.language_model.visual."))
+    text, mm = tmp_path / "text.gguf", tmp_path / "mm.gguf"
+    assert main(["convert-hf", str(model), "--outfile", str(text), "--outtype", "f32", "-q"]) == 0
+    assert main(["convert-hf", str(model), "--mmproj", "--outfile", str(mm), "--outtype", "f16", "-q"]) == 0
+    r = V.verify_vision(model, text, mm)
+    assert r.ok() and r.nmse < 1e-6 and not r.warnings, r.format()
+    assert r.n_deepstack == (arch == "qwen3vlmoe")
+
+
 def test_cli_reports_and_passes(converted, capsys):
     model, text, mm = converted("qwen3vl", "f16")
     capsys.readouterr()
