@@ -148,6 +148,16 @@ def test_the_threshold_is_an_option(converted, capsys):
     assert "above --max-image-nmse 1.000e-05" in capsys.readouterr().err
 
 
+def test_a_hub_download_brings_the_image_processor_config():
+    """A hub id is fetched with HUB_PATTERNS: without the processor configs the mmproj would lack its
+    image mean/std and verify would fall back to defaults (0.5s for real Qwen3.5 are not CLIP's)."""
+    from fnmatch import fnmatch
+
+    from gguforge.checkpoint.read import HUB_PATTERNS
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        assert any(fnmatch(name, pattern) for pattern in HUB_PATTERNS), name
+
+
 # ------------------------------------------------------------------------------------------------
 # Images
 # ------------------------------------------------------------------------------------------------

@@ -414,7 +414,8 @@ def _torch_load_mmap(torch, path: Path):
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.*",
-                "vocab.json", "merges.txt", "README.md"]
+                "vocab.json", "merges.txt", "README.md",
+                "preprocessor_config.json", "processor_config.json"]  # image mean/std: --mmproj, verify --mmproj
 
 
 def resolve_model(model: str, revision: str | None = None) -> Path:
