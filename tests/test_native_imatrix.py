@@ -297,3 +297,7 @@ def test_inputs_not_modified():
     for qtype in WEIGHTED:
         native.quantize(x, qtype, imatrix=w)
     assert np.array_equal(x, x0) and np.array_equal(w, w0)
+    # read-only and strided inputs (a memory-mapped tensor, an imatrix sliced out of a bigger one)
+    ro = np.frombuffer(x.tobytes(), F).reshape(x.shape)
+    wide = np.stack([w, w * 2]).T.copy()   # (512, 2): column 0 is w, strided
+    assert np.array_equal(native.quantize(ro, T.Q4_K, imatrix=wide[:, 0]), native.quantize(x, T.Q4_K, imatrix=w))
