@@ -5,7 +5,10 @@ In one run, on the same input and thread count:
   1. per preset: `gguforge quantize bf16.gguf out PRESET` vs llama_model_quantize (llama-cpp-python),
      with a check that both files are byte-identical;
   2. HF -> Q4_K_M: `gguforge convert-hf --outtype Q4_K_M` in one pass vs llama.cpp's
-     convert_hf_to_gguf.py (bf16) followed by llama_model_quantize.
+     convert_hf_to_gguf.py (bf16) followed by llama_model_quantize;
+  3. many presets in one pass: `gguforge quantize bf16.gguf 'out-{ftype}.gguf' Q4_K_M,Q5_K_M,Q6_K,Q8_0`
+     vs the four separate gguforge runs (target: <= 0.9x their sum), each output byte-identical to its
+     separate run.
 
 The input is a generated random bf16 checkpoint with Qwen3.5-4B dimensions and few layers
 (scripts/bench_convert.py builds it; 4 layers is about 1.9 GB), or a small one for quick runs.
@@ -15,6 +18,7 @@ Nothing here is a test.
     python scripts/bench_quantize.py --size small            # ~0.2 GB, a quick run
     python scripts/bench_quantize.py --presets Q4_K_M,Q8_0 --threads 2 --no-one-pass
     python scripts/bench_quantize.py --presets ladder --threads 2 --no-one-pass   # Q2_K ... Q5_1
+    python scripts/bench_quantize.py --presets none --no-one-pass --threads 2       # only the many-presets run
 """
 
 from __future__ import annotations
@@ -91,9 +95,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--no-one-pass", action="store_true", help="skip the HF -> Q4_K_M comparison")
+    ap.add_argument("--many", default="Q4_K_M,Q5_K_M,Q6_K,Q8_0",
+                    help="presets written in one pass and compared with separate runs ('none': skip)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gguforge-bench")
     args = ap.parse_args()
-    presets = [p.strip().upper() for p in args.presets.split(",") if p.strip()]
+    presets = [p.strip().upper() for p in args.presets.split(",") if p.strip() and p.strip().lower() != "none"]
     presets = [q for p in presets for q in (LADDER if p == "LADDER" else (p,))]
     threads = str(args.threads)
 
@@ -131,11 +137,46 @@ def main() -> None:
         for path in (ours, theirs, ref_bf16):
             bench_convert.drop(path)
 
-    print("\n| job | gguforge s | gguforge peak RSS | llama.cpp s | llama.cpp peak RSS | llama.cpp / gguforge "
-          "| identical |")
-    print("|---|---|---|---|---|---|---|")
+    many = [] if args.many.strip().lower() == "none" else [p.strip().upper() for p in args.many.split(",")]
+    many_row = many and many_presets(bf16, args.workdir, many, threads)
+
+    if rows:
+        print("\n| job | gguforge s | gguforge peak RSS | llama.cpp s | llama.cpp peak RSS | llama.cpp / gguforge "
+              "| identical |")
+        print("|---|---|---|---|---|---|---|")
     for job, t, rss, rt, rrss, same in rows:
         print(f"| {job} | {t:.1f} | {rss / 2**20:.0f} MB | {rt:.1f} | {rrss / 2**20:.0f} MB | {rt / t:.2f}× | {same} |")
+    if many_row:
+        t_one, rss_one, times, rss_sep, same = many_row
+        print(f"\n| {len(many)} presets ({','.join(many)}) | one pass s | peak RSS | separate runs s (sum) | max peak RSS "
+              "| one pass / sum | identical |")
+        print("|---|---|---|---|---|---|---|")
+        print(f"| gguforge quantize | {t_one:.1f} | {rss_one / 2**20:.0f} MB | {sum(times):.1f} "
+              f"({' + '.join(f'{t:.1f}' for t in times)}) | {rss_sep / 2**20:.0f} MB | {t_one / sum(times):.2f}× "
+              f"| {same} |")
+
+
+def many_presets(bf16: Path, workdir: Path, presets: list[str], threads: str):
+    """One `quantize` writing every preset, then one run per preset (the input stays in the page cache; each
+    output is hashed, then deleted and synced so writeback does not spill into the next timing)."""
+    one = [workdir / f"bench-many-{p.lower()}.gguf" for p in presets]
+    sep = workdir / "bench-separate.gguf"
+    t_one, rss_one = bench_convert.measure(
+        gguforge("quantize", str(bf16), str(workdir / "bench-many-{ftype}.gguf"), ",".join(presets),
+                 "--threads", threads, "--force"))
+    hashes = []
+    for path in one:
+        hashes.append(digest(path))
+        bench_convert.drop(path)
+    times, rss_sep, same = [], 0, True
+    for preset, h in zip(presets, hashes):
+        t, rss = bench_convert.measure(gguforge("quantize", str(bf16), str(sep), preset, "--threads", threads,
+                                                "--force"))
+        times.append(t)
+        rss_sep = max(rss_sep, rss)
+        same = same and digest(sep) == h
+        bench_convert.drop(sep)
+    return t_one, rss_one, times, rss_sep, "yes" if same else "NO"
 
 
 if __name__ == "__main__":

@@ -131,6 +131,8 @@ def check_prune_layers(layers: Sequence[int], n_layer: int | None, arch: str) ->
     """Pruned blocks must exist (llama-quantize ignores others silently; a typo would prune nothing)."""
     if not layers:
         return
+    if any(int(i) < 0 for i in layers):
+        raise UserError(f"--prune-layers: block numbers cannot be negative ({min(layers)})")
     if n_layer is None:
         raise UserError(f"--prune-layers: the input has no {arch}.block_count")
     missing = [str(i) for i in layers if i >= n_layer]
