@@ -77,7 +77,7 @@ def case(kind: str, rng: np.random.Generator, n: int = 256) -> np.ndarray:
 
 
 ALL_KINDS = [*KINDS, "huge"]
-IMATRIX_KINDS = ["random", "zeros", "ones", "dynamic", "tiny", "all_zero", "huge"]
+IMATRIX_KINDS = ["random", "zeros", "ones", "dynamic", "tiny", "all_zero", "huge", "signed"]
 
 
 def imatrix_of(kind: str, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -97,6 +97,8 @@ def imatrix_of(kind: str, rng: np.random.Generator, n: int) -> np.ndarray:
         w = np.zeros(n)
     elif kind == "huge":      # weights times sqrt(sigma2 + x^2) overflow
         w = rng.uniform(0.5, 1, n) * 1e37
+    elif kind == "signed":    # no imatrix file holds these, but the float sequence is still ggml's
+        w = rng.standard_normal(n) * rng.choice([1e-20, 1.0, 1e20])
     else:
         raise AssertionError(kind)
     return w.astype(F)
