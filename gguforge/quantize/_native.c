@@ -2044,7 +2044,8 @@ static void N(kq45w_vec)(const float *x, uint8_t *y, int64_t nsb, int nmax, cons
         vf xt[32][NV45], w[32][NV45], Lb[32][NV45], scale[NV45], the_min[NV45];
         float sw[NB][8];
         for (int sb = 0; sb < NB; sb++) {
-            const float *xs = x + (b + sb) * QK_K, *q = qw + QK_K * ((b + sb) % nbr);
+            const int64_t si = sb < nb ? b + sb : b;   /* pad lanes: no pointer past the end */
+            const float *xs = x + si * QK_K, *q = qw + QK_K * (si % nbr);
             const float sigma2 = sb < nb ? 2 * sum_sq(xs, QK_K) / (float)QK_K : 0.0f;
             for (int j = 0; j < 8; j++) {
                 const int k = sb * 8 + j, v = k / VW, e = k % VW;
@@ -2084,7 +2085,8 @@ static void N(qxw_vec)(const float *x, uint8_t *y, int64_t nsb, int q3, const fl
         vf xt[16][NV6], w[16][NV6], Lb[16][NV6], scale[NV6];
         float sw[NB][16];
         for (int sb = 0; sb < NB; sb++) {
-            const float *xs = x + (b + sb) * QK_K, *q = qw + QK_K * ((b + sb) % nbr);
+            const int64_t si = sb < nb ? b + sb : b;   /* pad lanes: no pointer past the end */
+            const float *xs = x + si * QK_K, *q = qw + QK_K * (si % nbr);
             const float sigma2 = q3 && sb < nb ? 2 * sum_sq(xs, QK_K) / (float)QK_K : 0.0f;
             for (int j = 0; j < 16; j++) {
                 const int k = sb * 16 + j, v = k / VW, e = k % VW;
