@@ -122,6 +122,16 @@ def convert_hf_cmd(
     vocab_only: bool = typer.Option(False, "--vocab-only", help="write metadata and vocabulary only"),
     mtp_only: bool = typer.Option(False, "--mtp", help="write only the multi-token-prediction draft head"),
     no_mtp: bool = typer.Option(False, "--no-mtp", "--no-nextn", help="drop multi-token-prediction tensors"),
+    imatrix: Optional[str] = typer.Option(None, "--imatrix", metavar="FILE",  # str: written as given
+                                          help="importance matrix for a quantize preset --outtype (one pass, as "
+                                          "llama-quantize --imatrix of the converted file)"),
+    include_weights: List[str] = typer.Option([], "--include-weights", metavar="S", help="use imatrix data only "
+                                              "for tensors whose name contains S (repeatable)"),
+    exclude_weights: List[str] = typer.Option([], "--exclude-weights", metavar="S", help="no imatrix data for "
+                                              "tensors whose name contains S (repeatable)"),
+    imatrix_missing: str = typer.Option("static", "--imatrix-missing", metavar="static|error",
+                                        help="tensors the imatrix has no data for: quantize them without it and "
+                                        "warn (static), or refuse (error)"),
     mmproj: bool = typer.Option(False, "--mmproj", help="write the vision encoder as mmproj-<name>-<TYPE>.gguf "
                                 "(for llama.cpp's mtmd) instead of the text model"),
     list_archs: bool = typer.Option(False, "--list-archs", help="list supported architectures and exit"),
@@ -155,7 +165,8 @@ def convert_hf_cmd(
                              metadata_overrides=overrides, threads=threads,
                              fuse_gate_up_exps=fuse_gate_up_exps, fuse_qkv=fuse_qkv, allow_nonfinite=allow_nonfinite,
                              vocab_only=vocab_only, mtp_only=mtp_only, no_mtp=no_mtp,
-                             allow_pickle=allow_pickle, mmproj=mmproj)
+                             allow_pickle=allow_pickle, mmproj=mmproj,
+                             imatrix=_imatrix_options(imatrix, include_weights, exclude_weights, imatrix_missing))
     source = model or str(embedded_model_dir())
     if quiet or not sys.stderr.isatty():  # hub downloads show their own bars: silence them with ours
         import os
@@ -180,6 +191,9 @@ def convert_hf_cmd(
         elif not quiet:
             where = target if len(shards) == 1 else f"{len(shards)} shards {shards[0].path} ..."
             _say(f"wrote {where} ({plan.nbytes / 1e6:.1f} MB, {len(plan.tensors)} tensors, {plan.arch.gguf_arch})")
+        if not quiet:
+            for line in plan.warnings:
+                _say(f"warning: {line}")
 
 
 def _split_options(max_size: Optional[str], max_tensors: int):
@@ -199,10 +213,24 @@ def _print_plan(plan, target) -> None:
         notes = getattr(t.tensor, "notes", ())
         detail = ("<- " + ", ".join(t.sources[:2]) + (f" (+{len(t.sources) - 2})" if len(t.sources) > 2 else "")
                   + (f"  [{' >> '.join(notes)}]" if notes else ""))
+        if plan.coverage is not None and (note := plan.coverage.short(t.name)):
+            detail += f"  [{note}]"
         _echo(plan_line(t.name, t.shape, t.ggml_type.name, t.nbytes, detail))
     n, size = plan.n_params, plan.nbytes
     _echo(f"{len(plan.tensors)} tensors, {n:,d} parameters, {size:,d} bytes, "
                f"{8 * size / max(n, 1):.2f} bits per weight -> {target} (dry run: nothing written)")
+
+
+def _imatrix_options(path: Optional[str], include: List[str], exclude: List[str], missing: str):
+    """--imatrix and its companions (quantize and convert-hf): None without --imatrix."""
+    if path is None:
+        if include or exclude:
+            raise typer.BadParameter("--include-weights/--exclude-weights need --imatrix")
+        return None
+    if include and exclude:
+        raise typer.BadParameter("--include-weights and --exclude-weights cannot be used together")
+    from .quantize.imatrix import ImatrixOptions
+    return ImatrixOptions(path, include, exclude, missing.strip().lower())
 
 
 @app.command("quantize")
@@ -227,6 +255,16 @@ def quantize_cmd(
                                           "(repeatable)"),
     prune_layers: Optional[str] = typer.Option(None, "--prune-layers", metavar="L1,L2,...",
                                                help="remove these blocks and renumber the others"),
+    imatrix: Optional[str] = typer.Option(None, "--imatrix", metavar="FILE",  # str: written as given
+                                           help="importance matrix (GGUF or .dat, from llama-imatrix or gguforge "
+                                           "imatrix) for the weighted quantizers, as llama-quantize --imatrix"),
+    include_weights: List[str] = typer.Option([], "--include-weights", metavar="S", help="use imatrix data only "
+                                              "for tensors whose name contains S (repeatable)"),
+    exclude_weights: List[str] = typer.Option([], "--exclude-weights", metavar="S", help="no imatrix data for "
+                                              "tensors whose name contains S (repeatable)"),
+    imatrix_missing: str = typer.Option("static", "--imatrix-missing", metavar="static|error",
+                                        help="tensors the imatrix has no data for (MTP layers, experts never "
+                                        "routed): quantize them without it and warn (static), or refuse (error)"),
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="dequantize quantized tensors and "
                                           "quantize them again (loses quality)"),
     no_fallback: bool = typer.Option(False, "--no-fallback", help="refuse instead of falling back to another "
@@ -265,6 +303,7 @@ def quantize_cmd(
         no_fallback=no_fallback,
         prune_layers=parse_prune_layers(prune_layers) if prune_layers is not None else (),
         kv_overrides=parse_kv_overrides(override_kv),
+        imatrix=_imatrix_options(imatrix, include_weights, exclude_weights, imatrix_missing),
     )
     outputs = [(output_for_type(target, p, len(presets) > 1), p) for p in presets]
     results = quantize_gguf_many(source, outputs, options, threads=threads, force=force, dry_run=dry_run,
@@ -279,7 +318,7 @@ def quantize_cmd(
         if dry_run:
             if len(results) > 1:
                 _echo(f"{preset.name} -> {result.target}:")
-            for line in format_plan(result.plans):
+            for line in format_plan(result.plans, result.coverage):
                 _echo(line)
             _print_shards(result.shards)
             _echo(f"{totals} ({preset.name}; dry run: nothing written)")
@@ -289,6 +328,8 @@ def quantize_cmd(
             _say(f"wrote {where} ({preset.name}): {totals}")
         if warning and not quiet:
             _say(f"warning: {warning}" + (f" ({preset.name})" if len(results) > 1 else ""))
+        for line in result.warnings:
+            _say(f"warning: {line}" + (f" ({preset.name})" if len(results) > 1 else ""))
 
 
 def parse_preset_list(text: str) -> list:

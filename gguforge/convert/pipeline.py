@@ -15,6 +15,7 @@ from ..format.types import FLOAT_TYPES
 from ..parallel import CHUNK_BYTES, ordered_parallel, row_chunks
 from ..quantize import native
 from ..quantize.encode import encode
+from ..quantize.imatrix import encode_rows
 from ..archs.options import ConvertOptions
 from .plan import Plan, PlannedTensor, output_path, plan_conversion
 from ..checkpoint.read import SAFETENSORS_DTYPES, open_checkpoint, resolve_model
@@ -112,6 +113,10 @@ def encode_chunk(t: PlannedTensor, start: int, stop: int, check_finite: bool, bu
 
 def encode_rows_of(t: PlannedTensor, rows: np.ndarray, start: int):
     """The output bytes of leading-axis rows [start, ...) of `t`'s values."""
+    if t.imatrix is not None:  # leading-axis rows: experts of a 3-D tensor, matrix rows of a 2-D one
+        ne0 = t.shape[-1]
+        per_leading = t.tensor.row_elems // ne0
+        return encode_rows(rows.reshape(-1, ne0), t.ggml_type, t.imatrix, start * per_leading, t.shape[-2])
     return encode(rows, t.ggml_type)
 
 
@@ -202,7 +207,7 @@ def encode_chunks(ts: list[PlannedTensor], start: int, stop: int, check_finite: 
     out = []
     for t in ts:
         lazy = t.tensor
-        key = (id(lazy), t.ggml_type)
+        key = (id(lazy), t.ggml_type, id(t.imatrix) if t.imatrix is not None else None)
         if key not in done:
             if raw_copy_possible(t) or stored_bits_suffice(t):
                 done[key] = encode_chunk(t, start, stop, check_finite)

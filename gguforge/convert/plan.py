@@ -21,7 +21,10 @@ from ..archs.base import DecoderArch, UnmappedTensor
 from ..errors import UserError
 from ..quantize.encode import encode
 from ..quantize.presets import UNSUPPORTED, Preset, parse_preset, preset_names
-from ..quantize.rules import TensorIn, model_is_70b, model_n_gqa, plan_quantization
+from ..quantize.imatrix import (LoadedImatrix, add_metadata as add_imatrix_metadata, coverage_for, load_imatrix,
+                                mtp_first_block)
+from ..quantize.rules import (TensorIn, model_is_70b, model_n_gqa, plan_quantization, requiring_imatrix,
+                              tensor_requires_imatrix)
 from . import fuse as fusion
 from .metadata import GeneralInfo, add_general_metadata, apply_overrides, general_info, model_id_for
 from ..archs.options import ConvertOptions
@@ -46,6 +49,7 @@ CONVERTER_OUTTYPES = {
 @dataclass
 class PlannedTensor(TensorEntry):
     tensor: Lazy = field(default=None, repr=False)
+    imatrix: np.ndarray | None = field(default=None, repr=False)  # importance weights (n_expert, ne0)
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -64,6 +68,8 @@ class Plan:
     general: GeneralInfo | None = None
     vocab_only: bool = False
     shards: list = field(default_factory=list)  # format.split.Shard per output file, once planned
+    coverage: object = None  # --imatrix: quantize.imatrix.Coverage
+    warnings: list = field(default_factory=list)  # one line each, for the CLI to print
     mapped: list = field(default_factory=list, repr=False)  # map_tensors' (name, Lazy) list, for plan_conversion
 
     @property
@@ -218,10 +224,18 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
     if write_vocab is not None:
         write_vocab(md)
     apply_overrides(md, options.metadata_overrides)
+    if options.imatrix is not None and preset is None:
+        raise UserError("--imatrix needs a quantize preset as --outtype (Q4_K_M, IQ4_XS, Q2_K_S, ...)",
+                        hint="f16/bf16/q8_0 do not use an importance matrix")
+    im = load_imatrix(options.imatrix) if options.imatrix is not None else None
+    plan = Plan(arch, md, tensors, file_type, outtype.upper(), name, label, general, options.vocab_only)
     if preset is not None:
-        tensors = apply_preset(tensors, preset, md, ggml_out)
-    return Plan(arch, md, tensors, file_type, outtype.upper(), name, label, general, options.vocab_only,
-                mapped=mapped)
+        plan.tensors = apply_preset(tensors, preset, md, ggml_out, im, plan)
+        if options.imatrix is not None and im is None:
+            plan.warnings.insert(0, f"no entries of {options.imatrix.path} are left after --include-weights/"
+                                    "--exclude-weights: quantizing without an importance matrix")
+    plan.mapped = mapped
+    return plan
 
 
 def vision_encoder(arch: DecoderArch, checkpoint: Checkpoint, options: ConvertOptions) -> DecoderArch:
@@ -262,20 +276,28 @@ def parse_outtype_preset(outtype: str) -> Preset:
     return preset
 
 
-def apply_preset(tensors: list[PlannedTensor], preset: Preset, md: Metadata, base: T) -> list[PlannedTensor]:
+def apply_preset(tensors: list[PlannedTensor], preset: Preset, md: Metadata, base: T,
+                 imatrix: LoadedImatrix | None = None, report=None) -> list[PlannedTensor]:
     """Give each tensor the type llama-quantize would choose from the `base` float file; the converter's
     tensor order is kept (llama-quantize's order only decides its counters).
 
     Tensors that are not the checkpoint's stored values (a transform computed them in float32) are
     rounded through a 16-bit `base` first, so the bytes equal llama-quantize run on that float GGUF;
     from a float32 checkpoint nothing is rounded.
+
+    With an importance matrix (`imatrix`), each quantized tensor gets its weights as llama-quantize
+    --imatrix looks them up, the four quantize.imatrix.* keys go last, and the coverage report and
+    warnings are set on `report` (the Plan).
     """
     arch = md.get("general.architecture")
     plans = plan_quantization([TensorIn(t.name, t.shape, t.ggml_type) for t in tensors], preset, arch=arch,
                               n_layer_all=int(md.get(f"{arch}.block_count", 0)),
                               n_expert=int(md.get(f"{arch}.expert_count", 0) or 0),
-                              model_is_70b=model_is_70b(arch, md.get), n_gqa=model_n_gqa(arch, md.get))
+                              model_is_70b=model_is_70b(arch, md.get), n_gqa=model_n_gqa(arch, md.get),
+                              has_imatrix=imatrix is not None)
     chosen = {p.name: p for p in plans}
+    weights = imatrix_weights(plans, preset, imatrix, mtp_first_block(arch, md.get), report)
+    add_imatrix_metadata(md, imatrix)
     out = []
     for t in tensors:
         p = chosen[t.name]
@@ -284,8 +306,33 @@ def apply_preset(tensors: list[PlannedTensor], preset: Preset, md: Metadata, bas
         exact = lazy.stored is not None and lazy.stored[0] == base.name
         if p.dst_type != t.ggml_type and base in (T.F16, T.BF16) and not exact:
             lazy = lazy.per_rows(_round_through(base), dtype=np.float32)
-        out.append(PlannedTensor(t.name, t.shape, p.dst_type, lazy))
+        out.append(PlannedTensor(t.name, t.shape, p.dst_type, lazy, weights.get(t.name)))
     return out
+
+
+def imatrix_weights(plans, preset: Preset, imatrix: LoadedImatrix | None, mtp_first: int | None, report) -> dict:
+    """Tensor name -> importance weights, with quantize's checks: a preset whose types need an imatrix
+    refuses to run without one, and --imatrix-missing error refuses tensors without data."""
+    if imatrix is None:
+        needing = requiring_imatrix(plans, preset)
+        if needing:
+            raise UserError(f"cannot write {preset.name} without an importance matrix: {len(needing)} tensor(s) "
+                            f"become {needing[0].dst_type.name}, which needs one (e.g. {needing[0].name})",
+                            hint="pass --imatrix FILE (from llama-imatrix or gguforge imatrix)")
+        return {}
+    coverage, found = coverage_for(imatrix, [(p.name, p.name, p.shape, p.dst_type, p.converts) for p in plans],
+                                   mtp_first)
+    weights = {name: t.weights for name, t in found.items() if t.weights is not None}
+    for p in plans:
+        if p.converts and p.name not in weights and tensor_requires_imatrix(p.name, p.dst_type, preset):
+            raise UserError(f"missing importance matrix for tensor {p.name} in a very low-bit quantization "
+                            f"({preset.name}: {p.dst_type.name})", hint="the imatrix has no entry for it")
+    coverage.enforce(imatrix.missing)
+    if report is not None:
+        report.coverage = coverage
+        if (line := coverage.summary()) is not None:
+            report.warnings.append(line)
+    return weights
 
 
 def _round_through(base: T):

@@ -35,6 +35,7 @@ PRESETS: dict[str, Preset] = {
         Preset("Q5_0", FT.MOSTLY_Q5_0, T.Q5_0),
         Preset("Q5_1", FT.MOSTLY_Q5_1, T.Q5_1),
         Preset("Q2_K", FT.MOSTLY_Q2_K, T.Q2_K),
+        Preset("Q2_K_S", FT.MOSTLY_Q2_K_S, T.Q2_K),  # its Q2_K tensors need an importance matrix
         Preset("Q3_K_S", FT.MOSTLY_Q3_K_S, T.Q3_K),
         Preset("Q3_K_M", FT.MOSTLY_Q3_K_M, T.Q3_K),
         Preset("Q3_K_L", FT.MOSTLY_Q3_K_L, T.Q3_K),
@@ -54,12 +55,11 @@ PRESETS: dict[str, Preset] = {
 
 ALIASES: dict[str, str] = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
-# llama-quantize presets gguforge cannot write yet: the lattice (codebook) types, Q2_K_S, whose Q2_K
-# tensors llama-quantize only writes with an imatrix, and the ternary/FP4/1-2 bit ones.
+# llama-quantize presets gguforge cannot write yet: the lattice (codebook) types and the ternary/FP4/1-2
+# bit ones.
 # name -> (LLAMA_FTYPE, why not).
 _LATTICE = "the IQ1/IQ2/IQ3 lattice (codebook) types are not implemented"
 UNSUPPORTED: dict[str, tuple[int, str]] = {
-    "Q2_K_S": (int(FT.MOSTLY_Q2_K_S), "its Q2_K tensors need an importance matrix (--imatrix is not supported yet)"),
     **{name: (int(FT[f"MOSTLY_{name}"]), _LATTICE) for name in (
         "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M")},
     # llama.h LLAMA_FTYPE_MOSTLY_TQ1_0 .. _Q2_0 (gguf-py lacks Q2_0)

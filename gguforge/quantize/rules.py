@@ -58,6 +58,8 @@ class QuantOptions:
     # --override-kv: "KEY=TYPE:VALUE" strings or overrides.KvOverride (written after the input's keys; the
     # hyper-parameters the rules read see them too).
     kv_overrides: Sequence = ()
+    # --imatrix FILE [--include-weights/--exclude-weights/--imatrix-missing]: a quantize.imatrix.ImatrixOptions
+    imatrix: object = None
 
 
 @dataclass
@@ -84,7 +86,6 @@ class TensorPlan:
     @property
     def src_name(self) -> str:
         return self.source_name or self.name
-
 
     @property
     def converts(self) -> bool:
@@ -154,6 +155,28 @@ def fallback_summary(plans: Sequence[TensorPlan]) -> str | None:
     return f"{n} of {len(plans)} tensor(s) required fallback quantization"
 
 
+# Types whose quantizers cannot run without importance weights (ggml_quantize_requires_imatrix and
+# llama-quant.cpp tensor_requires_imatrix).
+_IMATRIX_ALWAYS = (T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S)
+
+
+def tensor_requires_imatrix(name: str, dst_type: T, preset: Preset) -> bool:
+    """llama-quant.cpp tensor_requires_imatrix, on a tensor's final type: the lattice types always, Q2_K
+    in a Q2_K_S file; token_embd, per_layer_token_embd and output.weight never."""
+    if name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
+        return False
+    if dst_type in _IMATRIX_ALWAYS:
+        return True
+    return dst_type == T.Q2_K and preset.name == "Q2_K_S"
+
+
+def requiring_imatrix(plans: Sequence[TensorPlan], preset: Preset) -> list[TensorPlan]:
+    """Quantized tensors whose type needs an importance matrix (llama-quantize: "this quantization
+    requires an imatrix!" when none is given)."""
+    return [p for p in plans if not p.reason.startswith("never quantized")
+            and tensor_requires_imatrix(p.name, p.dst_type, preset)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Order (llama_model_quantize_impl)
 
@@ -209,8 +232,6 @@ def prune_and_renumber(names: Sequence[str], prune: Sequence[int]) -> tuple[list
         new = mapped[blk]
         out.append(None if new is None else name[:m.start(1)] + str(new) + name[m.end(1):])
     return out, next_id
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +355,7 @@ class _Model:
     n_expert: int
     is_70b: bool
     n_gqa: int = 0
-    has_imatrix: bool = False  # no imatrix support yet; named for the rules that test it
+    has_imatrix: bool = False  # llama-quantize's qs.has_imatrix: an imatrix with entries was given
 
 
 def layer0_heads(arch: str, get) -> tuple[int, int]:
@@ -413,6 +434,8 @@ def _mixture_type(name: str, ne0: int, category: Category, preset: Preset, model
         if ftype == "Q2_K":
             new_type = T.Q4_K if gqa >= 4 else T.Q3_K
             why = f"attn_v-like, n_gqa {gqa} {'>=' if gqa >= 4 else '<'} 4"
+        elif ftype == "Q2_K_S" and gqa >= 4:
+            new_type, why = T.Q4_K, f"attn_v-like, n_gqa {gqa} >= 4"
         elif ftype == "Q3_K_M":
             new_type = T.Q5_K if i < 2 else T.Q4_K
             why = f"attn_v-like {i}/{n} {'first 2' if i < 2 else 'after 2'}"
@@ -444,6 +467,10 @@ def _mixture_type(name: str, ne0: int, category: Category, preset: Preset, model
         counters.i_ffn[category] += 1
         if ftype == "Q2_K":
             return T.Q3_K, f"ffn_down layer {i}/{n}"
+        if ftype == "Q2_K_S":
+            if i < n // 8:
+                return T.Q4_K, f"ffn_down layer {i}/{n} < n/8"
+            return d, f"ffn_down layer {i}/{n}"
         if ftype == "Q3_K_M":
             if i < n // 16:
                 return T.Q5_K, f"ffn_down layer {i}/{n} < n/16"
@@ -595,16 +622,19 @@ def plan_quantization(
     options: QuantOptions | None = None,
     model_is_70b: bool = False,
     n_gqa: int = 0,
+    has_imatrix: bool = False,
 ) -> list[TensorPlan]:
     """Decide every tensor's output type like llama-quantize; plans come back in its output order.
 
     arch is general.architecture, n_layer_all is {arch}.block_count (MTP layers included), n_expert is
     {arch}.expert_count (0 if absent). model_is_70b stands for llama.cpp's LLM_TYPE_70B; n_gqa is
     llama.cpp's n_gqa() (see model_n_gqa), which the Q2_K and IQ4_NL/IQ4_XS attn_v rules test.
+    has_imatrix: an importance matrix with entries is applied (the Q4_0/Q5_0 and IQ4_NL/IQ4_XS ffn_down rules).
     """
     preset = parse_preset(preset)
     options = options or QuantOptions()
-    model = _Model(arch=arch, n_layer_all=n_layer_all, n_expert=n_expert, is_70b=model_is_70b, n_gqa=n_gqa)
+    model = _Model(arch=arch, n_layer_all=n_layer_all, n_expert=n_expert, is_70b=model_is_70b, n_gqa=n_gqa,
+                   has_imatrix=has_imatrix)
     overrides = _compile_overrides(options.tensor_type_overrides)
 
     ordered = sorted(tensors, key=lambda t: sort_key(t.name))

@@ -26,10 +26,12 @@ from ..format.writer import Metadata, TensorEntry
 from ..errors import UserError
 from . import native
 from .encode import encode
+from .imatrix import (Coverage, LoadedImatrix, add_metadata as add_imatrix_metadata, coverage_for, encode_rows,
+                      load_imatrix, mtp_first_block)
 from .overrides import apply_kv_overrides, check_prune_layers, overridden_getter, parse_kv_override
 from .presets import Preset, parse_preset
 from .rules import (QuantOptions, TensorIn, TensorPlan, ggml_n_dims, llama_quantize_order, model_is_70b, model_n_gqa,
-                    plan_quantization, prune_and_renumber)
+                    plan_quantization, prune_and_renumber, requiring_imatrix, tensor_requires_imatrix)
 
 
 
@@ -52,7 +54,7 @@ def kv_overrides(options: QuantOptions) -> list:
     return [parse_kv_override(o) if isinstance(o, str) else o for o in options.kv_overrides]
 
 
-def plan_file(source: SourceGGUF, preset: Preset, options: QuantOptions) -> list[TensorPlan]:
+def plan_file(source: SourceGGUF, preset: Preset, options: QuantOptions, has_imatrix: bool = False) -> list[TensorPlan]:
     # The model loader applies --override-kv before reading the hyper-parameters the rules use.
     get = overridden_getter(source.field, kv_overrides(options), source.arch)
     block_count, n_expert = get(f"{source.arch}.block_count"), get(f"{source.arch}.expert_count")
@@ -64,10 +66,11 @@ def plan_file(source: SourceGGUF, preset: Preset, options: QuantOptions) -> list
     return plan_quantization(tensors, preset, arch=source.arch, n_layer_all=int(n_layer_all or 0),
                              n_expert=int(n_expert or 0), options=options,
                              model_is_70b=model_is_70b(source.arch, get),
-                             n_gqa=model_n_gqa(source.arch, get))
+                             n_gqa=model_n_gqa(source.arch, get), has_imatrix=has_imatrix)
 
 
-def output_metadata(source: SourceGGUF, preset: Preset, options: QuantOptions | None = None) -> Metadata:
+def output_metadata(source: SourceGGUF, preset: Preset, options: QuantOptions | None = None,
+                    imatrix: LoadedImatrix | None = None) -> Metadata:
     """Every input KV in input order, split keys dropped, then quantization_version and file_type, then
     --override-kv's keys, then (--prune-layers) the new block count."""
     md = Metadata()
@@ -93,6 +96,7 @@ def output_metadata(source: SourceGGUF, preset: Preset, options: QuantOptions | 
     md.u32("general.file_type", int(preset.file_type))
     if options is not None:
         apply_kv_overrides(md, kv_overrides(options))
+        add_imatrix_metadata(md, imatrix)  # llama-quantize appends them to the --override-kv list
         if options.prune_layers:
             _, n_blocks = prune_and_renumber(llama_quantize_order(t.name for t in source.tensors), options.prune_layers)
             md.u32(f"{source.arch}.block_count", n_blocks)
@@ -128,32 +132,41 @@ def count_nonfinite(raw: np.ndarray, src: T) -> int:
     return native.count_nonfinite(raw.view(view), bf16=src == T.BF16)
 
 
-def convert_chunks(plans: list[TensorPlan], rows: np.ndarray) -> list:
+def convert_chunks(plans: list[TensorPlan], rows: np.ndarray, start: int = 0, weights=None) -> list:
     """convert_chunk for several plans of the same input tensor (one per output of a many-preset run):
     the rows are checked and widened to float32 once, and each distinct output type is encoded once."""
     first = plans[0]
     if first.src_type in FLOAT_TYPES and count_nonfinite(rows, first.src_type):
         raise UserError(f"tensor {first.name} has invalid data (NaN or Inf values)")
     wide, encoded, out = None, {}, []
-    for plan in plans:
+    weights = weights or [None] * len(plans)
+    for plan, w in zip(plans, weights):
         if not plan.converts:
             out.append(rows)
             continue
-        if plan.dst_type not in encoded:
+        key = (plan.dst_type, id(w))  # outputs with different importance weights encode apart
+        if key not in encoded:
             if wide is None:
                 wide = to_f32(rows, plan.src_type, plan.shape[-1])
-            encoded[plan.dst_type] = encode(wide, plan.dst_type)
-        out.append(encoded[plan.dst_type])
+            encoded[key] = encode_rows(wide, plan.dst_type, w, start, rows_per_expert(plan))
+        out.append(encoded[key])
     return out
 
 
-def convert_chunk(plan: TensorPlan, rows: np.ndarray):
-    """Output bytes for a block of input rows (llama-quantize: validate, to f32, quantize)."""
+def rows_per_expert(plan: TensorPlan) -> int:
+    """ggml ne[1]: the rows of one expert matrix (of the whole matrix for a 2-D tensor)."""
+    return plan.shape[-2] if len(plan.shape) >= 2 else 1
+
+
+def convert_chunk(plan: TensorPlan, rows: np.ndarray, start: int = 0, weights: np.ndarray | None = None):
+    """Output bytes for a block of input rows [start, start + len(rows)) (llama-quantize: validate, to f32,
+    quantize); `weights`: the tensor's importance matrix, (n_expert, ne0), or None."""
     if plan.src_type in FLOAT_TYPES and count_nonfinite(rows, plan.src_type):
         raise UserError(f"tensor {plan.name} has invalid data (NaN or Inf values)")
     if not plan.converts:
         return rows  # same type: the mapped bytes as they are
-    return encode(to_f32(rows, plan.src_type, plan.shape[-1]), plan.dst_type)
+    return encode_rows(to_f32(rows, plan.src_type, plan.shape[-1]), plan.dst_type, weights, start,
+                       rows_per_expert(plan))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +179,9 @@ class QuantizeResult:
     target: Path
     preset: Preset
     shards: list = field(default_factory=list)  # convert.split.Shard per output file
+    coverage: Coverage | None = None  # --imatrix: which tensors got importance data
+    warnings: list = field(default_factory=list)  # one line each, for the CLI to print
+    weights: dict = field(default_factory=dict, repr=False)  # tensor name -> importance (n_expert, ne0)
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -205,9 +221,11 @@ def quantize_gguf_many(source_path, outputs, options: QuantOptions | None = None
     if keep_split and split is not None and split.active:
         raise UserError("--keep-split cannot be combined with --split-max-size/--split-max-tensors")
     source = open_gguf(source_path)
+    im = load_imatrix(options.imatrix) if options.imatrix is not None else None
+    mtp_first = mtp_first_block(source.arch, source.field)
     results = []
     for target, preset in wanted:
-        plans = plan_file(source, preset, options)
+        plans = plan_file(source, preset, options, has_imatrix=im is not None)
         groups = None
         if keep_split:
             # As llama-quantize --keep-split: tensors in input order, each in its input shard's output shard.
@@ -216,7 +234,12 @@ def quantize_gguf_many(source_path, outputs, options: QuantOptions | None = None
             counts = [sum(1 for p in plans if shard_of[p.src_name] == k) for k in range(source.shard_count)]
             groups = [(sum(counts[:k]), sum(counts[:k + 1])) for k in range(source.shard_count)]
         shards = plan_shards(target, [output_entry(p) for p in plans], split, groups)
-        results.append(QuantizeResult(plans, target, preset, shards))
+        result = QuantizeResult(plans, target, preset, shards)
+        apply_imatrix(result, im, mtp_first, dry_run)
+        if options.imatrix is not None and im is None:
+            result.warnings.insert(0, f"no entries of {options.imatrix.path} are left after --include-weights/"
+                                      "--exclude-weights: quantizing without an importance matrix")
+        results.append(result)
     seen: dict[Path, str] = {}
     for r in results:
         for shard in r.shards:
@@ -237,7 +260,7 @@ def quantize_gguf_many(source_path, outputs, options: QuantOptions | None = None
     order = [p.src_name for p in results[0].plans]
     if any([p.src_name for p in r.plans] != order for r in results):
         raise RuntimeError("presets planned the tensors in different orders")
-    written = [(r.shards, output_metadata(source, r.preset, options), [output_entry(p) for p in r.plans])
+    written = [(r.shards, output_metadata(source, r.preset, options, im), [output_entry(p) for p in r.plans])
                for r in results]
     by_name = {t.name: t for t in source.tensors}
     threads = threads or os.cpu_count() or 1
@@ -247,17 +270,18 @@ def quantize_gguf_many(source_path, outputs, options: QuantOptions | None = None
             tensor = by_name[name]
             raw = raw_rows(tensor)
             plans = [r.plans[i] for r in results]
+            weights = [r.weights.get(p.name) for r, p in zip(results, plans)]
             for start, stop in row_chunks(raw.shape[0], plans[0].shape[-1]):
                 span = (tensor.data_offset + start * raw.shape[1], tensor.data_offset + stop * raw.shape[1])
-                yield i, plans, raw[start:stop], (tensor.data, span)
+                yield i, plans, raw[start:stop], (tensor.data, span), start, weights
 
-    def job(i, plans, rows, source):
+    def job(i, plans, rows, source, start, weights):
         if len(plans) == 1:
-            return (convert_chunk(plans[0], rows),)
-        return convert_chunks(plans, rows)
+            return (convert_chunk(plans[0], rows, start, weights[0]),)
+        return convert_chunks(plans, rows, start, weights)
 
     def chunks():
-        for (i, _, _, source), data in ordered_parallel(jobs(), job, threads, ahead=2 * threads):
+        for (i, _, _, source, _, _), data in ordered_parallel(jobs(), job, threads, ahead=2 * threads):
             yield i, data
             release_pages(*source)  # resumed only once the writer has written `data`
 
@@ -275,7 +299,40 @@ def quantize_gguf_many(source_path, outputs, options: QuantOptions | None = None
     return results
 
 
-def format_plan(plans: list[TensorPlan]) -> list[str]:
-    """One line per tensor (name, shape in ggml order, src -> dst, bytes, reason)."""
-    return [plan_line(p.name, p.shape, f"{p.src_type.name} -> {p.dst_type.name}", p.dst_nbytes, p.reason)
+def apply_imatrix(result: QuantizeResult, im: LoadedImatrix | None, mtp_first: int | None, dry_run: bool) -> None:
+    """Each converted tensor's importance weights (llama_model_quantize_impl's lookup, size check and
+    "did not find weights" fallback), the types that cannot do without them, and the coverage report."""
+    preset, plans = result.preset, result.plans
+    if im is None:
+        needing = requiring_imatrix(plans, preset)
+        if needing:
+            line = (f"cannot write {preset.name} without an importance matrix: {len(needing)} tensor(s) become "
+                    f"{needing[0].dst_type.name}, which needs one (e.g. {needing[0].name})")
+            if not dry_run:
+                raise UserError(line, hint="pass --imatrix FILE (from llama-imatrix or gguforge imatrix)")
+            result.warnings.append(line + "; the dry run completed, but writing it needs --imatrix")
+        return
+    coverage, found = coverage_for(im, [(p.name, p.src_name, p.shape, p.dst_type, p.converts) for p in plans],
+                                   mtp_first)
+    result.coverage = coverage
+    result.weights = {name: t.weights for name, t in found.items() if t.weights is not None}
+    for p in plans:
+        if p.converts and p.name not in result.weights and tensor_requires_imatrix(p.name, p.dst_type, preset):
+            raise UserError(f"missing importance matrix for tensor {p.name} in a very low-bit quantization "
+                            f"({preset.name}: {p.dst_type.name})", hint="the imatrix has no entry for it; "
+                            "compute one on this model, or drop --include-weights/--exclude-weights")
+    line = coverage.summary()
+    if line:
+        if im.missing == "error" and not dry_run:
+            coverage.enforce("error")
+        result.warnings.append(line)
+
+
+def format_plan(plans: list[TensorPlan], coverage: Coverage | None = None) -> list[str]:
+    """One line per tensor (name, shape in ggml order, src -> dst, bytes, reason; with --imatrix, whether
+    it gets importance data)."""
+    def detail(p: TensorPlan) -> str:
+        note = coverage.short(p.name) if coverage is not None else ""
+        return f"{p.reason}; {note}" if note else p.reason
+    return [plan_line(p.name, p.shape, f"{p.src_type.name} -> {p.dst_type.name}", p.dst_nbytes, detail(p))
             for p in plans]
