@@ -3,13 +3,13 @@ checkpoint's vision tower in transformers, on the same pixels.
 
 Measured on these mocks (48x32 synthetic image, 24 merged tokens), gguforge's mmproj and llama.cpp's
 converter's through the same code path (the files are byte-identical, so the figures are too):
-  Qwen3-VL (merger + 1 deepstack, full-precision float32 weights): f32 2.5e-7, f16 3.7e-7
-  Qwen3.5 (no deepstack, bf16 weights):                           f32 1.8e-7, f16 2.3e-7
-(q8_0: ~1.5e-4.) The residual is mtmd's arithmetic. Planted converter bugs: a wrong image mean
-~5e-2, a spatially transposed patch kernel far above that; the default threshold is 1e-3.
-
-A swapped pair of temporal patch kernels cannot be seen on a still image: both kernels see the same
-frame and their sum is all that matters (transformers repeats the frame, mtmd adds both convolutions).
+                                                    still image      two frames
+  Qwen3-VL (merger + 1 deepstack, float32 weights): f32 2.5e-7, f16 3.7e-7; f32 2.2e-7, f16 3.5e-7
+  Qwen3.5 (no deepstack, bf16 weights):             f32 1.8e-7, f16 2.3e-7; f32 1.7e-7, f16 2.3e-7
+(q8_0: 1.3e-4 to 1.6e-4.) The residual is mtmd's arithmetic.
+Planted converter bugs: a wrong image mean ~8e-2, a spatially transposed patch kernel ~4e-1, swapped
+temporal patch kernels invisible on the still image but far above the default threshold (1e-3) on
+two frames.
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ def test_image_embeddings_match_transformers_at_the_reference_level(converted, a
         for r in (mine, theirs):
             assert not r.problems and r.ok(), r.format()
             assert (r.n_tokens, r.n_embd, r.n_deepstack) == (24, 64 * (1 + deepstack), deepstack)
-            assert [name for name, _ in r.parts] == ["merger"] + [f"deepstack {i + 1}" for i in range(deepstack)]
+            assert [run.name for run in r.runs] == ["still", "2 frames"]
+            for run in r.runs:
+                assert [name for name, _ in run.parts] == ["merger"] + [f"deepstack {i + 1}" for i in range(deepstack)]
         # at the reference converter's level, and far below what a planted bug costs (~5e-2)
         assert mine.nmse <= 1.5 * theirs.nmse + 1e-9 and mine.nmse < 1e-6, (mine.nmse, theirs.nmse)
 
@@ -118,9 +120,13 @@ def _plant(monkeypatch, bug: str) -> None:
     elif bug == "transposed patch kernel":
         original_apply = vision.TimeStep.apply
         monkeypatch.setattr(vision.TimeStep, "apply", lambda self, x: original_apply(self, x).swap_last_axes())
+    elif bug == "swapped temporal kernels":
+        original_apply = vision.TimeStep.apply
+        monkeypatch.setattr(vision.TimeStep, "apply", lambda self, x: original_apply(vision.TimeStep(1 - self.t), x))
 
 
-@pytest.mark.parametrize("arch,bug", [("qwen35", "image mean"), ("qwen3vl", "transposed patch kernel")])
+@pytest.mark.parametrize("arch,bug", [("qwen35", "image mean"), ("qwen3vl", "transposed patch kernel"),
+                                      ("qwen35", "swapped temporal kernels")])
 def test_a_planted_converter_bug_fails_verify(converted, monkeypatch, tmp_path, capsys, arch, bug):
     model, text, good = converted(arch, "f32")
     _plant(monkeypatch, bug)
@@ -135,6 +141,9 @@ def test_a_planted_converter_bug_fails_verify(converted, monkeypatch, tmp_path, 
     assert nmse > 1e-2, captured.out
     failure = [line for line in captured.err.splitlines() if line.startswith("verify failed")]
     assert failure == [f"verify failed: image-embedding NMSE {nmse:.3e} is above --max-image-nmse 1.000e-03"]
+    if bug == "swapped temporal kernels":  # a still image sees only the kernels' sum
+        still = float(captured.out.split("still    : NMSE")[1].split()[0].rstrip(","))
+        assert still < 1e-6, captured.out
 
 
 def test_the_threshold_is_an_option(converted, capsys):
@@ -240,12 +249,14 @@ def test_target_size_is_the_size_mtmd_resizes_to(converted):
         assert (nx * 8, ny * 8) == V.target_size(w, h, align=8), (w, h)
 
 
-def test_patches_follow_the_qwen2vl_layout():
-    """Row r of the patch matrix is patch (y, x) of the image, repeated over the temporal axis, with
-    patches ordered by merged token, then by position in the 2x2 merge square."""
+@pytest.mark.parametrize("n_frames", [1, 2])
+def test_patches_follow_the_qwen2vl_layout(n_frames):
+    """Row r of the patch matrix is patch (y, x) of the frames, [C, T, p, p] with slot t from frame t
+    (a still image in both), patches ordered by merged token, then by position in the 2x2 merge square."""
     p, m, t = 4, 2, 2
-    pixels = np.random.default_rng(0).standard_normal((16, 24, 3)).astype(np.float32)
-    rows = V.qwen_vl_patches(pixels, p, m, t)
+    rng = np.random.default_rng(0)
+    frames = [rng.standard_normal((16, 24, 3)).astype(np.float32) for _ in range(n_frames)]
+    rows = V.qwen_vl_patches(frames, p, m, t)
     assert rows.shape == (4 * 6, 3 * t * p * p)
     r = 0
     for ty in range(2):
@@ -253,8 +264,8 @@ def test_patches_follow_the_qwen2vl_layout():
             for dy in range(m):
                 for dx in range(m):
                     y, x = (ty * m + dy) * p, (tx * m + dx) * p
-                    block = pixels[y:y + p, x:x + p].transpose(2, 0, 1)  # [C, p, p]
-                    assert np.array_equal(rows[r].reshape(3, t, p, p), np.stack([block] * t, axis=1))
+                    blocks = [f[y:y + p, x:x + p].transpose(2, 0, 1) for f in frames]  # [C, p, p] each
+                    assert np.array_equal(rows[r].reshape(3, t, p, p), np.stack(blocks * (t // n_frames), axis=1))
                     r += 1
 
 
