@@ -449,6 +449,8 @@ def verify_cmd(
         if not isinstance(load_config(hf_dir).get("vision_config"), dict):
             raise UserError(f"--mmproj: {hf_dir} has no vision_config, so no vision tower to compare with")
     _require("verify", VERIFY_MODULES, hint='pip install "gguforge[verify]" (install torch==2.13.0 first)')
+    if mmproj is not None:
+        _require("verify --mmproj", ("llama_cpp.mtmd_cpp",), hint="it needs a llama-cpp-python with mtmd (0.3.36)")
     from .verify import verify
     report = verify(hf_dir, gguf_file)
     _echo(report.format())
