@@ -386,3 +386,13 @@ def test_prune_layers_look_up_the_original_blocks(dense, tools, tmp_path):
     ours(dense.f32, mine, "Q4_K_M", "--imatrix", dense.imatrix, "--prune-layers", "2,5")
     llama_quantize(tools, dense.f32, theirs, "Q4_K_M", "--imatrix", dense.imatrix, "--prune-layers", "2,5")
     assert_same_file(mine, theirs)
+
+
+def test_many_presets_in_one_pass_with_an_imatrix(moe, tools, tmp_path):
+    """quantize IN 'OUT-{ftype}.gguf' A,B --imatrix: each output equals llama-quantize --imatrix of its own."""
+    assert main(["quantize", str(moe.f32), str(tmp_path / "m-{ftype}.gguf"), "Q4_K_M,Q2_K_S,IQ4_XS", "-q",
+                 "--threads", "2", "--imatrix", str(moe.imatrix)]) == 0
+    for preset in ("Q4_K_M", "Q2_K_S", "IQ4_XS"):
+        theirs = tmp_path / f"llama-{preset}.gguf"
+        llama_quantize(tools, moe.f32, theirs, preset, "--imatrix", moe.imatrix)
+        assert_same_file(tmp_path / f"m-{preset.lower()}.gguf", theirs)
