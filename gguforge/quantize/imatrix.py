@@ -187,13 +187,17 @@ class Coverage:
         self.rows.append((name, t.with_data, t.total, t.status))
 
     def short(self, name: str) -> str:
-        for n, got, total, status in self.rows:
-            if n == name:
-                if status in ("imatrix", "partial"):
-                    return f"imatrix {got}/{total}" if total > 1 else "imatrix"
-                return {"no entry": "no imatrix entry", "filtered": "imatrix filtered out",
-                        "exempt": "no imatrix (not collected)", "none": ""}[status]
-        return ""
+        """What --dry-run notes for a tensor: 'imatrix', 'imatrix 7/8', 'no imatrix entry', ... or ''."""
+        if len(getattr(self, "_index", ())) != len(self.rows):
+            self._index = {row[0]: row for row in self.rows}
+        row = self._index.get(name)
+        if row is None:
+            return ""
+        _, got, total, status = row
+        if status in ("imatrix", "partial"):
+            return f"imatrix {got}/{total}" if total > 1 else "imatrix"
+        return {"no entry": "no imatrix entry", "filtered": "imatrix filtered out",
+                "exempt": "no imatrix (not collected)", "none": ""}[status]
 
     def _kind(self, name: str, status: str) -> str:
         from .rules import block_index
