@@ -19,7 +19,8 @@ without converting first:
   at least 2 chunks of text required, --chunks caps the count; chunk_count is the largest count over
   chunk_size, as m_last_chunk.
 
-Sums are accumulated in float64 (llama-imatrix accumulates in float32) and written as float32.
+Sums: float32 within one chunk, float64 across chunks (llama-imatrix accumulates everything in float32),
+written as float32.
 torch / transformers are imported inside functions only.
 """
 
@@ -253,20 +254,27 @@ class Collector:
         self.mask = None  # per position, set per chunk
         self.seq_mask = None
         self.per_sequence: set[str] = set()
+        self._last = None  # (activation tensor, mask, (rows counted, sums)) of the last dense call
 
     def dense(self, key: str, x) -> None:
         torch = self.torch
-        x = x.detach().reshape(-1, x.shape[-1])
         mask = self.seq_mask if key in self.per_sequence else self.mask
-        if x.shape[0] != mask.shape[0]:
-            raise RuntimeError(f"{key}: {x.shape[0]} activation rows for a {mask.shape[0]}-token chunk")
-        n = int(mask.sum())
+        # q/k/v (and gate/up) read the same activation: square and sum it once
+        if self._last is not None and self._last[0] is x and self._last[1] is mask:  # held: never a reused buffer
+            n, sq = self._last[2]
+        else:
+            seen = x
+            x = x.detach().reshape(-1, x.shape[-1])
+            if x.shape[0] != mask.shape[0]:
+                raise RuntimeError(f"{key}: {x.shape[0]} activation rows for a {mask.shape[0]}-token chunk")
+            n = int(mask.sum())
+            x = x[mask] if 0 < n < mask.shape[0] else x
+            sq = x.float().square().sum(0) if n else None  # float32 over one chunk, float64 across chunks
+            self._last = (seen, mask, (n, sq))
         if n == 0:
             return
-        x = x[mask] if n < mask.shape[0] else x
-        sq = x.float().square().sum(0, dtype=torch.float64)
         if key not in self.sums:
-            self.sums[key] = torch.zeros_like(sq)
+            self.sums[key] = torch.zeros(sq.shape, dtype=torch.float64, device=sq.device)
             self.counts[key] = 0
         self.sums[key] += sq
         self.counts[key] += n
@@ -431,15 +439,20 @@ def compute_imatrix(model: str, text_file, options: ImatrixOptions | None = None
     with (progress(total, "imatrix") if progress else _no_progress()) as advance:
         for first, n_seqs in chunking.groups():
             dense_mask, seq_mask = chunking.masks(n_seqs)
-            collector.mask = torch.as_tensor(dense_mask, device=device)
-            collector.seq_mask = torch.as_tensor(seq_mask, device=device)
-            for c in range(first, first + n_seqs):
-                ids = list(tokens[c * n:(c + 1) * n])
+            # The group's chunks side by side, as llama-imatrix decodes them (n_batch tokens at most);
+            # one at a time when the vocabulary projection's [tokens, vocab] logits are computed too.
+            step = 1 if o.process_output else n_seqs
+            for c0 in range(first, first + n_seqs, step):
+                rows = min(step, first + n_seqs - c0)
+                ids = torch.tensor(tokens[c0 * n:(c0 + rows) * n], dtype=torch.long).reshape(rows, n)
                 if bos is not None:
-                    ids[0] = bos
+                    ids[:, 0] = bos
+                collector.mask = torch.as_tensor(np.tile(dense_mask, rows), device=device)
+                collector.seq_mask = torch.as_tensor(np.tile(seq_mask, rows), device=device)
+                collector._last = None
                 with torch.no_grad():
-                    run(input_ids=torch.tensor([ids], dtype=torch.long, device=device), use_cache=False)
-                advance(n)
+                    run(input_ids=ids.to(device), use_cache=False)
+                advance(rows * n)
             collector.check_finite()
     seconds = time.perf_counter() - start
 
