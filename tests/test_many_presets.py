@@ -199,3 +199,30 @@ def test_convert_many_interrupted_leaves_nothing(tmp_path, monkeypatch, sig):
                  "-q", "-t", "1", "--split-max-tensors", "10"])
     assert code == 128 + sig and len(calls) >= 40
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("options", [
+    ["--keep-split"],
+    ["--prune-layers", "1", "--override-kv", "general.name=str:pruned", "--tensor-type", "attn_v=q8_0", "--pure"],
+    ["--split-max-tensors", "9", "--leave-output-tensor"],
+], ids=["keep-split", "prune-override-pure", "split-tensors"])
+def test_quantize_many_with_options_equals_separate_runs(small, tmp_path, options):
+    src = small
+    if "--keep-split" in options:  # a split input, its shards kept
+        split_dir = tmp_path / "in"
+        split_dir.mkdir()
+        assert main(["quantize", str(small), str(split_dir / "in.gguf"), "BF16", "-q", "--split-max-tensors", "12"]) == 0
+        src = split_dir / "in-00001-of-00004.gguf"
+        assert src.exists()
+    one, sep = tmp_path / "one-pass", tmp_path / "separate"
+    one.mkdir(), sep.mkdir()
+    types = ["Q4_K_M", "Q8_0", "Q5_1", "F16"]
+    assert main(["quantize", str(src), str(one / "m-{FTYPE}.gguf"), ",".join(types), "-q", *options]) == 0
+    for preset in types:
+        assert main(["quantize", str(src), str(sep / f"m-{preset}.gguf"), preset, "-q", *options]) == 0
+    ours, theirs = files(one), files(sep)
+    assert sorted(ours) == sorted(theirs)
+    assert len(ours) == len(types) if "--prune-layers" in options else len(ours) > len(types)  # shards
+    for name in theirs:
+        same = ours[name] == theirs[name]
+        assert same, f"{name}: the one-pass output differs from the separate run"
