@@ -24,7 +24,9 @@ def convert_hf(model: str | Path, outfile: str | Path | None = None, *, outtype:
     """Convert a Hugging Face checkpoint (local directory or hub id) to GGUF; returns the path written
     (the first shard of a split output).
 
-    outtype: f32, f16, bf16, q8_0, auto, or a quantize preset (Q4_K_M, ...) written in one pass.
+    outtype: f32, f16, bf16, q8_0, auto, or a quantize preset (Q4_K_M, ...) written in one pass; a
+    comma-separated list ("Q4_K_M,Q8_0") writes each from one read of the checkpoint and returns the
+    list of paths.
     outfile: a file, a directory, or a template with {ftype}; None: llama.cpp's file naming in the
     current directory. Other keyword arguments are `ConvertOptions` fields (threads, model_name,
     no_mtp, mtp_only, fuse_qkv, fuse_gate_up_exps, pre_tokenizer, metadata_overrides, vocab_only,
@@ -42,6 +44,10 @@ def convert_hf(model: str | Path, outfile: str | Path | None = None, *, outtype:
         options["imatrix"] = imatrix
     opts = ConvertOptions(outtype=outtype, **options)
     split = SplitOptions(split_max_size, split_max_tensors)
+    if "," in outtype:  # several types in one pass: the list of paths
+        from .convert.pipeline import convert_hf_many
+        outputs = convert_hf_many(str(model), None if outfile is None else str(outfile), opts, force=force, split=split)
+        return [plan.shards[0].path for plan, _ in outputs]
     plan, target = run(str(model), None if outfile is None else str(outfile), opts, force=force, split=split)
     return plan.shards[0].path
 

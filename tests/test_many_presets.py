@@ -226,3 +226,16 @@ def test_quantize_many_with_options_equals_separate_runs(small, tmp_path, option
     for name in theirs:
         same = ours[name] == theirs[name]
         assert same, f"{name}: the one-pass output differs from the separate run"
+
+
+def test_library_many(small, tmp_path):
+    import gguforge
+    paths = gguforge.quantize(small, tmp_path / "q-{FTYPE}.gguf", "Q8_0,Q4_K_M", threads=1)
+    assert [p.name for p in paths] == ["q-Q8_0.gguf", "q-Q4_K_M.gguf"]
+    single = gguforge.quantize(small, tmp_path / "single.gguf", "Q4_K_M", threads=1)
+    assert single.read_bytes() == paths[1].read_bytes()
+    from gguforge.cli import embedded_model_dir
+    made = gguforge.convert_hf(embedded_model_dir(), tmp_path / "c-{ftype}.gguf", outtype="q8_0,bf16")
+    assert [p.name for p in made] == ["c-q8_0.gguf", "c-bf16.gguf"]
+    with pytest.raises(gguforge.UserError, match="twice"):
+        gguforge.quantize(small, tmp_path / "x-{ftype}.gguf", "Q4_K,Q4_K_M")
