@@ -132,6 +132,12 @@ def convert_hf_cmd(
     imatrix_missing: str = typer.Option("static", "--imatrix-missing", metavar="static|error",
                                         help="tensors the imatrix has no data for: quantize them without it and "
                                         "warn (static), or refuse (error)"),
+    imatrix_text: Optional[str] = typer.Option(None, "--imatrix-text", metavar="FILE", help="calibration text: "
+                                               "compute the importance matrix first (gguforge imatrix, torch), "
+                                               "then convert with it; no file in between"),
+    imatrix_ctx: int = typer.Option(512, "--imatrix-ctx", min=1, help="--imatrix-text: tokens per chunk"),
+    imatrix_chunks: Optional[int] = typer.Option(None, "--imatrix-chunks", min=0,
+                                                 help="--imatrix-text: use at most this many chunks"),
     mmproj: bool = typer.Option(False, "--mmproj", help="write the vision encoder as mmproj-<name>-<TYPE>.gguf "
                                 "(for llama.cpp's mtmd) instead of the text model"),
     list_archs: bool = typer.Option(False, "--list-archs", help="list supported architectures and exit"),
@@ -166,8 +172,12 @@ def convert_hf_cmd(
                              fuse_gate_up_exps=fuse_gate_up_exps, fuse_qkv=fuse_qkv, allow_nonfinite=allow_nonfinite,
                              vocab_only=vocab_only, mtp_only=mtp_only, no_mtp=no_mtp,
                              allow_pickle=allow_pickle, mmproj=mmproj,
-                             imatrix=_imatrix_options(imatrix, include_weights, exclude_weights, imatrix_missing))
+                             imatrix=_imatrix_options(imatrix or imatrix_text, include_weights, exclude_weights,
+                                                      imatrix_missing))
     source = model or str(embedded_model_dir())
+    if imatrix_text is not None:
+        options.imatrix = _computed_imatrix(source, imatrix_text, imatrix, options, imatrix_ctx, imatrix_chunks,
+                                            quiet)
     if quiet or not sys.stderr.isatty():  # hub downloads show their own bars: silence them with ours
         import os
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -194,6 +204,34 @@ def convert_hf_cmd(
         if not quiet:
             for line in plan.warnings:
                 _say(f"warning: {line}")
+
+
+def _computed_imatrix(source: str, text: str, imatrix: Optional[str], options, ctx: int, chunks: Optional[int],
+                      quiet: bool):
+    """convert-hf --imatrix-text: the importance matrix computed in memory (named after the text file in
+    quantize.imatrix.file), after the cheap checks that would refuse the conversion anyway."""
+    from dataclasses import replace
+    _check_not_empty(("--imatrix-text", text))
+    if imatrix is not None:
+        raise UserError("--imatrix and --imatrix-text cannot be combined")
+    from .convert.plan import CONVERTER_OUTTYPES, parse_outtype_preset
+    for outtype in options.outtype.split(","):
+        if outtype.strip().lower() in (*CONVERTER_OUTTYPES, "auto"):
+            raise UserError("--imatrix-text needs a quantize preset as --outtype (Q4_K_M, IQ4_XS, Q2_K_S, ...)",
+                            hint=f"--outtype {outtype} writes float or q8_0 values, which use no importance matrix")
+        parse_outtype_preset(outtype)
+    _require("--imatrix-text", ("torch", "transformers"),
+             hint='pip install "gguforge[verify]" (install torch==2.13.0 first)')
+    from .imatrix.compute import ImatrixOptions, compute_imatrix
+    from .progress import progress_factory
+    run = compute_imatrix(source, text, ImatrixOptions(chunk_size=ctx, chunks=chunks, threads=options.threads,
+                                                       convert=options),
+                          progress=progress_factory(quiet, unit="tokens"))
+    if not quiet:
+        im = run.imatrix
+        _say(f"imatrix: {len(im.entries)} entries from {im.chunk_count} chunks of {im.chunk_size} tokens "
+             f"({run.n_tokens / max(run.seconds, 1e-9):,.0f} tokens/s)")
+    return replace(options.imatrix, computed=run.imatrix)
 
 
 def _split_options(max_size: Optional[str], max_tensors: int):

@@ -152,3 +152,45 @@ def test_too_little_text_is_one_clear_error(mock_model, tmp_path):
     r = gguforge("imatrix", str(mock_model("qwen3")), "-f", str(text), "-c", "64", "-o", str(out))
     assert r.returncode == 2 and "needs at least 128" in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_convert_hf_imatrix_text_equals_imatrix_then_convert(mock_model, tmp_path):
+    """--imatrix-text computes in memory what `gguforge imatrix` writes; the Q4_K_M file is the one
+    --imatrix FILE gives, but for quantize.imatrix.file naming the text."""
+    from helpers import gguf_fields, read_gguf
+
+    model = mock_model("qwen3moe", size="q256")
+    text = tmp_path / "calib.txt"
+    text.write_text(calibration_text(60))
+    im, a, b = tmp_path / "im.gguf", tmp_path / "a.gguf", tmp_path / "b.gguf"
+    r = gguforge("imatrix", str(model), "-f", str(text), "-c", "64", "-o", str(im), "-q")
+    assert r.returncode == 0, r.stderr
+    r = gguforge("convert-hf", str(model), "--outtype", "Q4_K_M", "--imatrix", str(im), "--outfile", str(a), "-q")
+    assert r.returncode == 0, r.stderr
+    r = gguforge("convert-hf", str(model), "--outtype", "Q4_K_M", "--imatrix-text", str(text), "--imatrix-ctx", "64",
+                 "--outfile", str(b), "-q")
+    assert r.returncode == 0, r.stderr
+    ta, tb = read_gguf(a), read_gguf(b)
+    assert list(ta) == list(tb)
+    for name in ta:
+        assert bytes(ta[name].data) == bytes(tb[name].data), name
+    fa, fb = gguf_fields(a), gguf_fields(b)
+    assert fa.pop("quantize.imatrix.file") == str(im) and fb.pop("quantize.imatrix.file") == str(text)
+    assert fa == fb and fb["quantize.imatrix.dataset"] == str(text)
+    # and the imatrix changed the quantized bytes (the same conversion without it differs)
+    c = tmp_path / "c.gguf"
+    assert gguforge("convert-hf", str(model), "--outtype", "Q4_K_M", "--outfile", str(c), "-q").returncode == 0
+    assert bytes(read_gguf(c)["blk.0.ffn_down_exps.weight"].data) != bytes(tb["blk.0.ffn_down_exps.weight"].data)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--outtype", "f16"], "needs a quantize preset"),
+    (["--outtype", "Q4_K_M", "--imatrix", "x.gguf"], "cannot be combined"),
+])
+def test_convert_hf_imatrix_text_refusals(mock_model, tmp_path, args, message):
+    text = tmp_path / "calib.txt"
+    text.write_text(calibration_text(60))
+    out = tmp_path / "o.gguf"
+    r = gguforge("convert-hf", str(mock_model("qwen3")), "--imatrix-text", str(text), "--outfile", str(out), *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not out.exists()
