@@ -278,7 +278,7 @@ def quantize_cmd(
                                  "or {FTYPE} (Q4_K_M)"),
     qtype: str = typer.Argument(..., metavar="TYPE", help="a llama-quantize preset (Q4_K_M, Q8_0, IQ4_XS, F16, ...) "
                                 "or its ftype id; a comma-separated list writes every one in one pass"),
-    nthreads: Optional[str] = typer.Argument(None, metavar="[NTHREADS]", help="worker threads, as llama-quantize's "
+    nthreads: Optional[str] = typer.Argument(None, metavar="NTHREADS", help="worker threads, as llama-quantize's "
                                              "last argument (same as --threads; 0: all cores)"),
     pure: bool = typer.Option(False, "--pure", help="every quantizable tensor gets TYPE's default type"),
     output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="type for output.weight"),
