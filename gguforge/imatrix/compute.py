@@ -279,14 +279,24 @@ class Collector:
         self.sums[key] += sq
         self.counts[key] += n
 
-    def experts(self, key: str, n_expert: int, expert_ids, rows) -> None:
-        """rows[i] (float) was routed to expert_ids[i]."""
+    def _expert_slots(self, key: str, n_expert: int, width: int, device):
         torch = self.torch
         if key not in self.sums:
-            self.sums[key] = torch.zeros(n_expert, rows.shape[-1], dtype=torch.float64, device=rows.device)
-            self.counts[key] = torch.zeros(n_expert, dtype=torch.float64, device=rows.device)
-        self.sums[key].index_add_(0, expert_ids, rows.float().square().to(torch.float64))
-        self.counts[key].index_add_(0, expert_ids, torch.ones_like(expert_ids, dtype=torch.float64))
+            self.sums[key] = torch.zeros(n_expert, width, dtype=torch.float64, device=device)
+            self.counts[key] = torch.zeros(n_expert, dtype=torch.float64, device=device)
+        return self.sums[key], self.counts[key]
+
+    def routed(self, key: str, routing, x) -> None:
+        """routing: [tokens, n_expert] 0/1 (token t went to expert e); x: [tokens, width] the shared input."""
+        sums, counts = self._expert_slots(key, routing.shape[1], x.shape[-1], x.device)
+        sums += (routing.T @ x.float().square()).to(sums.dtype)
+        counts += routing.sum(0).to(counts.dtype)
+
+    def expert(self, key: str, n_expert: int, e: int, rows) -> None:
+        """rows: the inputs of expert e (one per routed token)."""
+        sums, counts = self._expert_slots(key, n_expert, rows.shape[-1], rows.device)
+        sums[e] += rows.float().square().sum(0).to(sums.dtype)
+        counts[e] += rows.shape[0]
 
     def check_finite(self) -> None:
         for key, s in self.sums.items():
@@ -317,15 +327,22 @@ def _experts_forward(module, key: str, collector: Collector):
         out = torch.zeros_like(hidden_states)
         n_tok, k = top_k_index.shape
         flat = top_k_index.reshape(-1)
-        token = torch.arange(n_tok, device=flat.device).repeat_interleave(k)
+        routing = torch.zeros(n_tok, n_expert, dtype=torch.float32, device=flat.device)
+        routing.scatter_(1, top_k_index, 1.0)
+        collector.routed(f"{key}:gate_up", routing, hidden_states)
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+        ends = torch.cumsum(torch.bincount(flat, minlength=n_expert), 0).tolist()
         weight = top_k_weights.reshape(-1)
-        collector.experts(f"{key}:gate_up", n_expert, flat, hidden_states[token])
-        for e in torch.unique(flat).tolist():
-            pick = (flat == e).nonzero().squeeze(-1)
-            tokens = token[pick]
+        start = 0
+        for e, end in enumerate(ends):
+            if end == start:
+                continue
+            pick = order[start:end]
+            start = end
+            tokens = pick // k
             gate, up = F.linear(hidden_states[tokens], gate_up[e]).chunk(2, dim=-1)
             inner = act(gate) * up
-            collector.experts(f"{key}:down", n_expert, torch.full_like(tokens, e), inner)
+            collector.expert(f"{key}:down", n_expert, e, inner)
             y = F.linear(inner, down[e]) * weight[pick, None]
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
