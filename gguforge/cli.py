@@ -540,6 +540,8 @@ def imatrix_cmd(
     target = Path(output)
     if target.exists() and not force:
         raise UserError(f"{target} already exists", hint="pass --force to overwrite it")
+    if not target.absolute().parent.is_dir():  # found out before the model runs, not after
+        raise UserError(f"-o {output}: directory {target.absolute().parent} does not exist")
     _require("imatrix", ("torch", "transformers"), hint='pip install "gguforge[verify]" (install torch==2.13.0 first)')
     from .format.atomic import replacing
     from .format.imatrix import write_imatrix

@@ -194,3 +194,40 @@ def test_convert_hf_imatrix_text_refusals(mock_model, tmp_path, args, message):
     r = gguforge("convert-hf", str(mock_model("qwen3")), "--imatrix-text", str(text), "--outfile", str(out), *args)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "cuda"], "no CUDA device"),
+    (["--device", "tpu"], "--device must be cpu, cuda or auto"),
+    (["--output-format", "bin"], "--output-format must be gguf or dat"),
+    (["-o", "no/such/dir/im.gguf"], "does not exist"),
+    (["-f", "missing.txt"], "missing.txt: no such file"),
+])
+def test_imatrix_refusals(mock_model, tmp_path, args, message):
+    import torch
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    text = tmp_path / "calib.txt"
+    text.write_text(calibration_text(60))
+    out = tmp_path / "im.gguf"
+    argv = ["imatrix", str(mock_model("qwen3")), "-f", str(text), "-o", str(out), "-c", "64", *args]
+    r = gguforge(*argv, cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not out.exists() and not (tmp_path / "imatrix.gguf").exists()
+
+
+def test_dat_output_reads_back_like_llama_imatrix_dat(mock_model, tmp_path):
+    """--output-format dat: the legacy file; its normalised values equal the GGUF's (per expert)."""
+    from gguforge.format.imatrix import importance, read_imatrix
+    text = tmp_path / "calib.txt"
+    text.write_text(calibration_text(60))
+    model = mock_model("qwen3moe")
+    for fmt in ("gguf", "dat"):
+        r = gguforge("imatrix", str(model), "-f", str(text), "-c", "64", "-o", str(tmp_path / f"im.{fmt}"),
+                     "--output-format", fmt, "-q")
+        assert r.returncode == 0, r.stderr
+    g, d = read_imatrix(tmp_path / "im.gguf"), read_imatrix(tmp_path / "im.dat")
+    assert d.legacy and sorted(d.entries) == sorted(g.entries) and d.chunk_count == g.chunk_count
+    wg, wd = importance(g), importance(d)
+    for name in wg:
+        np.testing.assert_allclose(wd[name], wg[name], rtol=1e-5)
