@@ -524,6 +524,9 @@ def imatrix_cmd(
     batch_size: int = typer.Option(2048, "-b", "--batch-size", min=1, help="llama-imatrix -b (decides which "
                                    "small matmuls it skips)"),
     ubatch_size: int = typer.Option(512, "--ubatch-size", "-ub", min=1, help="llama-imatrix -ub"),
+    fuse_qkv: bool = typer.Option(False, "--fuse-qkv", help="name entries for a convert-hf --fuse-qkv file"),
+    fuse_gate_up_exps: bool = typer.Option(False, "--fuse-gate-up-exps",
+                                           help="name entries for a convert-hf --fuse-gate-up-exps file"),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, max=MAX_THREADS,
                                           help="torch CPU threads (default: torch's)"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
@@ -548,8 +551,10 @@ def imatrix_cmd(
     from .imatrix.compute import ImatrixOptions, compute_imatrix
     from .progress import progress_factory
 
+    from .archs.options import ConvertOptions
     options = ImatrixOptions(chunk_size=chunk, chunks=chunks, process_output=process_output, device=device,
-                             threads=threads, batch_size=batch_size, ubatch_size=ubatch_size)
+                             threads=threads, batch_size=batch_size, ubatch_size=ubatch_size,
+                             convert=ConvertOptions(fuse_qkv=fuse_qkv, fuse_gate_up_exps=fuse_gate_up_exps))
     run = compute_imatrix(model, text_file, options, progress=progress_factory(quiet, unit="tokens"))
     with replacing(force):
         write_imatrix(target, run.imatrix, fmt)

@@ -69,23 +69,28 @@ def compare(ours, ref) -> dict:
                 median_rel=float(np.median(rel)), worst_entry_median_rel=worst, p99_rel=float(np.quantile(rel, 0.99)))
 
 
+FUSED = ("--fuse-qkv", "--fuse-gate-up-exps")
+
+
 @pytest.mark.parametrize("arch,extra", [
     ("qwen3", ()),
     ("qwen3moe", ()),
     ("qwen35", ()),
     ("qwen35", ("--ubatch-size", "256")),  # 32 chunks side by side, 8 tokens each per ubatch: no ssm_out
+    ("qwen35moe", FUSED),  # Hub layout (packed experts, MTP block), fused attn_qkv and ffn_gate_up_exps
 ])
 def test_gguforge_imatrix_matches_llama_imatrix(mock_model, llama_imatrix, tmp_path, arch, extra):
     from gguforge.format.imatrix import read_imatrix
 
-    model = mock_model(arch)
+    model = mock_model(arch, layout="hub") if extra == FUSED else mock_model(arch)
     text = tmp_path / "calib.txt"
     text.write_text(calibration_text())
     f32 = tmp_path / "f32.gguf"
-    r = gguforge("convert-hf", str(model), "--outtype", "f32", "--outfile", str(f32), "-q")
+    fuse = list(extra) if extra == FUSED else []
+    r = gguforge("convert-hf", str(model), "--outtype", "f32", "--outfile", str(f32), "-q", *fuse)
     assert r.returncode == 0, r.stderr
     ref_out, our_out = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
-    ub = ["-ub", extra[1]] if extra else []
+    ub = ["-ub", extra[1]] if extra and not fuse else []
     run_llama_imatrix(llama_imatrix, f32, text, ref_out, "-c", "64", *ub)
     r = gguforge("imatrix", str(model), "-f", str(text), "-c", "64", "-o", str(our_out), "-t", "2", "-q", *extra)
     assert r.returncode == 0, r.stderr
@@ -102,6 +107,8 @@ def test_gguforge_imatrix_matches_llama_imatrix(mock_model, llama_imatrix, tmp_p
     assert figures["median_rel"] < 1e-3 and figures["worst_entry_median_rel"] < 1e-3
     if arch == "qwen35":
         assert ("blk.0.ssm_out.weight" in ref.entries) == (not extra)  # the 16-rows-per-sequence rule
+    if fuse:
+        assert {"blk.1.attn_qkv.weight", "blk.0.ffn_gate_up_exps.weight"} <= set(ours.entries)
     assert ours.datasets == [str(text)] and ref.datasets == [str(text)]
 
 
