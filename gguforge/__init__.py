@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["UserError", "__version__", "convert_hf", "quantize"]  # quantize: see __getattr__
+__all__ = ["UserError", "__version__", "compute_imatrix", "convert_hf", "quantize"]  # quantize: see __getattr__
 
 
 def convert_hf(model: str | Path, outfile: str | Path | None = None, *, outtype: str = "auto", force: bool = False,
@@ -50,6 +50,29 @@ def convert_hf(model: str | Path, outfile: str | Path | None = None, *, outtype:
         return [plan.shards[0].path for plan, _ in outputs]
     plan, target = run(str(model), None if outfile is None else str(outfile), opts, force=force, split=split)
     return plan.shards[0].path
+
+
+def compute_imatrix(model: str | Path, text_file: str | Path, outfile: str | Path | None = "imatrix.gguf", *,
+                    chunk_size: int = 512, chunks: int | None = None, output_format: str = "gguf",
+                    device: str = "auto", process_output: bool = False, threads: int | None = None,
+                    force: bool = False, **convert_options):
+    """Run a Hugging Face checkpoint (torch, transformers) over calibration text and write the importance
+    matrix llama-imatrix writes for its GGUF conversion; returns the path, or with outfile=None the
+    format.imatrix.Imatrix (for `convert_hf(..., imatrix=ImatrixOptions(name, computed=it))`).
+    `convert_options` are ConvertOptions fields that change GGUF names (fuse_qkv, fuse_gate_up_exps)."""
+    from .archs.options import ConvertOptions
+    from .format.atomic import replacing
+    from .format.imatrix import write_imatrix
+    from .imatrix.compute import ImatrixOptions, compute_imatrix as run
+
+    result = run(str(model), text_file, ImatrixOptions(chunk_size=chunk_size, chunks=chunks, device=device,
+                                                       process_output=process_output, threads=threads,
+                                                       convert=ConvertOptions(**convert_options))).imatrix
+    if outfile is None:
+        return result
+    with replacing(force):
+        write_imatrix(outfile, result, output_format)
+    return Path(outfile)
 
 
 def __getattr__(name: str):

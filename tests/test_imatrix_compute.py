@@ -238,3 +238,22 @@ def test_dat_output_reads_back_like_llama_imatrix_dat(mock_model, tmp_path):
     wg, wd = importance(g), importance(d)
     for name in wg:
         np.testing.assert_allclose(wd[name], wg[name], rtol=1e-5)
+
+
+def test_library_compute_imatrix_feeds_convert_hf(mock_model, tmp_path):
+    import gguforge
+    from gguforge.format.imatrix import read_imatrix
+    from gguforge.quantize.imatrix import ImatrixOptions
+
+    text = tmp_path / "calib.txt"
+    text.write_text(calibration_text(60))
+    model = mock_model("qwen3")
+    path = gguforge.compute_imatrix(model, text, tmp_path / "im.gguf", chunk_size=64)
+    im = gguforge.compute_imatrix(model, text, None, chunk_size=64)
+    on_disk = read_imatrix(path)
+    assert sorted(im.entries) == sorted(on_disk.entries) and im.chunk_count == on_disk.chunk_count
+    with pytest.raises(gguforge.UserError, match="already exists"):
+        gguforge.compute_imatrix(model, text, path, chunk_size=64)
+    out = gguforge.convert_hf(model, tmp_path / "q.gguf", outtype="Q4_K_M",
+                              imatrix=ImatrixOptions(str(text), computed=im))
+    assert out.is_file()
