@@ -520,6 +520,8 @@ def imatrix_cmd(
     output_format: str = typer.Option("gguf", "--output-format", metavar="gguf|dat",
                                       help="llama-imatrix's GGUF format or the legacy .dat"),
     device: str = typer.Option("auto", "--device", metavar="cpu|cuda|auto", help="where torch runs the model"),
+    dtype: str = typer.Option("auto", "--dtype", metavar="auto|float32|bfloat16|float16",
+                              help="what the model runs in (auto: float32 on CPU, the checkpoint's type on GPU)"),
     process_output: bool = typer.Option(False, "--process-output", help="also collect output.weight"),
     batch_size: int = typer.Option(2048, "-b", "--batch-size", min=1, help="llama-imatrix -b (decides which "
                                    "small matmuls it skips)"),
@@ -553,7 +555,8 @@ def imatrix_cmd(
 
     from .archs.options import ConvertOptions
     options = ImatrixOptions(chunk_size=chunk, chunks=chunks, process_output=process_output, device=device,
-                             threads=threads, batch_size=batch_size, ubatch_size=ubatch_size,
+                             dtype=dtype.strip().lower(), threads=threads, batch_size=batch_size,
+                             ubatch_size=ubatch_size,
                              convert=ConvertOptions(fuse_qkv=fuse_qkv, fuse_gate_up_exps=fuse_gate_up_exps))
     run = compute_imatrix(model, text_file, options, progress=progress_factory(quiet, unit="tokens"))
     with replacing(force):

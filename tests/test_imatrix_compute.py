@@ -207,6 +207,7 @@ def test_convert_hf_imatrix_text_refusals(mock_model, tmp_path, args, message):
     (["--device", "cuda"], "no CUDA device"),
     (["--device", "tpu"], "--device must be cpu, cuda or auto"),
     (["--output-format", "bin"], "--output-format must be gguf or dat"),
+    (["--dtype", "int8"], "--dtype must be one of"),
     (["-o", "no/such/dir/im.gguf"], "does not exist"),
     (["-f", "missing.txt"], "missing.txt: no such file"),
 ])

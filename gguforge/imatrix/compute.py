@@ -74,6 +74,7 @@ class ImatrixOptions:
     batch_size: int = DEFAULT_BATCH
     ubatch_size: int = DEFAULT_UBATCH
     dataset: str | None = None  # the name stored in imatrix.datasets (default: the text file as given)
+    dtype: str = "auto"  # torch dtype the model runs in (pick_dtype); activations are squared in float32
     convert: ConvertOptions = field(default_factory=ConvertOptions)
 
 
@@ -302,7 +303,7 @@ class Collector:
         for key, s in self.sums.items():
             if not bool(self.torch.isfinite(s).all()):
                 raise UserError(f"non-finite activations at {key} (as llama-imatrix, the run stops)",
-                                hint="the checkpoint or its dtype overflows; try --device cpu (float32)")
+                                hint="the checkpoint or its dtype overflows; try --dtype float32")
 
 
 def _linear_input(args, kwargs):
@@ -395,17 +396,36 @@ def pick_device(device: str):
     return torch.device(device)
 
 
-def load_model(root: Path, device):
-    """The transformers model in float32 (the text model of a vision checkpoint), in eval mode."""
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def pick_dtype(dtype: str, device, checkpoint: Checkpoint):
+    """auto: float32 on the CPU (as llama-imatrix on an f32 GGUF); on a GPU the checkpoint's own 16-bit
+    type, so a model that fits in bf16 is not refused for lack of memory at float32."""
+    import torch
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        stored = next((t.dtype for t in checkpoint.tensors.values() if len(t.shape) >= 2), "F32")
+        return {"BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
+    return getattr(torch, dtype)
+
+
+def load_model(root: Path, device, dtype=None):
+    """The transformers model (float32 unless told otherwise; the text model of a vision checkpoint),
+    in eval mode, on `device`."""
     import torch
     import transformers as T
 
     T.utils.logging.set_verbosity_error()  # no loading bars or length warnings: the command has its own
     T.utils.logging.disable_progress_bar()
+    dtype = dtype or torch.float32
     try:
-        model = T.AutoModelForCausalLM.from_pretrained(str(root), dtype=torch.float32)
+        model = T.AutoModelForCausalLM.from_pretrained(str(root), dtype=dtype)
     except ValueError:
-        model = T.AutoModelForImageTextToText.from_pretrained(str(root), dtype=torch.float32)
+        model = T.AutoModelForImageTextToText.from_pretrained(str(root), dtype=dtype)
     return model.to(device).eval()
 
 
@@ -442,7 +462,7 @@ def compute_imatrix(model: str, text_file, options: ImatrixOptions | None = None
     if o.threads:
         torch.set_num_threads(o.threads)
     device = pick_device(o.device)
-    model_ = load_model(root, device)
+    model_ = load_model(root, device, pick_dtype(o.dtype, device, checkpoint))
     collector = Collector(torch, device)
     keys = {t.key for t in targets}
     collector.per_sequence = {t.key for t in targets if t.per_sequence}
