@@ -21,7 +21,8 @@
  *   - "scalar": one block at a time, a direct restatement of the spec;
  *   - "vector": the same per-block float sequence, but many sub-blocks processed in
  *     lockstep, one per SIMD lane (GCC vector extensions; Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
- *     Q6_K and the IQ4 scale search; the 32-element types run the scalar code under every id). This file includes itself
+ *     Q6_K and the IQ4 scale search; Q4_0/Q4_1/Q5_0/Q5_1 one block at a time in SIMD-wide pieces,
+ *     q32_vec). This file includes itself
  *     once per instruction set (baseline, AVX2, AVX-512F; see KERNEL_PASS) and the
  *     best one is chosen at run time. Lanes never mix, so every lane performs
  *     exactly the scalar IEEE operations.
@@ -108,7 +109,7 @@ ALWAYS_INLINE uint16_t get_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1
 #define MAXI(a, b) ((a) > (b) ? (a) : (b))
 
 /* ===================================================================== */
-/* 32-element types (scalar; they are cheap)                             */
+/* 32-element types (scalar reference; q8_0_vec / q32_vec are the SIMD forms) */
 /* ===================================================================== */
 
 /* Q8_0: d = amax/127, quantize with the float reciprocal 1/d and roundf. */
@@ -1244,19 +1245,28 @@ static void quantize_blocks(int type, const float *x, uint8_t *y, int64_t nb, in
             for (int64_t i = 0; i < nb; i++) q8_0_block(x + 32 * i, y + 34 * i);
             return;
         }
-    case T_Q5_0:
-        for (int64_t i = 0; i < nb; i++) q5_0_block(x + 32 * i, y + 22 * i);
-        return;
-    case T_Q5_1:
-        for (int64_t i = 0; i < nb; i++) q5_1_block(x + 32 * i, y + 24 * i);
-        return;
-    /* scalar only (every impl id gives these bytes); IQ4 below has a lane-parallel scale search */
-    case T_Q4_0:
-        for (int64_t i = 0; i < nb; i++) q4_0_block(x + 32 * i, y + 18 * i);
-        return;
-    case T_Q4_1:
-        for (int64_t i = 0; i < nb; i++) q4_1_block(x + 32 * i, y + 20 * i);
-        return;
+    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1:
+        switch (impl) {
+#ifdef HAVE_X86_DISPATCH
+        case IMPL_AVX512: q32_vec_avx512(x, y, nb, type); return;
+        case IMPL_AVX2: q32_vec_avx2(x, y, nb, type); return;
+#endif
+        case IMPL_BASE: q32_vec_base(x, y, nb, type); return;
+        default: {
+            const int bytes = type == T_Q4_0 ? 18 : type == T_Q4_1 ? 20 : type == T_Q5_0 ? 22 : 24;
+            for (int64_t i = 0; i < nb; i++) {
+                const float *xb = x + 32 * i;
+                uint8_t *yb = y + bytes * i;
+                switch (type) {
+                case T_Q4_0: q4_0_block(xb, yb); break;
+                case T_Q4_1: q4_1_block(xb, yb); break;
+                case T_Q5_0: q5_0_block(xb, yb); break;
+                default: q5_1_block(xb, yb); break;
+                }
+            }
+            return;
+        }
+        }
     case T_IQ4_NL: case T_IQ4_XS: {
         const int xs = type == T_IQ4_XS;
         switch (impl) {
@@ -2264,6 +2274,83 @@ static void N(q8_0_vec)(const float *x, uint8_t *y, int64_t nb) {
             t += away & ((q < 0) | 1);                              /* +1, or -1 if negative */
             vb b = __builtin_convertvector(t, vb);                  /* low byte of each */
             memcpy(yb + 2 + k * VW, &b, VW);
+        }
+    }
+}
+
+/* Q4_0 / Q4_1 / Q5_0 / Q5_1 (quantize_row_q4_0_ref .. q5_1_ref), one block at a time with the 32
+ * elements in VW-wide pieces, as q8_0_vec. The extremes are order-free except for which element
+ * supplies them: the scalar loops keep the first element reaching the final value, which only
+ * matters for the sign of a zero (a min or max of 0) and for Q4_0/Q5_0's signed max, the first
+ * element of the largest |x|; both are looked up afterwards. The quantized values use the scalar
+ * float sequence (x*id + 8.5f, (x-min)*id + 0.5f, no contraction), truncated, then narrowed as the
+ * scalar casts do. Blocks with a non-finite element or a non-finite d or 1/d take the scalar code. */
+static void N(q32_vec)(const float *x, uint8_t *y, int64_t nb, int type) {
+    enum { NP = 32 / VW };
+    const int q5 = type == T_Q5_0 || type == T_Q5_1, asym = type == T_Q4_1 || type == T_Q5_1;
+    const int bytes = q5 ? (asym ? 24 : 22) : (asym ? 20 : 18);
+    for (int64_t i = 0; i < nb; i++) {
+        const float *xb = x + 32 * i;
+        uint8_t *yb = y + bytes * i;
+        vf v[NP], mx = (vf){}, mn = (vf){};
+        vi fin = (vi){} - 1;
+        for (int k = 0; k < NP; k++) {
+            memcpy(&v[k], xb + k * VW, sizeof(vf));
+            vf a = vabs(v[k]);
+            fin &= a <= FLT_MAX;
+            if (asym) {
+                mx = k ? vsel(v[k] > mx, v[k], mx) : v[k];
+                mn = k ? vsel(v[k] < mn, v[k], mn) : v[k];
+            } else {
+                mx = k ? vsel(a > mx, a, mx) : a;
+            }
+        }
+        int all_fin = 1;
+        for (int e = 0; e < VW; e++) all_fin &= fin[e] != 0;
+        if (!all_fin) goto scalar;
+        float d, id, min = 0.0f, max = 0.0f;
+        if (asym) {
+            min = mn[0], max = mx[0];
+            for (int e = 1; e < VW; e++) {
+                min = mn[e] < min ? mn[e] : min;
+                max = mx[e] > max ? mx[e] : max;
+            }
+            if (min == 0.0f) for (int j = 0; j < 32; j++) if (xb[j] == 0.0f) { min = xb[j]; break; }
+            if (max == 0.0f) for (int j = 0; j < 32; j++) if (xb[j] == 0.0f) { max = xb[j]; break; }
+            d = (max - min) / (q5 ? 31.0f : 15.0f);
+        } else {
+            float amax = 0.0f;
+            for (int e = 0; e < VW; e++) amax = MAXF(amax, mx[e]);
+            if (amax > 0.0f) for (int j = 0; j < 32; j++) if (fabsf(xb[j]) == amax) { max = xb[j]; break; }
+            d = max / (q5 ? -16.0f : -8.0f);
+        }
+        id = d != 0.0f ? 1.0f / d : 0.0f;
+        if (!(fabsf(d) <= FLT_MAX) || !(id <= FLT_MAX && id >= -FLT_MAX)) goto scalar;
+        uint8_t L[32];
+        const vf add = (vf){} + (asym ? 0.5f : q5 ? 16.5f : 8.5f);
+        const int top = q5 ? 31 : 15;
+        for (int k = 0; k < NP; k++) {
+            vf q = asym ? (v[k] - min) * id + add : v[k] * id + add;
+            vi t = __builtin_convertvector(q, vi);               /* (int), toward zero */
+            if (type != T_Q5_1) {                                 /* (int8_t), then MIN(top, .) */
+                t = (t << 24) >> 24;
+                t = ((t < top) & t) | ((t >= top) & top);
+            }
+            vb b = __builtin_convertvector(t, vb);               /* (uint8_t): the low byte */
+            memcpy(L + k * VW, &b, VW);
+        }
+        put_u16(yb, fp32_to_fp16(d));
+        if (asym) put_u16(yb + 2, fp32_to_fp16(min));
+        uint8_t *qs = yb + (asym ? 4 : 2);
+        if (q5) q5_pack(L, qs, qs + 4);
+        else for (int j = 0; j < 16; j++) qs[j] = (uint8_t)(L[j] | (L[j + 16] << 4));
+        continue;
+    scalar:
+        switch (type) {
+        case T_Q4_0: q4_0_block(xb, yb); break;
+        case T_Q4_1: q4_1_block(xb, yb); break;
+        case T_Q5_0: q5_0_block(xb, yb); break;
+        default: q5_1_block(xb, yb); break;
         }
     }
 }
