@@ -22,7 +22,9 @@ from helpers import gguforge, qwen2moe_config, qwen2moe_tensors, write_checkpoin
 PRESETS = ["Q4_K_M", "Q5_K_S", "Q6_K", "Q8_0", "Q4_0", "Q3_K_M", "IQ4_XS", "F16"]
 
 
-@pytest.fixture(scope="module", params=[("qwen3", 0), ("qwen2moe", 8)], ids=["dense", "moe-8experts"])
+# qwen35: a hybrid with computed tensors (ssm_a = -exp(A_log), 1 + norm weights) and reordered V heads.
+@pytest.fixture(scope="module", params=[("qwen3", 0), ("qwen2moe", 8), ("qwen35", 0)],
+                ids=["dense", "moe-8experts", "hybrid-qwen35"])
 def checkpoint(request, mock_model):
     pytest.importorskip("torch")  # the mocks are built with transformers
     arch, experts = request.param
