@@ -241,3 +241,34 @@ def test_library_many(small, tmp_path):
     assert [p.name for p in made] == ["c-q8_0.gguf", "c-bf16.gguf"]
     with pytest.raises(gguforge.UserError, match="twice"):
         gguforge.quantize(small, tmp_path / "x-{ftype}.gguf", "Q4_K,Q4_K_M")
+
+
+def test_convert_many_mixed_dtypes(tmp_path):
+    """A bf16 checkpoint with some float32 weights: the quantized outputs round those through bf16 first
+    (as llama-quantize of the bf16 file would see them), the float outputs do not; one pass must keep
+    the two apart and still equal the separate runs."""
+    import json
+    from helpers import _save
+    config = qwen2moe_config()
+    tensors = qwen2moe_tensors(config, seed=5)
+    wide = {k for k in tensors if k.endswith(("q_proj.weight", "down_proj.weight"))}  # float32, not bf16-exact
+    root = tmp_path / "mixed"
+    write_checkpoint(root, config, {k: v for k, v in tensors.items() if k not in wide}, bf16=True)
+    (root / "model.safetensors").rename(root / "model-00001-of-00002.safetensors")
+    _save({k: tensors[k] for k in wide}, root / "model-00002-of-00002.safetensors", False)
+    weight_map = {k: "model-00002-of-00002.safetensors" if k in wide else "model-00001-of-00002.safetensors"
+                  for k in tensors}
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    types = ["Q4_K_M", "bf16", "f16", "Q8_0", "f32"]
+    one, sep = tmp_path / "one-pass", tmp_path / "separate"
+    one.mkdir(), sep.mkdir()
+    assert main(["convert-hf", str(root), "--outfile", str(one / "m-{ftype}.gguf"), "--outtype", ",".join(types),
+                 "-q"]) == 0
+    for outtype in types:
+        assert main(["convert-hf", str(root), "--outfile", str(sep / f"m-{outtype.lower()}.gguf"), "--outtype",
+                     outtype, "-q"]) == 0
+    ours, theirs = files(one), files(sep)
+    assert sorted(ours) == sorted(theirs) == sorted(f"m-{t.lower()}.gguf" for t in types)
+    for name in theirs:
+        same = ours[name] == theirs[name]
+        assert same, f"{name}: the one-pass output differs from the separate run"
