@@ -381,13 +381,14 @@ def _dump_json(path: Path, obj: dict) -> None:
 def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None = None, size: str = "tiny",
               seed: int = 0, mtp: bool | None = None, num_experts: int | None = None,
               num_hidden_layers: int | None = None, full_precision: bool = False, tied: bool = False,
-              rope_scaling: dict | None = None) -> Path:
+              rope_scaling: dict | None = None, config: dict | None = None) -> Path:
     """Build a mock checkpoint into out_dir (created/emptied) and return it.
 
     dtype: "float32" | "bfloat16" | "float16"; default float32 for causal, bfloat16 for hub.
     full_precision: draw float32 values that bf16/f16 cannot represent (default: bf16-exact values).
     tied: tie the output head to the embedding (no lm_head.weight in the checkpoint).
     rope_scaling: extra rope_parameters entries, e.g. {"rope_type": "yarn", "factor": 4.0, ...}.
+    config: text-config values that replace the mock's own (e.g. {"head_dim": 128}), applied last.
     mtp:   add mtp.* tensors; default: for the hub layout of an architecture with an MTP head.
     num_experts: routed experts for MoE archs (default 4; 8 triggers llama-quantize's 8-expert rules).
     num_hidden_layers: decoder layers (default 2 or 4 by size; even for the hybrids, which alternate
@@ -427,6 +428,7 @@ def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None =
         if "layer_types" in kw:
             kw["layer_types"] = kw["layer_types"][:2] * (num_hidden_layers // 2)
     kw.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=None)
+    kw.update(config or {})
     if mock.wrapper_only:
         return _wrapper_only_mock(arch, out, kw, layout, tdtype, dtype, seed, full_precision)
     cfg = cfg_cls(**kw)

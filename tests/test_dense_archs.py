@@ -104,14 +104,20 @@ def test_fused_experts_are_refused_where_the_loader_has_none(mock_model, tmp_pat
     assert "--fuse-gate-up-exps" in capsys.readouterr().err and not out.exists()
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_transformers_gguf_loader_round_trip(mock_model, tmp_path, tied):
-    """transformers' own GGUF loader reads our qwen2 file back to the original model's logits. (Its
-    qwen3 / qwen3moe mapping ignores attention.key_length and expert_feed_forward_length and falls back
-    to 128 / 768, so only checkpoints with those sizes round-trip; the mocks do not have them.)"""
+# transformers' GGUF loader (integrations/ggml.py) maps no head_dim for qwen3 and no
+# moe_intermediate_size for qwen3_moe: it falls back to the config defaults (128 / 768), so those archs
+# round-trip only for checkpoints with these sizes (Qwen3-8B/14B/32B have head_dim 128, Qwen3-30B-A3B
+# has 768-wide experts); the mocks get them.
+LOADER_SIZES = {"qwen2": {}, "qwen3": {"head_dim": 128}, "qwen3moe": {"moe_intermediate_size": 768}}
+
+
+@pytest.mark.parametrize("arch,tied", [("qwen2", False), ("qwen2", True), ("qwen3", False), ("qwen3", True),
+                                       ("qwen3moe", False)])
+def test_transformers_gguf_loader_round_trip(mock_model, tmp_path, arch, tied):
+    """transformers' own GGUF loader reads our file back to the original model's logits, bit for bit."""
     import torch
     import transformers as T
-    model = mock_model("qwen2", tied=tied, full_precision=True)
+    model = mock_model(arch, tied=tied, full_precision=True, config=LOADER_SIZES[arch] or None)
     out = tmp_path / "m.gguf"
     assert main(["convert-hf", str(model), "--outfile", str(out), "--outtype", "f32", "--quiet"]) == 0
     back = T.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32).eval()
