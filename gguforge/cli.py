@@ -136,7 +136,7 @@ def convert_hf_cmd(
                                                "compute the importance matrix first (gguforge imatrix, torch), "
                                                "then convert with it; no file in between"),
     imatrix_ctx: int = typer.Option(512, "--imatrix-ctx", min=1, help="--imatrix-text: tokens per chunk"),
-    imatrix_chunks: Optional[int] = typer.Option(None, "--imatrix-chunks", min=0,
+    imatrix_chunks: Optional[int] = typer.Option(None, "--imatrix-chunks", min=1,
                                                  help="--imatrix-text: use at most this many chunks"),
     mmproj: bool = typer.Option(False, "--mmproj", help="write the vision encoder as mmproj-<name>-<TYPE>.gguf "
                                 "(for llama.cpp's mtmd) instead of the text model"),
@@ -515,7 +515,7 @@ def imatrix_cmd(
     model: str = typer.Argument(..., help="HF model directory or hub id"),
     text_file: Path = typer.Option(..., "-f", "--file", help="calibration text (UTF-8)"),
     chunk: int = typer.Option(512, "-c", "--ctx-size", min=1, help="tokens per chunk (llama-imatrix -c)"),
-    chunks: Optional[int] = typer.Option(None, "--chunks", min=0, help="use at most this many chunks"),
+    chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="use at most this many chunks"),
     output: str = typer.Option("imatrix.gguf", "-o", "--output", help="output file"),
     output_format: str = typer.Option("gguf", "--output-format", metavar="gguf|dat",
                                       help="llama-imatrix's GGUF format or the legacy .dat"),

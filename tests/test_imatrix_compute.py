@@ -193,6 +193,7 @@ def test_convert_hf_imatrix_text_equals_imatrix_then_convert(mock_model, tmp_pat
 @pytest.mark.parametrize("args,message", [
     (["--outtype", "f16"], "needs a quantize preset"),
     (["--outtype", "Q4_K_M", "--imatrix", "x.gguf"], "cannot be combined"),
+    (["--outtype", "Q4_K_M", "--imatrix-chunks", "0"], "--imatrix-chunks"),
 ])
 def test_convert_hf_imatrix_text_refusals(mock_model, tmp_path, args, message):
     text = tmp_path / "calib.txt"
@@ -210,6 +211,7 @@ def test_convert_hf_imatrix_text_refusals(mock_model, tmp_path, args, message):
     (["--dtype", "int8"], "--dtype must be one of"),
     (["-o", "no/such/dir/im.gguf"], "does not exist"),
     (["-f", "missing.txt"], "missing.txt: no such file"),
+    (["--chunks", "0"], "--chunks"),
 ])
 def test_imatrix_refusals(mock_model, tmp_path, args, message):
     import torch
