@@ -335,6 +335,14 @@ def test_one_pass_refusals(moe, tmp_path, capsys):
     out = tmp_path / "out.gguf"
     assert main(["convert-hf", str(moe.checkpoint), "--outfile", str(out), "--outtype", "q2_k_s"]) == 2
     assert "without an importance matrix" in capsys.readouterr().err and not out.exists()
+    # as quantize --dry-run: the plan is shown, the problem named
+    assert main(["convert-hf", str(moe.checkpoint), "--outfile", str(out), "--outtype", "q2_k_s", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "without an importance matrix" in captured.err and "Q2_K" in captured.out and not out.exists()
+    # several types in one pass: refused before anything is written
+    assert main(["convert-hf", str(moe.checkpoint), "--outfile", str(tmp_path / "o-{ftype}.gguf"),
+                 "--outtype", "q8_0,q2_k_s"]) == 2
+    assert "without an importance matrix" in capsys.readouterr().err and not list(tmp_path.glob("o-*"))
     assert main(["convert-hf", str(moe.checkpoint), "--outfile", str(out), "--outtype", "f16", "--imatrix",
                  str(moe.imatrix)]) == 2
     assert "needs a quantize preset" in capsys.readouterr().err and not out.exists()

@@ -17,7 +17,7 @@ from ..quantize import native
 from ..quantize.encode import encode
 from ..quantize.imatrix import encode_rows
 from ..archs.options import ConvertOptions
-from .plan import Plan, PlannedTensor, output_path, plan_conversion
+from .plan import NEEDS_IMATRIX_HINT, Plan, PlannedTensor, output_path, plan_conversion
 from ..checkpoint.read import SAFETENSORS_DTYPES, open_checkpoint, resolve_model
 from ..format.atomic import replacing
 from ..format.split import SplitOptions, plan_shards, write_many_shards, write_shards
@@ -171,6 +171,13 @@ def check_output(target: Path, model_dir: Path, force: bool) -> None:
             raise UserError(f"{target} already exists", hint="pass --force to overwrite it")
 
 
+def refuse_unwritable(plans) -> None:
+    """A plan that only a dry run may show (e.g. Q2_K_S without an importance matrix) stops the run here."""
+    for plan in plans:
+        if plan.refusal:
+            raise UserError(plan.refusal, hint=NEEDS_IMATRIX_HINT)
+
+
 def convert_hf(model: str, outfile: str | None, options: ConvertOptions, *, force: bool = False,
                dry_run: bool = False, progress_factory=None, display_name: str | None = None,
                split: SplitOptions | None = None):
@@ -183,6 +190,7 @@ def convert_hf(model: str, outfile: str | None, options: ConvertOptions, *, forc
     plan.shards = plan_shards(target, plan.tensors, split)  # computed once: checked, written, reported
     if dry_run:
         return plan, target
+    refuse_unwritable([plan])
     for shard in plan.shards:
         check_output(shard.path, root, force)
     with replacing(force):  # checked again when the output is moved into place (it may appear meanwhile)
@@ -289,6 +297,7 @@ def convert_hf_many(model: str, outfile: str | None, options: ConvertOptions, *,
             seen[key] = plan.type_label
     if dry_run:
         return out
+    refuse_unwritable([plan for plan, _ in out])
     for plan, _ in out:
         for shard in plan.shards:
             check_output(shard.path, root, force)

@@ -70,6 +70,7 @@ class Plan:
     shards: list = field(default_factory=list)  # format.split.Shard per output file, once planned
     coverage: object = None  # --imatrix: quantize.imatrix.Coverage
     warnings: list = field(default_factory=list)  # one line each, for the CLI to print
+    refusal: str | None = None  # why this plan cannot be written (a dry run shows it as a warning)
     mapped: list = field(default_factory=list, repr=False)  # map_tensors' (name, Lazy) list, for plan_conversion
 
     @property
@@ -310,15 +311,21 @@ def apply_preset(tensors: list[PlannedTensor], preset: Preset, md: Metadata, bas
     return out
 
 
+NEEDS_IMATRIX_HINT = "pass --imatrix FILE (from llama-imatrix or gguforge imatrix)"
+
+
 def imatrix_weights(plans, preset: Preset, imatrix: LoadedImatrix | None, mtp_first: int | None, report) -> dict:
     """Tensor name -> importance weights, with quantize's checks: a preset whose types need an imatrix
     refuses to run without one, and --imatrix-missing error refuses tensors without data."""
     if imatrix is None:
         needing = requiring_imatrix(plans, preset)
         if needing:
-            raise UserError(f"cannot write {preset.name} without an importance matrix: {len(needing)} tensor(s) "
-                            f"become {needing[0].dst_type.name}, which needs one (e.g. {needing[0].name})",
-                            hint="pass --imatrix FILE (from llama-imatrix or gguforge imatrix)")
+            line = (f"cannot write {preset.name} without an importance matrix: {len(needing)} tensor(s) "
+                    f"become {needing[0].dst_type.name}, which needs one (e.g. {needing[0].name})")
+            if report is None:
+                raise UserError(line, hint=NEEDS_IMATRIX_HINT)
+            report.refusal = line  # convert_hf raises it unless this is a dry run (llama-quantize only warns)
+            report.warnings.append(line + "; the dry run completed, but writing it needs --imatrix")
         return {}
     coverage, found = coverage_for(imatrix, [(p.name, p.name, p.shape, p.dst_type, p.converts) for p in plans],
                                    mtp_first)
