@@ -323,7 +323,7 @@ def quantize_cmd(
     """Quantize a GGUF file with llama-quantize's per-tensor type rules (a split input: give the first shard)."""
     _state["verbose"] = verbose
     from .progress import progress_factory
-    from .quantize.presets import parse_ggml_type, parse_preset, parse_tensor_type_option
+    from .quantize.presets import parse_ggml_type
     from .quantize.overrides import parse_kv_overrides, parse_prune_layers
     from .quantize.rules import QuantOptions, fallback_summary, size_summary
     from .quantize.run import format_plan, quantize_gguf_many

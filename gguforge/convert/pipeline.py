@@ -15,9 +15,9 @@ from ..format.types import FLOAT_TYPES
 from ..parallel import CHUNK_BYTES, ordered_parallel, row_chunks
 from ..quantize import native
 from ..quantize.encode import encode
-from ..quantize.imatrix import encode_rows
+from ..quantize.imatrix import NEEDS_IMATRIX_HINT, encode_rows
 from ..archs.options import ConvertOptions
-from .plan import NEEDS_IMATRIX_HINT, Plan, PlannedTensor, output_path, plan_conversion
+from .plan import Plan, PlannedTensor, output_path, plan_conversion
 from ..checkpoint.read import SAFETENSORS_DTYPES, open_checkpoint, resolve_model
 from ..format.atomic import replacing
 from ..format.split import SplitOptions, plan_shards, write_many_shards, write_shards

@@ -21,10 +21,9 @@ from ..archs.base import DecoderArch, UnmappedTensor
 from ..errors import UserError
 from ..quantize.encode import encode
 from ..quantize.presets import UNSUPPORTED, Preset, parse_preset, preset_names
-from ..quantize.imatrix import (LoadedImatrix, add_metadata as add_imatrix_metadata, coverage_for, load_imatrix,
-                                mtp_first_block)
-from ..quantize.rules import (TensorIn, model_is_70b, model_n_gqa, plan_quantization, requiring_imatrix,
-                              tensor_requires_imatrix)
+from ..quantize.imatrix import (NEEDS_IMATRIX_HINT, LoadedImatrix, add_metadata as add_imatrix_metadata,
+                                check_required, coverage_for, load_imatrix, mtp_first_block, without_imatrix_refusal)
+from ..quantize.rules import TensorIn, model_is_70b, model_n_gqa, plan_quantization
 from . import fuse as fusion
 from .metadata import GeneralInfo, add_general_metadata, apply_overrides, general_info, model_id_for
 from ..archs.options import ConvertOptions
@@ -311,17 +310,12 @@ def apply_preset(tensors: list[PlannedTensor], preset: Preset, md: Metadata, bas
     return out
 
 
-NEEDS_IMATRIX_HINT = "pass --imatrix FILE (from llama-imatrix or gguforge imatrix)"
-
-
 def imatrix_weights(plans, preset: Preset, imatrix: LoadedImatrix | None, mtp_first: int | None, report) -> dict:
     """Tensor name -> importance weights, with quantize's checks: a preset whose types need an imatrix
     refuses to run without one, and --imatrix-missing error refuses tensors without data."""
     if imatrix is None:
-        needing = requiring_imatrix(plans, preset)
-        if needing:
-            line = (f"cannot write {preset.name} without an importance matrix: {len(needing)} tensor(s) "
-                    f"become {needing[0].dst_type.name}, which needs one (e.g. {needing[0].name})")
+        line = without_imatrix_refusal(plans, preset)
+        if line:
             if report is None:
                 raise UserError(line, hint=NEEDS_IMATRIX_HINT)
             report.refusal = line  # convert_hf raises it unless this is a dry run (llama-quantize only warns)
@@ -330,10 +324,7 @@ def imatrix_weights(plans, preset: Preset, imatrix: LoadedImatrix | None, mtp_fi
     coverage, found = coverage_for(imatrix, [(p.name, p.name, p.shape, p.dst_type, p.converts) for p in plans],
                                    mtp_first)
     weights = {name: t.weights for name, t in found.items() if t.weights is not None}
-    for p in plans:
-        if p.converts and p.name not in weights and tensor_requires_imatrix(p.name, p.dst_type, preset):
-            raise UserError(f"missing importance matrix for tensor {p.name} in a very low-bit quantization "
-                            f"({preset.name}: {p.dst_type.name})", hint="the imatrix has no entry for it")
+    check_required(plans, preset, weights)
     coverage.enforce(imatrix.missing)
     if report is not None:
         report.coverage = coverage

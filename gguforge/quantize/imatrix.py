@@ -24,6 +24,7 @@ from ..format.imatrix import importance, read_imatrix
 from ..format.types import FLOAT_TYPES
 from ..format.writer import Metadata
 from .encode import encode
+from .rules import requiring_imatrix, tensor_requires_imatrix
 
 KEY_FILE = "quantize.imatrix.file"
 KEY_DATASET = "quantize.imatrix.dataset"
@@ -253,6 +254,29 @@ def coverage_for(im: LoadedImatrix | None, plans, mtp_first: int | None) -> tupl
         cov.add(name, t)
         found[name] = t
     return cov, found
+
+
+NEEDS_IMATRIX_HINT = "pass --imatrix FILE (from llama-imatrix or gguforge imatrix)"
+
+
+def without_imatrix_refusal(plans, preset) -> str | None:
+    """The line refusing a preset whose types need an importance matrix when none is given (llama-quantize:
+    "this quantization requires an imatrix!"), or None."""
+    needing = requiring_imatrix(plans, preset)
+    if not needing:
+        return None
+    return (f"cannot write {preset.name} without an importance matrix: {len(needing)} tensor(s) become "
+            f"{needing[0].dst_type.name}, which needs one (e.g. {needing[0].name})")
+
+
+def check_required(plans, preset, weights: dict) -> None:
+    """A tensor whose type needs importance weights but got none (its entry missing or filtered out):
+    llama-quantize throws "Missing importance matrix for tensor ... in a very low-bit quantization"."""
+    for p in plans:
+        if p.converts and p.name not in weights and tensor_requires_imatrix(p.name, p.dst_type, preset):
+            raise UserError(f"missing importance matrix for tensor {p.name} in a very low-bit quantization "
+                            f"({preset.name}: {p.dst_type.name})", hint="the imatrix has no entry for it; "
+                            "compute one on this model, or drop --include-weights/--exclude-weights")
 
 
 def mtp_first_block(arch: str | None, get) -> int | None:

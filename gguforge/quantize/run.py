@@ -25,13 +25,13 @@ from ..format.types import FLOAT_TYPES, QUANT_VERSION
 from ..format.writer import Metadata, TensorEntry
 from ..errors import UserError
 from . import native
-from .encode import encode
-from .imatrix import (Coverage, LoadedImatrix, add_metadata as add_imatrix_metadata, coverage_for, encode_rows,
-                      load_imatrix, mtp_first_block)
+from .imatrix import (NEEDS_IMATRIX_HINT, Coverage, LoadedImatrix, add_metadata as add_imatrix_metadata,
+                      check_required, coverage_for, encode_rows, load_imatrix, mtp_first_block,
+                      without_imatrix_refusal)
 from .overrides import apply_kv_overrides, check_prune_layers, overridden_getter, parse_kv_override
 from .presets import Preset, parse_preset
 from .rules import (QuantOptions, TensorIn, TensorPlan, ggml_n_dims, llama_quantize_order, model_is_70b, model_n_gqa,
-                    plan_quantization, prune_and_renumber, requiring_imatrix, tensor_requires_imatrix)
+                    plan_quantization, prune_and_renumber)
 
 
 
@@ -304,23 +304,17 @@ def apply_imatrix(result: QuantizeResult, im: LoadedImatrix | None, mtp_first: i
     "did not find weights" fallback), the types that cannot do without them, and the coverage report."""
     preset, plans = result.preset, result.plans
     if im is None:
-        needing = requiring_imatrix(plans, preset)
-        if needing:
-            line = (f"cannot write {preset.name} without an importance matrix: {len(needing)} tensor(s) become "
-                    f"{needing[0].dst_type.name}, which needs one (e.g. {needing[0].name})")
+        line = without_imatrix_refusal(plans, preset)
+        if line:
             if not dry_run:
-                raise UserError(line, hint="pass --imatrix FILE (from llama-imatrix or gguforge imatrix)")
+                raise UserError(line, hint=NEEDS_IMATRIX_HINT)
             result.warnings.append(line + "; the dry run completed, but writing it needs --imatrix")
         return
     coverage, found = coverage_for(im, [(p.name, p.src_name, p.shape, p.dst_type, p.converts) for p in plans],
                                    mtp_first)
     result.coverage = coverage
     result.weights = {name: t.weights for name, t in found.items() if t.weights is not None}
-    for p in plans:
-        if p.converts and p.name not in result.weights and tensor_requires_imatrix(p.name, p.dst_type, preset):
-            raise UserError(f"missing importance matrix for tensor {p.name} in a very low-bit quantization "
-                            f"({preset.name}: {p.dst_type.name})", hint="the imatrix has no entry for it; "
-                            "compute one on this model, or drop --include-weights/--exclude-weights")
+    check_required(plans, preset, result.weights)
     line = coverage.summary()
     if line:
         if im.missing == "error" and not dry_run:
