@@ -78,6 +78,9 @@ FUSED = ("--fuse-qkv", "--fuse-gate-up-exps")
     ("qwen35", ()),
     ("qwen35", ("--ubatch-size", "256")),  # 32 chunks side by side, 8 tokens each per ubatch: no ssm_out
     ("qwen35moe", FUSED),  # Hub layout (packed experts, MTP block), fused attn_qkv and ffn_gate_up_exps
+    ("qwen2", ("--process-output",)),  # q/k/v biases; output.weight recorded too
+    ("qwen2moe", ()),  # shared expert and its gate
+    ("qwen3vl", ()),  # a model that exists only inside its vision-language wrapper
 ])
 def test_gguforge_imatrix_matches_llama_imatrix(mock_model, llama_imatrix, tmp_path, arch, extra):
     from gguforge.format.imatrix import read_imatrix
@@ -90,8 +93,9 @@ def test_gguforge_imatrix_matches_llama_imatrix(mock_model, llama_imatrix, tmp_p
     r = gguforge("convert-hf", str(model), "--outtype", "f32", "--outfile", str(f32), "-q", *fuse)
     assert r.returncode == 0, r.stderr
     ref_out, our_out = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
-    ub = ["-ub", extra[1]] if extra and not fuse else []
-    run_llama_imatrix(llama_imatrix, f32, text, ref_out, "-c", "64", *ub)
+    # the same llama-imatrix flags, but the converter's --fuse-* (already in the f32 file)
+    llama_args = [] if extra == FUSED else ["-ub" if a == "--ubatch-size" else a for a in extra]
+    run_llama_imatrix(llama_imatrix, f32, text, ref_out, "-c", "64", *llama_args)
     r = gguforge("imatrix", str(model), "-f", str(text), "-c", "64", "-o", str(our_out), "-t", "2", "-q", *extra)
     assert r.returncode == 0, r.stderr
     ours, ref = read_imatrix(our_out), read_imatrix(ref_out)
@@ -102,8 +106,9 @@ def test_gguforge_imatrix_matches_llama_imatrix(mock_model, llama_imatrix, tmp_p
     # experts in three tensors (6 of the 34 (tensor, expert) pairs of this mock), so the criterion is on
     # routing decisions: >= 99 % of the routed (token, expert) assignments agree.
     assert figures["rerouted"] <= 0.01 * max(figures["routed"], 1)
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen2", "qwen3vl"):
         assert figures["equal"] == figures["pairs"]
+    assert ("output.weight" in ours.entries) == ("output.weight" in ref.entries) == ("--process-output" in extra)
     assert figures["median_rel"] < 1e-3 and figures["worst_entry_median_rel"] < 1e-3
     if arch == "qwen35":
         assert ("blk.0.ssm_out.weight" in ref.entries) == (not extra)  # the 16-rows-per-sequence rule
