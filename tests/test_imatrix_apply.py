@@ -54,8 +54,8 @@ class Mock:
         self.checkpoint, self.f32, self.imatrix, self.dat = checkpoint, f32, imatrix, dat
 
 
-def build(mock_model, tmp_path_factory, tools, name: str, **kw) -> Mock:
-    src = mock_model(**kw, size="q256")
+def build(mock_model, tmp_path_factory, tools, name: str, size: str = "q256", **kw) -> Mock:
+    src = mock_model(**kw, size=size)
     root = tmp_path_factory.mktemp(f"imatrix-{name}")
     f32 = root / "model-f32.gguf"
     assert main(["convert-hf", str(src), "--outfile", str(f32), "--outtype", "f32", "-q"]) == 0
@@ -71,6 +71,13 @@ def build(mock_model, tmp_path_factory, tools, name: str, **kw) -> Mock:
 @pytest.fixture(scope="module")
 def moe(mock_model, tmp_path_factory, tools):
     return build(mock_model, tmp_path_factory, tools, "moe", arch="qwen3moe", num_experts=8)
+
+
+@pytest.fixture(scope="module")
+def narrow(mock_model, tmp_path_factory, tools):
+    """A hybrid Qwen3.5-MoE with 64/32-wide rows: every K-quant falls back to a 32-element type, which
+    llama-quantize then quantizes with the imatrix (row-level sigma for Q4_0..Q5_1, IQ4_NL)."""
+    return build(mock_model, tmp_path_factory, tools, "narrow", size="tiny", arch="qwen35moe", num_experts=8)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +150,16 @@ def test_moe_presets_match_llama_quantize(moe, tools, preset, tmp_path):
     ours(moe.f32, mine, preset, "--imatrix", moe.imatrix)
     llama_quantize(tools, moe.f32, theirs, preset, "--imatrix", moe.imatrix)
     assert_same_file(mine, theirs)
+
+
+@pytest.mark.parametrize("preset", ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "Q5_K_S", "IQ4_XS", "Q4_1"))
+def test_narrow_rows_fall_back_with_the_imatrix_like_llama_quantize(narrow, tools, preset, tmp_path):
+    mine, theirs = tmp_path / "ours.gguf", tmp_path / "llama.gguf"
+    ours(narrow.f32, mine, preset, "--imatrix", narrow.imatrix)
+    llama_quantize(tools, narrow.f32, theirs, preset, "--imatrix", narrow.imatrix)
+    assert_same_file(mine, theirs)
+    types = {T(t.tensor_type) for t in gguf.GGUFReader(mine).tensors}
+    assert types & {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL}, "no fallback type was exercised"
 
 
 @pytest.mark.parametrize("preset", DENSE_PRESETS)
