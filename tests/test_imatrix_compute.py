@@ -157,6 +157,34 @@ def test_ubatch_lengths_follow_llama_batch_splitting():
     assert per[0] == 512 and per[2047] == 512 and per[2048] == 512 and per[-1] == 440
 
 
+def test_sixteen_bit_run_and_auto_device(mock_model, tmp_path):
+    """--dtype bfloat16 is what a GPU run of a bf16 checkpoint uses: same entries and counts, values within
+    bf16 activation noise of the float32 run (and far from a wrong column order); --device auto on a
+    machine without CUDA is the CPU run, value for value."""
+    import torch
+    from gguforge.format.imatrix import importance, read_imatrix
+    model = mock_model("qwen3moe", dtype="bfloat16")
+    text = tmp_path / "calib.txt"
+    text.write_text(calibration_text(60))
+    runs = {"f32": ["--dtype", "float32", "--device", "cpu"], "bf16": ["--dtype", "bfloat16", "--device", "cpu"],
+            "auto": ["--device", "auto"]}
+    for name, args in runs.items():
+        r = gguforge("imatrix", str(model), "-f", str(text), "-c", "64", "-o", str(tmp_path / f"{name}.gguf"), "-q", *args)
+        assert r.returncode == 0, r.stderr
+    f32, bf16 = read_imatrix(tmp_path / "f32.gguf"), read_imatrix(tmp_path / "bf16.gguf")
+    assert sorted(f32.entries) == sorted(bf16.entries)
+    wa, wb = importance(f32), importance(bf16)
+    for name in f32.entries:
+        if "exps" not in name:  # routing may differ in bf16
+            assert np.array_equal(f32.entries[name].counts, bf16.entries[name].counts), name
+            rel = np.abs(wa[name] - wb[name]) / np.maximum(np.abs(wa[name]), 1e-30)
+            assert np.median(rel) < 5e-2, (name, float(np.median(rel)))
+    assert any(not np.array_equal(wa[n], wb[n]) for n in f32.entries), "--dtype bfloat16 ran in float32"
+    if not torch.cuda.is_available():
+        auto = read_imatrix(tmp_path / "auto.gguf")
+        assert all(np.array_equal(auto.entries[n].sums, f32.entries[n].sums) for n in f32.entries)
+
+
 def test_too_little_text_is_one_clear_error(mock_model, tmp_path):
     text = tmp_path / "short.txt"
     text.write_text("only a few words")
