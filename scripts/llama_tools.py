@@ -39,15 +39,19 @@ CMAKE_OPTIONS = (
 )
 
 
-def _sdist_archive() -> Path:
-    CACHE.mkdir(parents=True, exist_ok=True)
-    archives = sorted(CACHE.glob("llama_cpp_python-*.tar.gz"))
+def sdist_archive(cache: Path = CACHE) -> Path:
+    """The pinned llama-cpp-python sdist (llama.cpp's source under vendor/llama.cpp), downloaded once.
+
+    `--no-binary` names the package only: with `:all:` pip would also build the sdist's build
+    dependencies from source (cmake itself, tens of minutes) just to read its metadata."""
+    cache.mkdir(parents=True, exist_ok=True)
+    archives = sorted(cache.glob("llama_cpp_python-*.tar.gz"))
     if not archives:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        SDIST, "-d", str(CACHE)], check=True, capture_output=True, text=True)
-        archives = sorted(CACHE.glob("llama_cpp_python-*.tar.gz"))
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+                        SDIST, "-d", str(cache)], check=True, capture_output=True, text=True)
+        archives = sorted(cache.glob("llama_cpp_python-*.tar.gz"))
     if not archives:
-        raise RuntimeError(f"pip download {SDIST} gave no sdist in {CACHE}")
+        raise RuntimeError(f"pip download {SDIST} gave no sdist in {cache}")
     return archives[-1]
 
 
@@ -56,7 +60,7 @@ def _source_tree(root: Path) -> Path:
     tree = root / "src"
     if (tree / "CMakeLists.txt").is_file():
         return tree
-    archive = _sdist_archive()
+    archive = sdist_archive()
     prefix = archive.name.removesuffix(".tar.gz") + "/vendor/llama.cpp/"
     staging = root / "src.partial"
     shutil.rmtree(staging, ignore_errors=True)

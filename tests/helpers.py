@@ -129,24 +129,19 @@ def gguf_fields(path: Path) -> dict:
     return {k: f.contents() for k, f in reader.fields.items()}
 
 
-LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
-
-
 def llama_cpp_tree(cache: Path = Path.home() / ".cache" / "gguforge-tests") -> Path | None:
     """llama.cpp's source as vendored in the llama-cpp-python sdist (from PyPI, cached), or None."""
     import tarfile
     tree = cache / "llama.cpp"
     if (tree / "convert_hf_to_gguf.py").is_file():
         return tree
-    cache.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        LLAMA_CPP_SDIST, "-d", str(cache)], capture_output=True, text=True)
-    archives = sorted(cache.glob("llama_cpp_python-*.tar.gz"))
-    if r.returncode or not archives:
+    try:
+        archive = _llama_tools().sdist_archive(cache)
+    except (OSError, RuntimeError, subprocess.CalledProcessError):
         return None
-    prefix = archives[-1].name.removesuffix(".tar.gz") + "/vendor/llama.cpp/"
+    prefix = archive.name.removesuffix(".tar.gz") + "/vendor/llama.cpp/"
     wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-    with tarfile.open(archives[-1]) as tar:
+    with tarfile.open(archive) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(prefix)
                    and m.name[len(prefix):].startswith(wanted)]
         for m in members:
@@ -198,12 +193,17 @@ def llama_quantize(src, dst, preset: str, **params) -> None:
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), p) == 0
 
 
+def _llama_tools():
+    """scripts/llama_tools.py as a module (the sdist download and the cmake build of llama.cpp's tools)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import llama_tools
+    finally:
+        sys.path.pop(0)
+    return llama_tools
+
+
 def llama_tool(name: str) -> Path:
     """Path of one of llama.cpp's programs (llama-quantize, llama-imatrix, ...), built with cmake from
     the pinned sdist's llama.cpp tree and cached under ~/.cache/gguforge-tests (scripts/llama_tools.py)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    try:
-        from llama_tools import llama_tools
-    finally:
-        sys.path.pop(0)
-    return llama_tools(name)[name]
+    return _llama_tools().llama_tools(name)[name]
