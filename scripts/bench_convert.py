@@ -159,12 +159,10 @@ def reference_tree(cache: Path) -> Path:
         found = sorted(base.glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
         if found:
             return found[-1].parent
-    cache.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                    "llama-cpp-python==0.3.36", "-d", str(cache)], check=True, capture_output=True)
+    from llama_tools import sdist_archive
     import tarfile
-    with tarfile.open(next(cache.glob("llama_cpp_python-*.tar.gz"))) as tar:
-        tar.extractall(cache)
+    with tarfile.open(sdist_archive(cache)) as tar:
+        tar.extractall(cache, filter="data")
     return reference_tree(cache)
 
 
