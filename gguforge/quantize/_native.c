@@ -314,44 +314,44 @@ static void kq45_block_scalar(const float *x, uint8_t *y, int nmax) {
     kq45_finish(x, scales, mins, L, nmax, y);
 }
 
-/* Symmetric fit for Q6_K (spec 3.5): n=16, nmax=32, weights x^2. */
-static float make_qx_quants16(const float *x, int8_t *L) {
-    const int nmax = 32;
-    float max = 0, amax = 0;
-    for (int i = 0; i < 16; i++) {
-        float ax = fabsf(x[i]);
+/* make_qx_quants(n, nmax, x, L, rmse_type = 1, qw): symmetric fit with weights qw; L = l + nmax
+ * (all 0 for a group below GROUP_MAX_EPS). Products associate left to right as in C: w*x*l. */
+static float make_qx_quants_w(int n, int nmax, const float *x, int8_t *L, const float *qw) {
+    float max = 0.0f, amax = 0.0f;
+    for (int i = 0; i < n; i++) {
+        const float ax = fabsf(x[i]);
         if (ax > amax) { amax = ax; max = x[i]; }
     }
     if (amax < GROUP_MAX_EPS) {
-        for (int i = 0; i < 16; i++) L[i] = 0;
+        memset(L, 0, (size_t)n);
         return 0.0f;
     }
     float iscale = (float)(-nmax) / max;
-    float sumlx = 0, suml2 = 0;
-    for (int i = 0; i < 16; i++) {
+    float sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < n; i++) {
         int l = nearest_int(iscale * x[i]);
         l = MAXI(-nmax, MINI(nmax - 1, l));
         L[i] = (int8_t)(l + nmax);
-        float w = x[i] * x[i];
+        const float w = qw[i];
         sumlx += w * x[i] * (float)l;
         suml2 += w * (float)l * (float)l;
     }
-    float scale = suml2 != 0 ? sumlx / suml2 : 0.0f;
+    float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f;
     float best = scale * sumlx;
     for (int is = -9; is <= 9; is++) {
         if (is == 0) continue;
         iscale = -((float)nmax + 0.1f * (float)is) / max;
-        sumlx = suml2 = 0;
-        for (int i = 0; i < 16; i++) {
+        sumlx = suml2 = 0.0f;
+        for (int i = 0; i < n; i++) {
             int l = nearest_int(iscale * x[i]);
             l = MAXI(-nmax, MINI(nmax - 1, l));
-            float w = x[i] * x[i];
+            const float w = qw[i];
             sumlx += w * x[i] * (float)l;
             suml2 += w * (float)l * (float)l;
         }
         if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-            for (int i = 0; i < 16; i++) {
-                int l = nearest_int(iscale * x[i]);
+            for (int i = 0; i < n; i++) {
+                const int l = nearest_int(iscale * x[i]);
                 L[i] = (int8_t)(nmax + MAXI(-nmax, MINI(nmax - 1, l)));
             }
             scale = sumlx / suml2;
@@ -359,6 +359,13 @@ static float make_qx_quants16(const float *x, int8_t *L) {
         }
     }
     return scale;
+}
+
+/* Symmetric fit for Q6_K (spec 3.5): n=16, nmax=32, weights x^2 (make_qx_quants with qw = NULL). */
+static float make_qx_quants16(const float *x, int8_t *L) {
+    float w[16];
+    for (int i = 0; i < 16; i++) w[i] = x[i] * x[i];
+    return make_qx_quants_w(16, 32, x, L, w);
 }
 
 /* Q6_K steps 2-6 (spec 3.6). Shared by both paths. */
@@ -791,53 +798,6 @@ ALWAYS_INLINE void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
         *sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4);
         *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
     }
-}
-
-/* make_qx_quants(n, nmax, x, L, rmse_type = 1, qw): symmetric fit with weights qw; L = l + nmax
- * (all 0 for a group below GROUP_MAX_EPS). Products associate left to right as in C: w*x*l. */
-static float make_qx_quants_w(int n, int nmax, const float *x, int8_t *L, const float *qw) {
-    float max = 0.0f, amax = 0.0f;
-    for (int i = 0; i < n; i++) {
-        const float ax = fabsf(x[i]);
-        if (ax > amax) { amax = ax; max = x[i]; }
-    }
-    if (amax < GROUP_MAX_EPS) {
-        memset(L, 0, (size_t)n);
-        return 0.0f;
-    }
-    float iscale = (float)(-nmax) / max;
-    float sumlx = 0.0f, suml2 = 0.0f;
-    for (int i = 0; i < n; i++) {
-        int l = nearest_int(iscale * x[i]);
-        l = MAXI(-nmax, MINI(nmax - 1, l));
-        L[i] = (int8_t)(l + nmax);
-        const float w = qw[i];
-        sumlx += w * x[i] * (float)l;
-        suml2 += w * (float)l * (float)l;
-    }
-    float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f;
-    float best = scale * sumlx;
-    for (int is = -9; is <= 9; is++) {
-        if (is == 0) continue;
-        iscale = -((float)nmax + 0.1f * (float)is) / max;
-        sumlx = suml2 = 0.0f;
-        for (int i = 0; i < n; i++) {
-            int l = nearest_int(iscale * x[i]);
-            l = MAXI(-nmax, MINI(nmax - 1, l));
-            const float w = qw[i];
-            sumlx += w * x[i] * (float)l;
-            suml2 += w * (float)l * (float)l;
-        }
-        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-            for (int i = 0; i < n; i++) {
-                const int l = nearest_int(iscale * x[i]);
-                L[i] = (int8_t)(nmax + MAXI(-nmax, MINI(nmax - 1, l)));
-            }
-            scale = sumlx / suml2;
-            best = scale * sumlx;
-        }
-    }
-    return scale;
 }
 
 /* make_qkx3_quants(n, nmax, x, w, L, the_min, rmin, rdelta, nstep, use_mad = false) with weights
