@@ -74,6 +74,9 @@ class LoadedImatrix:
     chunk_count: int
     legacy: bool
     missing: str = "static"
+    # (entry, n_expert) -> the entry as (n_expert, ne0): one array per tensor for every output of a
+    # many-preset run, so outputs of the same type encode a chunk once (they key on the array)
+    shaped: dict = field(default_factory=dict, repr=False)
 
 
 def load_imatrix(options: ImatrixOptions) -> LoadedImatrix | None:
@@ -154,7 +157,10 @@ def for_tensor(im: LoadedImatrix | None, lookup_name: str, name: str, shape: Seq
                         hint="the importance matrix was computed for another model")
     cov = im.covered[lookup_name]
     with_data = n_exp if cov.size == 1 and cov[0] else int(cov.sum()) if cov.size == n_exp else n_exp
-    return TensorImatrix(w.reshape(n_exp, ne0), with_data, n_exp, "imatrix" if with_data == n_exp else "partial")
+    shaped = im.shaped.get((lookup_name, n_exp))
+    if shaped is None:
+        shaped = im.shaped[(lookup_name, n_exp)] = w.reshape(n_exp, ne0)
+    return TensorImatrix(shaped, with_data, n_exp, "imatrix" if with_data == n_exp else "partial")
 
 
 def encode_rows(rows: np.ndarray, dst: T, weights: np.ndarray | None, first_row: int, rows_per_expert: int):

@@ -133,8 +133,10 @@ def count_nonfinite(raw: np.ndarray, src: T) -> int:
 
 
 def convert_chunks(plans: list[TensorPlan], rows: np.ndarray, start: int = 0, weights=None) -> list:
-    """convert_chunk for several plans of the same input tensor (one per output of a many-preset run):
-    the rows are checked and widened to float32 once, and each distinct output type is encoded once."""
+    """Output bytes of a block of input rows [start, start + len(rows)) for each plan of the same input
+    tensor (one per output of a many-preset run; llama-quantize: validate, to f32, quantize): the rows
+    are checked and widened to float32 once, and each distinct output type is encoded once. `weights`:
+    per plan, the tensor's importance matrix (n_expert, ne0) or None."""
     first = plans[0]
     if first.src_type in FLOAT_TYPES and count_nonfinite(rows, first.src_type):
         raise UserError(f"tensor {first.name} has invalid data (NaN or Inf values)")
@@ -144,7 +146,7 @@ def convert_chunks(plans: list[TensorPlan], rows: np.ndarray, start: int = 0, we
         if not plan.converts:
             out.append(rows)
             continue
-        key = (plan.dst_type, id(w))  # outputs with different importance weights encode apart
+        key = (plan.dst_type, id(w))  # (the imatrix gives every output the same array for a tensor)
         if key not in encoded:
             if wide is None:
                 wide = to_f32(rows, plan.src_type, plan.shape[-1])
@@ -156,17 +158,6 @@ def convert_chunks(plans: list[TensorPlan], rows: np.ndarray, start: int = 0, we
 def rows_per_expert(plan: TensorPlan) -> int:
     """ggml ne[1]: the rows of one expert matrix (of the whole matrix for a 2-D tensor)."""
     return plan.shape[-2] if len(plan.shape) >= 2 else 1
-
-
-def convert_chunk(plan: TensorPlan, rows: np.ndarray, start: int = 0, weights: np.ndarray | None = None):
-    """Output bytes for a block of input rows [start, start + len(rows)) (llama-quantize: validate, to f32,
-    quantize); `weights`: the tensor's importance matrix, (n_expert, ne0), or None."""
-    if plan.src_type in FLOAT_TYPES and count_nonfinite(rows, plan.src_type):
-        raise UserError(f"tensor {plan.name} has invalid data (NaN or Inf values)")
-    if not plan.converts:
-        return rows  # same type: the mapped bytes as they are
-    return encode_rows(to_f32(rows, plan.src_type, plan.shape[-1]), plan.dst_type, weights, start,
-                       rows_per_expert(plan))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,8 +267,6 @@ def quantize_gguf_many(source_path, outputs, options: QuantOptions | None = None
                 yield i, plans, raw[start:stop], (tensor.data, span), start, weights
 
     def job(i, plans, rows, source, start, weights):
-        if len(plans) == 1:
-            return (convert_chunk(plans[0], rows, start, weights[0]),)
         return convert_chunks(plans, rows, start, weights)
 
     def chunks():
