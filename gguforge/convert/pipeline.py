@@ -274,10 +274,10 @@ def convert_hf_many(model: str, outfile: str | None, options: ConvertOptions, *,
     if display_name is None and not Path(model).exists() and "/" in model:
         display_name = model
     out: list[tuple[Plan, Path]] = []
-    mapped = None
+    mapped = loaded = None
     for outtype in types:
-        plan = plan_conversion(checkpoint, replace(options, outtype=outtype), display_name, mapped)
-        mapped = plan.mapped
+        plan = plan_conversion(checkpoint, replace(options, outtype=outtype), display_name, mapped, loaded)
+        mapped, loaded = plan.mapped, plan.imatrix or loaded
         target = output_path(plan, outfile)
         for earlier, where in out:
             if earlier.type_label == plan.type_label:

@@ -68,6 +68,7 @@ class Plan:
     vocab_only: bool = False
     shards: list = field(default_factory=list)  # format.split.Shard per output file, once planned
     coverage: object = None  # --imatrix: quantize.imatrix.Coverage
+    imatrix: LoadedImatrix | None = field(default=None, repr=False)  # --imatrix, as loaded
     warnings: list = field(default_factory=list)  # one line each, for the CLI to print
     refusal: str | None = None  # why this plan cannot be written (a dry run shows it as a warning)
     mapped: list = field(default_factory=list, repr=False)  # map_tensors' (name, Lazy) list, for plan_conversion
@@ -182,9 +183,10 @@ def count_params(tensors: list[PlannedTensor]) -> tuple[int, int, int, int]:
 
 
 def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_name: str | None = None,
-                    mapped: list[tuple[str, Lazy]] | None = None) -> Plan:
+                    mapped: list[tuple[str, Lazy]] | None = None, loaded: LoadedImatrix | None = None) -> Plan:
     """`mapped`: the tensors as map_tensors gave them for an earlier plan of the same checkpoint and options
-    but another outtype (convert-hf --outtype A,B shares them, so each is read once for all outputs)."""
+    but another outtype (convert-hf --outtype A,B shares them, so each is read once for all outputs);
+    `loaded`: that plan's importance matrix (read and normalised once for all outputs)."""
     hparams = checkpoint.hparams
     arch = lookup(checkpoint.config)(hparams, options, list(checkpoint.tensors))
     if options.mmproj:
@@ -227,8 +229,9 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
     if options.imatrix is not None and preset is None:
         raise UserError("--imatrix needs a quantize preset as --outtype (Q4_K_M, IQ4_XS, Q2_K_S, ...)",
                         hint="f16/bf16/q8_0 do not use an importance matrix")
-    im = load_imatrix(options.imatrix) if options.imatrix is not None else None
+    im = loaded or (load_imatrix(options.imatrix) if options.imatrix is not None else None)
     plan = Plan(arch, md, tensors, file_type, outtype.upper(), name, label, general, options.vocab_only)
+    plan.imatrix = im
     if preset is not None:
         plan.tensors = apply_preset(tensors, preset, md, ggml_out, im, plan)
         if options.imatrix is not None and im is None:
