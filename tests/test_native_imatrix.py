@@ -10,17 +10,13 @@ dynamic range and tiny values. Every implementation id, one thread and many.
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
 from gguforge.quantize import native
-from test_native_quant import KINDS, make_case
+from test_native_quant import KINDS, ggml_lib, make_case
 
 F = np.float32
 WEIGHTED = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.IQ4_XS]
@@ -30,21 +26,7 @@ IMPLS = sorted(native.IMPLS)
 
 @pytest.fixture(scope="module")
 def ggml():
-    path = os.environ.get("GGUFORGE_GGML_LIB")
-    if not path:
-        spec = importlib.util.find_spec("llama_cpp")
-        if spec is None:
-            pytest.skip("llama-cpp-python not installed")
-        libs = sorted(Path(spec.origin).parent.rglob("libggml-base.so*"))
-        if not libs:
-            pytest.skip("no libggml-base.so in llama-cpp-python")
-        path = str(libs[0])
-    lib = ctypes.CDLL(path)
-    fn = lib.ggml_quantize_chunk
-    fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    return fn
+    return ggml_lib().ggml_quantize_chunk
 
 
 def ggml_quantize(fn, x: np.ndarray, qtype, imatrix: np.ndarray | None) -> np.ndarray:

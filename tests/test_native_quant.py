@@ -457,12 +457,13 @@ def test_dequantize_matches_gguf_py(qtype):
 # ---------------------------------------------------------------------------
 
 
-def _ggml_lib():
+def ggml_lib():
+    """llama-cpp-python's libggml-base (GGUFORGE_GGML_LIB overrides), with ggml_quantize_chunk typed;
+    the oracle of every native-quantizer test."""
     path = os.environ.get("GGUFORGE_GGML_LIB")
     if not path:
         if importlib.util.find_spec("llama_cpp") is None:
             pytest.skip("llama-cpp-python not installed")
-        pytest.importorskip("llama_cpp")
         pkg = Path(importlib.util.find_spec("llama_cpp").origin).parent
         libs = sorted(pkg.rglob("libggml-base.so*"))
         if not libs:
@@ -473,7 +474,7 @@ def _ggml_lib():
     f.restype = ctypes.c_size_t
     f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    return f
+    return lib
 
 
 def ggml_quantize(fn, x: np.ndarray, qtype) -> np.ndarray:
@@ -488,7 +489,7 @@ def ggml_quantize(fn, x: np.ndarray, qtype) -> np.ndarray:
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
 def test_matches_ggml(qtype):
-    fn = _ggml_lib()
+    fn = ggml_lib().ggml_quantize_chunk
     for seed in range(4):
         rng = np.random.default_rng(100 + seed)
         # many random rows: every kind of block, several scales, shuffled

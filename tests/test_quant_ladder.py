@@ -9,8 +9,6 @@ Whole-file comparisons with llama-quantize live in test_quantize_vs_llama.py.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ from gguforge.quantize import native
 from gguforge.quantize.presets import parse_preset
 from gguforge.quantize.rules import TensorIn, model_n_gqa, plan_quantization
 from helpers import llama_quantize
-from test_native_quant import KINDS, array_rmse, make_case, quantize_fns_data
+from test_native_quant import KINDS, array_rmse, ggml_lib, make_case, quantize_fns_data
 from test_quant_rules import dense_model, moe_model
 
 F = np.float32
@@ -48,19 +46,7 @@ _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_in
 
 @pytest.fixture(scope="module")
 def ggml():
-    path = os.environ.get("GGUFORGE_GGML_LIB")
-    if not path:
-        spec = importlib.util.find_spec("llama_cpp")
-        if spec is None:
-            pytest.skip("llama-cpp-python not installed")
-        libs = sorted(Path(spec.origin).parent.rglob("libggml-base.so*"))
-        if not libs:
-            pytest.skip("no libggml-base.so in llama-cpp-python")
-        path = str(libs[0])
-    lib = ctypes.CDLL(path)
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib = ggml_lib()
     lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
     lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
     return lib
