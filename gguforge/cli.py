@@ -100,6 +100,23 @@ def _list_archs() -> None:
         _echo(f"{hf_name:45s} -> {cls.gguf_arch}")
 
 
+# Options convert-hf and quantize share (a fresh typer.Option for each command).
+def _include_weights_option():
+    return typer.Option([], "--include-weights", metavar="S",
+                        help="use imatrix data only for tensors whose name contains S (repeatable)")
+
+
+def _exclude_weights_option():
+    return typer.Option([], "--exclude-weights", metavar="S",
+                        help="no imatrix data for tensors whose name contains S (repeatable)")
+
+
+def _imatrix_missing_option():
+    return typer.Option("static", "--imatrix-missing", metavar="static|error",
+                        help="tensors the imatrix has no data for (MTP layers, experts never routed): quantize "
+                        "them without it and warn (static), or refuse (error)")
+
+
 @app.command("convert-hf")
 def convert_hf_cmd(
     model: Optional[str] = typer.Argument(None, help="HF model directory or hub id (default: the built-in tiny model)"),
@@ -125,13 +142,9 @@ def convert_hf_cmd(
     imatrix: Optional[str] = typer.Option(None, "--imatrix", metavar="FILE",  # str: written as given
                                           help="importance matrix for a quantize preset --outtype (one pass, as "
                                           "llama-quantize --imatrix of the converted file)"),
-    include_weights: List[str] = typer.Option([], "--include-weights", metavar="S", help="use imatrix data only "
-                                              "for tensors whose name contains S (repeatable)"),
-    exclude_weights: List[str] = typer.Option([], "--exclude-weights", metavar="S", help="no imatrix data for "
-                                              "tensors whose name contains S (repeatable)"),
-    imatrix_missing: str = typer.Option("static", "--imatrix-missing", metavar="static|error",
-                                        help="tensors the imatrix has no data for: quantize them without it and "
-                                        "warn (static), or refuse (error)"),
+    include_weights: List[str] = _include_weights_option(),
+    exclude_weights: List[str] = _exclude_weights_option(),
+    imatrix_missing: str = _imatrix_missing_option(),
     imatrix_text: Optional[str] = typer.Option(None, "--imatrix-text", metavar="FILE", help="calibration text: "
                                                "compute the importance matrix first (gguforge imatrix, torch), "
                                                "then convert with it; no file in between"),
@@ -296,13 +309,9 @@ def quantize_cmd(
     imatrix: Optional[str] = typer.Option(None, "--imatrix", metavar="FILE",  # str: written as given
                                            help="importance matrix (GGUF or .dat, from llama-imatrix or gguforge "
                                            "imatrix) for the weighted quantizers, as llama-quantize --imatrix"),
-    include_weights: List[str] = typer.Option([], "--include-weights", metavar="S", help="use imatrix data only "
-                                              "for tensors whose name contains S (repeatable)"),
-    exclude_weights: List[str] = typer.Option([], "--exclude-weights", metavar="S", help="no imatrix data for "
-                                              "tensors whose name contains S (repeatable)"),
-    imatrix_missing: str = typer.Option("static", "--imatrix-missing", metavar="static|error",
-                                        help="tensors the imatrix has no data for (MTP layers, experts never "
-                                        "routed): quantize them without it and warn (static), or refuse (error)"),
+    include_weights: List[str] = _include_weights_option(),
+    exclude_weights: List[str] = _exclude_weights_option(),
+    imatrix_missing: str = _imatrix_missing_option(),
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="dequantize quantized tensors and "
                                           "quantize them again (loses quality)"),
     no_fallback: bool = typer.Option(False, "--no-fallback", help="refuse instead of falling back to another "
