@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -473,7 +474,7 @@ def compute_imatrix(model: str, text_file, options: ImatrixOptions | None = None
     start = time.perf_counter()
     n = chunking.n_ctx
     total = chunking.n_chunk * n
-    with (progress(total, "imatrix") if progress else _no_progress()) as advance:
+    with (progress(total, "imatrix") if progress else nullcontext(lambda n: None)) as advance:
         for first, n_seqs in chunking.groups():
             dense_mask, seq_mask = chunking.masks(n_seqs)
             # The group's chunks side by side, as llama-imatrix decodes them (n_batch tokens at most);
@@ -514,20 +515,11 @@ def compute_imatrix(model: str, text_file, options: ImatrixOptions | None = None
                                            np.array([counts], dtype=np.float32))
     if not entries:
         raise UserError("no matmul of the model was recorded", hint="is -c at least 16 tokens?")
-    chunk_count = max(int(e.counts.max()) for e in entries.values()) // n
     dataset = o.dataset if o.dataset is not None else str(text_file)
-    im = Imatrix(entries, [dataset], chunk_count, n)
+    im = Imatrix(entries, [dataset], chunking.n_chunk, n)  # llama-imatrix's m_last_chunk: chunks processed
     return ImatrixRun(im, targets, total, seconds, missing)
 
 
 def _block(gguf_name: str) -> int:
     parts = gguf_name.split(".")
     return int(parts[1]) if parts[0] == "blk" and parts[1].isdigit() else -1
-
-
-class _no_progress:
-    def __enter__(self):
-        return lambda n: None
-
-    def __exit__(self, *exc):
-        return False
