@@ -607,8 +607,18 @@ def _require(command: str, modules: tuple[str, ...], hint: str) -> None:
 def main(argv: List[str] | None = None) -> int:
     """Run one command; every termination signal unwinds it (cleanup runs) and exits 128 + signal."""
     from .signals import termination_as_exception
+    _reopen_closed_std_streams()
     with termination_as_exception():
         return _run(argv)
+
+
+def _reopen_closed_std_streams() -> None:
+    """Started with stdout or stderr closed (`2>&-`): Python leaves sys.stderr None, which every message
+    and progress bar would trip over (exit 70). Point it at /dev/null: the exit code still tells."""
+    import os
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
 
 
 def _click_classes(name: str) -> tuple[type, ...]:
@@ -641,9 +651,9 @@ def _run(argv: List[str] | None) -> int:
             _say("interrupted")
         return result if isinstance(result, int) else 0
     except UserError as e:
-        _say(f"error: {e.message}")
+        _say(f"error: {_one_line(e.message)}")
         if e.hint:
-            _say(f"hint: {e.hint}")
+            _say(f"hint: {_one_line(e.hint)}")
         return EXIT_BAD_INPUT
     except _click_classes("ClickException") as e:  # usage errors: usage line, "Error: ...", exit 2
         e.show()
@@ -661,6 +671,14 @@ def _run(argv: List[str] | None) -> int:
         return EXIT_BAD_INPUT
     except Exception as e:
         return _internal_error(e)
+
+
+def _one_line(text: str) -> str:
+    """A message as one printable line: the user's text inside it may hold newlines, other control
+    characters or unpaired surrogates, shown escaped (as repr() does)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _internal_error(e: Exception) -> int:

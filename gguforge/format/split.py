@@ -30,7 +30,7 @@ def parse_size(text: str) -> int:
     text = text.strip()
     unit = UNITS.get(text[-1:].upper(), 1) if text else 1
     digits = text[:-1] if unit != 1 else text
-    if not digits.isdigit():
+    if not (digits.isascii() and digits.isdigit()):  # str.isdigit() alone accepts '²', which int() refuses
         raise UserError(f"--split-max-size {text!r}: expected a whole number with an optional K, M or G "
                         "(for example 300M or 2G)")
     return int(digits) * unit

@@ -124,6 +124,9 @@ class Metadata:
     def set(self, key: str, value: Any, vtype: GGUFValueType, item_type: GGUFValueType | None = None):
         # Values come from configs, tokenizers and override files: refuse what the file format cannot
         # store, or llama.cpp could not use, here, once for every key.
+        key_problem = _value_problem(key, GGUFValueType.STRING)  # keys are GGUF strings too
+        if key_problem:
+            raise UserError(f"metadata key {key_problem} (check the --metadata file or the override options)")
         items = value if vtype == GGUFValueType.ARRAY else (value,)
         kind = item_type if vtype == GGUFValueType.ARRAY else vtype
         if not _all_fine(items, kind):  # (a vocabulary is 10^5 strings: look one by one only for the message)
