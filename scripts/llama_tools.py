@@ -87,6 +87,18 @@ def build_dir() -> Path:
     return CACHE / "llama-tools" / SDIST.replace("==", "-")
 
 
+def source_tree() -> Path:
+    """The whole vendored llama.cpp tree (unpacked once, under the build lock), for tests that read its
+    sources and test data without building anything."""
+    root = build_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    if (root / "src" / "CMakeLists.txt").is_file():
+        return root / "src"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _source_tree(root)
+
+
 def llama_tools(*names: str) -> dict[str, Path]:
     """Paths of the named tools, building the missing ones (cmake; minutes on a cold cache)."""
     names = names or DEFAULT_TOOLS

@@ -207,3 +207,21 @@ def llama_tool(name: str) -> Path:
     """Path of one of llama.cpp's programs (llama-quantize, llama-imatrix, ...), built with cmake from
     the pinned sdist's llama.cpp tree and cached under ~/.cache/gguforge-tests (scripts/llama_tools.py)."""
     return _llama_tools().llama_tools(name)[name]
+
+
+def llama_cpp_source() -> Path:
+    """The whole pinned llama.cpp tree (src/, models/ggml-vocab-*, ...), unpacked once under the tools'
+    cache (scripts/llama_tools.py), without building anything."""
+    return _llama_tools().source_tree()
+
+
+def small_row_chunks(monkeypatch, nbytes: int) -> None:
+    """Row chunks of about `nbytes` float32 bytes instead of gguforge.parallel.CHUNK_BYTES (16 MB), in every
+    loaded gguforge module that holds the constant, so that the mocks' tensors span many chunks."""
+    import gguforge.convert.pipeline  # noqa: F401  (load the users first, then patch them all)
+    import gguforge.quantize.run  # noqa: F401
+    patched = [name for name, mod in list(sys.modules.items())
+               if name.startswith("gguforge") and hasattr(mod, "CHUNK_BYTES")]
+    assert "gguforge.parallel" in patched
+    for name in patched:
+        monkeypatch.setattr(sys.modules[name], "CHUNK_BYTES", nbytes)
