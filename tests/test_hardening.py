@@ -441,3 +441,29 @@ def test_bilinear_resize_of_a_non_square_image():
     xs, ys = [0, 3, 9, 15, 21, 27, 33, 36], [0, 25, 75, 100]
     assert big[..., 0].tolist() == [[x + y for x in xs] for y in ys]
     assert np.array_equal(resize_bilinear(ramp_image(), width=4, height=2), ramp_image())
+
+
+@pytest.fixture(scope="module")
+def f32_file(model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hardening-f32") / "m-f32.gguf"
+    assert main(["convert-hf", str(model), "--outfile", str(path), "--outtype", "f32", "-q"]) == 0
+    return path
+
+
+def test_explicit_types_as_llama_quantize(f32_file, tmp_path, capsys):
+    """llama-quantize itself: --output-tensor-type / --token-embedding-type q4_k on 64-wide rows abort it
+    (GGML_ASSERT in gguf.cpp), which gguforge refuses up front; --tensor-type q4_k falls back, byte for byte."""
+    from helpers import llama_tool
+    quantize = llama_tool("llama-quantize")
+    for option in ("--output-tensor-type", "--token-embedding-type"):
+        r = subprocess.run([str(quantize), option, "q4_k", str(f32_file), str(tmp_path / "llama.gguf"), "Q4_K_M"],
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and "GGML_ASSERT" in r.stderr, r.stderr[-2000:]
+        run_fails(capsys, ["quantize", f32_file, tmp_path / "ours.gguf", "Q4_K_M", option, "q4_k"], option)
+        (tmp_path / "llama.gguf").unlink(missing_ok=True)
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "llama.gguf"
+    r = subprocess.run([str(quantize), "--tensor-type", "attn_q=q4_k", str(f32_file), str(theirs), "Q4_K_M", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert main(["quantize", str(f32_file), str(ours), "Q4_K_M", "--tensor-type", "attn_q=q4_k", "-q"]) == 0
+    assert ours.read_bytes() == theirs.read_bytes()
