@@ -199,8 +199,8 @@ def _check_tensor_shapes(path: Path, reader, empty_tensors: bool = False) -> Non
         if not ne:
             raise UserError(f"{path}: tensor {t.name} has no dimensions", hint="the file is corrupt")
         if min(ne) == 0 and not empty_tensors:
-            raise UserError(f"{path}: tensor {t.name} has a dimension of size 0 ({ne}): there is nothing to "
-                            "convert or quantize", hint="gguforge inspect and diff show such files")
+            raise UserError(f"{path}: tensor {t.name} has a dimension of size 0 ({ne}), which this command "
+                            "cannot use", hint="gguforge inspect and diff show such files")
         block, _ = block_size(t.tensor_type)
         if ne[0] % block:
             raise UserError(f"{path}: tensor {t.name} has rows of {ne[0]} values, not a whole number of "
