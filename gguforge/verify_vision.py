@@ -44,7 +44,7 @@ DEFAULT_GRID = (6, 4)
 # Above this NMSE the image embeddings are taken to differ: an f32/f16 mmproj is at ~1e-7 on the mocks,
 # a q8_0 one at ~1.5e-4; a wrong image mean alone costs ~5e-2.
 DEFAULT_MAX_IMAGE_NMSE = 1e-3
-PROJECTORS = ("qwen3vl_merger",)  # the vision encoders gguforge writes (archs/vision.py)
+PROJECTORS = ("qwen3vl_merger", "qwen2vl_merger", "qwen2.5vl_merger")  # the vision encoders gguforge writes
 LLAMA_FLASH_ATTN_TYPE_DISABLED = 0  # llama.h enum llama_flash_attn_type: f16 K/V would add ~1e-7 of noise
 
 
