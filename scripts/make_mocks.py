@@ -338,10 +338,14 @@ def _wrapper_only_mock(arch: str, out: Path, kw: dict, layout: str, tdtype, dtyp
     cls = arch_classes()[arch]
     vision = (cls.mock_vision_config(kw["hidden_size"]) if hasattr(cls, "mock_vision_config")
               else dict(VISION_STUB, out_hidden_size=kw["hidden_size"], deepstack_visual_indexes=[1]))
-    cfg = cg_cfg_cls(text_config=kw, vision_config=vision, tie_word_embeddings=kw["tie_word_embeddings"])
+    wrapper = (cls.mock_wrapper_config(kw, vision) if hasattr(cls, "mock_wrapper_config")
+               else dict(text_config=kw, vision_config=vision))
+    cfg = cg_cfg_cls(**wrapper, tie_word_embeddings=kw["tie_word_embeddings"])
     torch.manual_seed(seed)
     model = cg_cls(cfg)
     sd, config = _initialise_and_save(model, arch, seed, full_precision, tdtype, dtype, out)
+    if hasattr(cls, "mock_extra_tensors"):  # parts transformers does not build at mock size (e.g. Omni's talker)
+        sd.update(cls.mock_extra_tensors(sd))
     if layout == "causal":
         save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     else:  # the published layout: experts [E, H, 2F] and [E, F, H]
