@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as T
 
 from gguforge.cli import main
 
-from helpers import gguf_fields, read_gguf, run_reference_converter
+from helpers import gguf_fields, read_gguf, run_reference_converters
 from test_mmproj import relabel
 
 pytest.importorskip("torch")
@@ -36,23 +36,31 @@ def convert(model, out, outtype: str, *extra: str):
     return out
 
 
-# Each output type for the text model and for the mmproj, split between the two generations (a
-# reference run costs ~12 s).
-REFERENCE_CASES = [("qwen2vl", "f32", False), ("qwen2vl", "q8_0", False), ("qwen25vl", "bf16", False),
-                   ("qwen2vl", "bf16", True), ("qwen2vl", "f16", True), ("qwen25vl", "f32", True),
-                   ("qwen25vl", "q8_0", True)]
+# Every output type, for the text model and the mmproj of both generations.
+REFERENCE_CASES = [(arch, outtype, False) for arch in ARCHS for outtype in ("f32", "bf16", "q8_0")] + \
+                  [(arch, outtype, True) for arch in ARCHS for outtype in ("f32", "f16", "bf16", "q8_0")]
+
+
+@pytest.fixture(scope="module")
+def reference_files(tree, mock_model, tmp_path_factory):
+    """{case: the file llama.cpp's converter writes}, all converted in one process."""
+    root = tmp_path_factory.mktemp("qwen2vl-reference")
+    runs = []
+    for arch, outtype, mmproj in REFERENCE_CASES:
+        out = root / f"{arch}-{outtype}-{mmproj}"
+        out.mkdir()  # a directory: the converter chooses the file name
+        runs.append((hub(mock_model, arch), out, outtype, *(("--mmproj",) if mmproj else ())))
+    r = run_reference_converters(tree, "qwen2", runs)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return {case: next(run[1].iterdir()) for case, run in zip(REFERENCE_CASES, runs)}
 
 
 @pytest.mark.parametrize("arch,outtype,mmproj", REFERENCE_CASES)
-def test_text_and_mmproj_equal_the_reference_converter(tree, mock_model, tmp_path, arch, outtype, mmproj):
-    model = hub(mock_model, arch)
-    ours_dir, ref_dir = tmp_path / "ours", tmp_path / "ref"
-    ours_dir.mkdir(), ref_dir.mkdir()  # directories: both converters choose the file name
-    extra = ("--mmproj",) if mmproj else ()
-    convert(model, ours_dir, outtype, *extra)
-    r = run_reference_converter(tree, model, ref_dir, outtype, "qwen2", *extra)
-    assert r.returncode == 0, r.stderr[-2000:]
-    [ours], [ref] = ours_dir.iterdir(), ref_dir.iterdir()
+def test_text_and_mmproj_equal_the_reference_converter(reference_files, mock_model, tmp_path, arch, outtype, mmproj):
+    ours_dir = tmp_path / "ours"
+    ours_dir.mkdir()
+    convert(hub(mock_model, arch), ours_dir, outtype, *(("--mmproj",) if mmproj else ()))
+    [ours], ref = ours_dir.iterdir(), reference_files[(arch, outtype, mmproj)]
     assert ours.name == ref.name and ours.read_bytes() == ref.read_bytes()
     fields, tensors = gguf_fields(ours), read_gguf(ours)
     if not mmproj:

@@ -17,7 +17,7 @@ import pytest
 
 from gguforge.cli import main
 
-from helpers import gguf_fields, gguforge, run_reference_converter
+from helpers import gguf_fields, gguforge, run_reference_converters
 from test_mmproj import relabel
 
 pytest.importorskip("torch")
@@ -25,17 +25,27 @@ pytest.importorskip("torch")
 IM_END = 397  # <|im_end|> in the mock tokenizer (config bos_token_id is <|endoftext|>, 395)
 
 
-@pytest.mark.parametrize("arch,layout,outtype", [
-    ("qwen3omni", "hub", "bf16"), ("qwen3omni", "causal", "q8_0"), ("qwen3asr", "causal", "f32"),
-    ("qwen3asr", "causal", "bf16"),
-])
-def test_text_equals_the_reference_converter(tree, mock_model, tmp_path, arch, layout, outtype):
-    model = mock_model(arch, layout=layout)
-    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
-    assert main(["convert-hf", str(model), "--outfile", str(ours), "--outtype", outtype, "-q"]) == 0
-    r = run_reference_converter(tree, model, ref, outtype, "qwen2")
+REFERENCE_CASES = [("qwen3omni", "hub", "bf16"), ("qwen3omni", "causal", "f32"), ("qwen3omni", "causal", "q8_0"),
+                   ("qwen3asr", "causal", "f32"), ("qwen3asr", "causal", "bf16"), ("qwen3asr", "causal", "q8_0")]
+
+
+@pytest.fixture(scope="module")
+def reference_files(tree, mock_model, tmp_path_factory):
+    """{case: the file llama.cpp's converter writes}, all converted in one process."""
+    root = tmp_path_factory.mktemp("qwen3omni-reference")
+    runs = [(mock_model(arch, layout=layout), root / f"{arch}-{layout}-{outtype}.gguf", outtype)
+            for arch, layout, outtype in REFERENCE_CASES]
+    r = run_reference_converters(tree, "qwen2", runs)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert ours.read_bytes() == ref.read_bytes()
+    return {case: run[1] for case, run in zip(REFERENCE_CASES, runs)}
+
+
+@pytest.mark.parametrize("arch,layout,outtype", REFERENCE_CASES)
+def test_text_equals_the_reference_converter(reference_files, mock_model, tmp_path, arch, layout, outtype):
+    ours = tmp_path / "ours.gguf"
+    assert main(["convert-hf", str(mock_model(arch, layout=layout)), "--outfile", str(ours), "--outtype", outtype,
+                 "-q"]) == 0
+    assert ours.read_bytes() == reference_files[(arch, layout, outtype)].read_bytes()
     fields = gguf_fields(ours)  # what the comparison covers
     gguf_arch = {"qwen3omni": "qwen3vlmoe", "qwen3asr": "qwen3vl"}[arch]
     assert fields["general.architecture"] == gguf_arch and fields[f"{gguf_arch}.n_deepstack_layers"] == 0
