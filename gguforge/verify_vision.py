@@ -19,7 +19,8 @@ What mtmd returns for the Qwen3-VL family (projector "qwen3vl_merger", tools/mtm
 one row per merged token, in raster order of the merged grid, holding the merger's output followed by
 each deepstack merger's output (ViT layer order) along the feature axis. transformers' vision model
 returns the same pieces separately (pooler_output and deepstack_features); they are concatenated in
-that order here and compared part by part as well.
+that order here and compared part by part as well. Qwen2-VL and Qwen2.5-VL ("qwen2vl_merger",
+"qwen2.5vl_merger", tools/mtmd/models/qwen2vl.cpp) have no deepstack: the rows are the merger's output.
 
 numpy only at import time; torch, transformers and llama_cpp are imported inside functions.
 """

@@ -186,3 +186,24 @@ def test_one_pass_preset_equals_llama_quantize_of_the_float_file(mock_model, tmp
     ours = convert(model, tmp_path / "ours.gguf", "Q4_K_M")
     llama_quantize(float_file, tmp_path / "ref.gguf", "Q4_K_M")
     assert_same_tensors(ours, tmp_path / "ref.gguf", same_order=False)
+
+
+def test_a_wrong_window_pattern_shows_in_the_image_embeddings(mock_model, tmp_path, monkeypatch):
+    """The test image spans two 112-pixel windows, so window attention matters: an mmproj whose
+    n_wa_pattern makes block 1 windowed (4 instead of 2) is 2.6e-4 off transformers, against 4e-8 for
+    the right file (the bound above is 1e-5)."""
+    pytest.importorskip("llama_cpp.mtmd_cpp")
+    from gguforge import verify_vision
+    from gguforge.archs import qwen2vl
+    model = mock_model("qwen25vl", full_precision=True)
+    text = convert(model, tmp_path / "text.gguf", "f32")
+    right = qwen2vl.Qwen25VLVision.add_window_metadata
+
+    def wrong(self, md):
+        right(self, md)
+        md.u32("clip.vision.n_wa_pattern", 4)
+
+    monkeypatch.setattr(qwen2vl.Qwen25VLVision, "add_window_metadata", wrong)
+    mm = convert(model, tmp_path / "mm.gguf", "f32", "--mmproj")
+    vision = verify_vision.verify_vision(model, text, mm)
+    assert not vision.problems and vision.nmse > 1e-5, vision.format()
