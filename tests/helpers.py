@@ -153,8 +153,8 @@ def llama_cpp_tree(cache: Path = Path.home() / ".cache" / "gguforge-tests") -> P
 # llama.cpp's converter identifies tokenizers by hashing their output against a table of known
 # models; mock tokenizers are not in it, so tests name the pre-tokenizer for it.
 _REFERENCE_RUNNER = """
-import sys, runpy
-tree, pre = sys.argv.pop(1), sys.argv.pop(1)
+import sys, runpy, json
+tree, pre, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 sys.path.insert(0, tree)
 import importlib.machinery, types
 if "sentencepiece" not in sys.modules:  # Qwen2Model.set_vocab imports it before looking for tokenizer.model
@@ -167,15 +167,24 @@ if "sentencepiece" not in sys.modules:  # Qwen2Model.set_vocab imports it before
         sys.modules["sentencepiece"] = stub
 import conversion.base as base
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+for argv in runs:  # one process for several conversions: torch and transformers are imported once
+    sys.argv = argv
+    runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
 def run_reference_converter(tree: Path, model: Path, out: Path, outtype: str, pre: str, *extra: str):
+    return run_reference_converters(tree, pre, [(model, out, outtype, *extra)])
+
+
+def run_reference_converters(tree: Path, pre: str, runs):
+    """llama.cpp's converter for each (model, out, outtype, *extra) in `runs`, in one process (stops at the
+    first failure)."""
     env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py")}
-    return subprocess.run([sys.executable, "-c", _REFERENCE_RUNNER, str(tree), pre, str(tree / "convert_hf_to_gguf.py"),
-                           str(model), "--outfile", str(out), "--outtype", outtype, *extra],
+    script = str(tree / "convert_hf_to_gguf.py")
+    argvs = [[script, str(model), "--outfile", str(out), "--outtype", outtype, *extra]
+             for model, out, outtype, *extra in runs]
+    return subprocess.run([sys.executable, "-c", _REFERENCE_RUNNER, str(tree), pre, json.dumps(argvs)],
                           capture_output=True, text=True, env=env)
 
 
