@@ -267,8 +267,8 @@ class Block:
     file: int
     start: int
     end: int
-    position: int  # bytes of the schedule before this block
     expected: int  # bytes the plan will read from it (a byte read twice counts twice)
+    last: int  # the last output tensor reading from it
     consumed: int = 0
     state: int = PENDING
     data: np.ndarray | None = None
@@ -293,7 +293,7 @@ class RemoteSource:
         self.in_flight = 0  # prefetches running
         self.live = 0  # bytes of blocks fetched or being fetched and not yet dropped
         self.peak_live = 0
-        self.frontier = 0  # furthest schedule position read so far
+        self.done_through = -1  # output tensors finished so far
         self.live_blocks: deque[Block] = deque()
         self.queue: deque[Block] = deque()
         self.wake = threading.Condition(self.lock)
@@ -303,28 +303,26 @@ class RemoteSource:
         self.direct = 0  # bytes fetched outside the schedule
 
     # -- planning --------------------------------------------------------------------------------
-    def schedule(self, uses: list[tuple[int, int, int, int]]) -> None:
-        """`uses`: (file, start, end, reads) in the order the conversion will read them."""
+    def schedule(self, uses: list[tuple[int, int, int, int, int]]) -> None:
+        """`uses`: (file, start, end, reads, last output tensor) in the order the conversion will read them."""
         block = self.options.block
-        ranges: list[list] = []  # [file, start, end, [(start, end, reads), ...]]
-        for f, start, end, reads in uses:
+        ranges: list[list] = []  # [file, start, end, [(start, end, reads, last), ...]]
+        for f, start, end, reads, last in uses:
             if end <= start:
                 continue
-            last = ranges[-1] if ranges else None
-            if last is not None and last[0] == f and last[2] == start:
-                last[2] = end
-                last[3].append((start, end, reads))
+            prev = ranges[-1] if ranges else None
+            if prev is not None and prev[0] == f and prev[2] == start:
+                prev[2] = end
+                prev[3].append((start, end, reads, last))
             else:
-                ranges.append([f, start, end, [(start, end, reads)]])
-        position = 0
+                ranges.append([f, start, end, [(start, end, reads, last)]])
         for f, start, end, segments in ranges:
             for lo in range(start, end, block):
                 hi = min(end, lo + block)
-                expected = sum((min(hi, e) - max(lo, s)) * r for s, e, r in segments if s < hi and e > lo)
-                b = Block(len(self.blocks), f, lo, hi, position, expected)
-                position += hi - lo
+                parts = [(min(hi, e) - max(lo, s), r, t) for s, e, r, t in segments if s < hi and e > lo]
+                b = Block(len(self.blocks), f, lo, hi, sum(n * r for n, r, _ in parts), max(t for _, _, t in parts))
+                self.total += hi - lo
                 self.blocks.append(b)
-        self.total = position
         for b in sorted(self.blocks, key=lambda b: (b.file, b.start, b.index)):
             starts, blocks = self.by_file[b.file]
             starts.append(b.start)
@@ -338,10 +336,12 @@ class RemoteSource:
 
     def _kick(self) -> None:
         """Start prefetches (lock held): in schedule order, within the window and the connection count."""
-        window, slack = self.options.window, self.options.window
+        window = self.options.window
         while self.next < len(self.blocks) and self.in_flight < self.options.connections:
             b = self.blocks[self.next]
-            if b.state != PENDING or b.position + b.size + slack < self.frontier:
+            if b.state != PENDING or b.last <= self.done_through:  # taken by a reader, or no longer needed
+                if b.state == PENDING:
+                    b.state = RELEASED
                 self.next += 1
                 continue
             if self.live and self.live + b.size > window:
@@ -429,30 +429,25 @@ class RemoteSource:
                     continue  # dropped meanwhile: look again
                 n = min(b.end, offset + len(out)) - at
                 b.consumed += n
-                self.frontier = max(self.frontier, b.position)
                 if b.consumed >= b.expected:
                     self._drop(b)
-                self._forget_passed()
-                self._kick()
+                    self._kick()
             out[pos:pos + n] = data[at - b.start:at - b.start + n]
             pos += n
 
-    def _forget_passed(self) -> None:
-        """Drop fetched blocks the reads have moved past by more than a window (lock held)."""
-        slack = self.options.window
-        kept: deque[Block] = deque()
-        while self.live_blocks:
-            b = self.live_blocks.popleft()
-            if b.state == RELEASED:
-                continue
-            if b.state == READY and b.position + b.size + slack < self.frontier:
-                self._drop(b)
-                continue
-            kept.append(b)
-            if b.position > self.frontier:
-                break
-        kept.extend(self.live_blocks)
-        self.live_blocks = kept
+    def finished(self, i: int) -> None:
+        """Output tensor i (and all before it) is written: blocks no later tensor reads are dropped, even
+        if read less often than planned (a transform may use only part of a tensor)."""
+        with self.lock:
+            self.done_through = i
+            kept: deque[Block] = deque()
+            for b in self.live_blocks:
+                if b.state == READY and b.last <= i:
+                    self._drop(b)
+                elif b.state != RELEASED:
+                    kept.append(b)
+            self.live_blocks = kept
+            self._kick()
 
     def close(self) -> None:
         with self.lock:
@@ -604,8 +599,8 @@ SMALL_FILE_LIMIT = 256 << 20  # a config or tokenizer file larger than this is n
 # -- the conversion's read order ----------------------------------------------------------------
 
 
-def read_order(checkpoint: Checkpoint, tensor_sources: list[tuple[list[str], int]]) -> list[tuple[int, int, int, int]]:
-    """(file, start, end, reads) of the source tensors in the order a conversion uses them:
+def read_order(checkpoint: Checkpoint, tensor_sources) -> list[tuple[int, int, int, int, int]]:
+    """(file, start, end, reads, last output tensor) of the source tensors in the order a conversion uses them:
     `tensor_sources` gives, per output tensor in writing order, its source tensor names and how often
     each is read. A source used again by the next output tensor stays in one visit (fetched once)."""
     uses: list[list[int]] = []
@@ -619,9 +614,10 @@ def read_order(checkpoint: Checkpoint, tensor_sources: list[tuple[list[str], int
             seen = last.get(name)
             if seen is not None and seen[0] >= i - 1:
                 seen[1][3] += reads
+                seen[1][4] = i
                 last[name] = (i, seen[1])
                 continue
-            visit = [shard.index, t.start, t.end, reads]
+            visit = [shard.index, t.start, t.end, reads, i]
             uses.append(visit)
             last[name] = (i, visit)
     return [tuple(u) for u in uses]

@@ -132,7 +132,8 @@ def _nonfinite(t: PlannedTensor) -> UserError:
 
 
 def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,
-               split: SplitOptions | None = None) -> None:
+               split: SplitOptions | None = None, tensor_done=None) -> None:
+    """`tensor_done(i)`: called once every chunk of tensor i is encoded (its source bytes are not read again)."""
     threads = options.threads or os.cpu_count() or 1
     check = not options.allow_nonfinite
 
@@ -155,13 +156,27 @@ def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,
             raise
 
     def chunks():
-        for (i, *_), (data, buffers) in ordered_parallel(jobs(), job, threads, ahead):
+        for (i, *_), (data, buffers) in announce_done(ordered_parallel(jobs(), job, threads, ahead), tensor_done):
             yield i, data
             for b in buffers:  # written by now: the buffers can be reused
                 pool.give(b)
 
     shards = plan.shards or plan_shards(target, plan.tensors, split)
     write_shards(shards, plan.metadata, plan.tensors, chunks, progress)
+
+
+def announce_done(results, tensor_done):
+    """ordered_parallel's results (in job order, jobs (i, ...)), calling tensor_done(i) when tensor i's last
+    chunk has been encoded, i.e. when the first result of a later tensor (or the end) arrives."""
+    last = None
+    for result in results:
+        i = result[0][0]
+        if tensor_done is not None and last is not None and i != last:
+            tensor_done(last)
+        last = i
+        yield result
+    if tensor_done is not None and last is not None:
+        tensor_done(last)
 
 
 def check_output(target: Path, model_dir: Path, force: bool) -> None:
@@ -193,21 +208,24 @@ def opened_checkpoint(model: str, options: ConvertOptions, revision: str | None 
 
 @contextmanager
 def write_progress(checkpoint, plans: list[Plan], progress_factory, names: str):
-    """The advance() a writer reports written bytes to (None: no bar). A remote checkpoint is told the
-    order its tensors will be read in, and its bar counts the bytes received over the network instead."""
+    """(advance, tensor_done) for the writer: the advance() it reports written bytes to (None: no bar), and
+    what it tells when a tensor is finished. A remote checkpoint is told the order its tensors will be
+    read in and when each is finished, and its bar counts the bytes received over the network instead."""
     source = getattr(checkpoint, "source", None)
+    done = None
     if source is not None:
         from ..checkpoint.remote import read_order
         source.schedule(read_order(checkpoint, tensor_reads(plans)))
+        done = source.finished
     if progress_factory is None:
-        yield None
+        yield None, done
     elif source is None:
         with progress_factory(sum(p.nbytes for p in plans), f"writing {names}") as advance:
-            yield advance
+            yield advance, done
     else:
         with progress_factory(source.total, f"reading {checkpoint.repo}, writing {names}") as advance:
             source.http.progress = advance
-            yield None
+            yield None, done
 
 
 def tensor_reads(plans: list[Plan]) -> list[tuple[tuple[str, ...], int]]:
@@ -243,8 +261,8 @@ def _convert_hf(checkpoint, model, outfile, options, force, dry_run, progress_fa
     for shard in plan.shards:
         check_output(shard.path, root, force)
     with replacing(force):  # checked again when the output is moved into place (it may appear meanwhile)
-        with write_progress(checkpoint, [plan], progress_factory, target.name) as advance:
-            write_plan(plan, target, options, advance, split=split)
+        with write_progress(checkpoint, [plan], progress_factory, target.name) as (advance, done):
+            write_plan(plan, target, options, advance, split=split, tensor_done=done)
     return plan, target
 
 
@@ -276,7 +294,7 @@ def encode_chunks(ts: list[PlannedTensor], start: int, stop: int, check_finite: 
     return out
 
 
-def write_plans(plans: list[Plan], options: ConvertOptions, progress=None) -> None:
+def write_plans(plans: list[Plan], options: ConvertOptions, progress=None, tensor_done=None) -> None:
     """Write every plan's (already sharded) output from one pass over the tensors; all or none appear."""
     threads = options.threads or os.cpu_count() or 1
     check = not options.allow_nonfinite
@@ -288,8 +306,9 @@ def write_plans(plans: list[Plan], options: ConvertOptions, progress=None) -> No
                 yield i, ts, start, stop
 
     def chunks():
-        for (i, *_), data in ordered_parallel(jobs(), lambda i, ts, start, stop: encode_chunks(ts, start, stop, check),
-                                              threads, 2 * threads):
+        results = ordered_parallel(jobs(), lambda i, ts, start, stop: encode_chunks(ts, start, stop, check),
+                                   threads, 2 * threads)
+        for (i, *_), data in announce_done(results, tensor_done):
             yield i, data
 
     write_many_shards([(p.shards, p.metadata, p.tensors) for p in plans], chunks, progress)
@@ -356,6 +375,7 @@ def _convert_hf_many(checkpoint, model, outfile, options, types, force, dry_run,
             check_output(shard.path, root, force)
     plans = [plan for plan, _ in out]
     with replacing(force):
-        with write_progress(checkpoint, plans, progress_factory, ", ".join(target.name for _, target in out)) as advance:
-            write_plans(plans, options, advance)
+        names = ", ".join(target.name for _, target in out)
+        with write_progress(checkpoint, plans, progress_factory, names) as (advance, done):
+            write_plans(plans, options, advance, done)
     return out
