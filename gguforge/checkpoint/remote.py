@@ -117,12 +117,12 @@ def _get(url: str, headers: dict, timeout: float):
     if hasattr(session, "stream"):
         with session.stream("GET", url, headers=headers, timeout=timeout, follow_redirects=True) as r:
             first = r.history[0].headers if r.history else r.headers
-            yield r.status_code, first, r.headers, r.iter_raw(1 << 20)
+            yield r.status_code, first, r.headers, r.iter_raw()
     else:  # requests.Session (huggingface_hub < 1)
         r = session.get(url, headers=headers, timeout=timeout, stream=True, allow_redirects=True)
         try:
             first = r.history[0].headers if r.history else r.headers
-            yield r.status_code, first, r.headers, r.raw.stream(1 << 20, decode_content=False)
+            yield r.status_code, first, r.headers, r.raw.stream(1 << 16, decode_content=False)
         finally:
             r.close()
 
@@ -272,6 +272,8 @@ class Block:
     consumed: int = 0
     state: int = PENDING
     data: np.ndarray | None = None
+    readers: int = 0  # threads copying out of `data` right now
+    orphan: np.ndarray | None = None  # the buffer of a block dropped while being copied from
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -295,6 +297,7 @@ class RemoteSource:
         self.peak_live = 0
         self.done_through = -1  # output tensors finished so far
         self.live_blocks: deque[Block] = deque()
+        self.free: list[np.ndarray] = []  # block buffers to reuse
         self.queue: deque[Block] = deque()
         self.wake = threading.Condition(self.lock)
         self.closed = False
@@ -361,7 +364,23 @@ class RemoteSource:
     def _drop(self, b: Block) -> None:
         if b.state in (READY, FETCHING) or b.data is not None:
             self.live -= b.size
+        if b.data is not None:
+            if b.readers:
+                b.orphan = b.data  # the last reader gives it back
+            else:
+                self._give(b.data)
         b.state, b.data = RELEASED, None
+
+    def _take(self, size: int) -> np.ndarray:
+        """A block buffer (lock held): reused ones keep the heap from growing with the bytes fetched
+        (buffers freed by one thread and allocated by another fragment malloc's arenas)."""
+        if size == self.options.block and self.free:
+            return self.free.pop()
+        return np.empty(size, np.uint8)
+
+    def _give(self, buffer: np.ndarray) -> None:
+        if buffer.size == self.options.block and len(self.free) < self.options.window // self.options.block + 2:
+            self.free.append(buffer)
 
     def _worker(self) -> None:
         while True:
@@ -377,7 +396,8 @@ class RemoteSource:
                 self._kick()
 
     def _fetch(self, b: Block) -> None:
-        data = np.empty(b.size, np.uint8)
+        with self.lock:
+            data = self._take(b.size)
         try:
             self.http.read(self.files[b.file], b.start, memoryview(data))
         except BaseException as e:  # kept for the reader (a worker thread must not die silently)
@@ -429,10 +449,16 @@ class RemoteSource:
                     continue  # dropped meanwhile: look again
                 n = min(b.end, offset + len(out)) - at
                 b.consumed += n
+                b.readers += 1
                 if b.consumed >= b.expected:
                     self._drop(b)
                     self._kick()
             out[pos:pos + n] = data[at - b.start:at - b.start + n]
+            with self.lock:
+                b.readers -= 1
+                if not b.readers and b.orphan is not None:
+                    self._give(b.orphan)
+                    b.orphan = None
             pos += n
 
     def finished(self, i: int) -> None:
