@@ -3,6 +3,7 @@
 It serves model directories as hub repositories through the endpoints huggingface_hub calls:
 
 - GET /api/models/{repo}[/revision/{rev}]: the model info (id, sha, siblings);
+- GET /api/models/{repo}/tree/{rev}: the file listing (snapshot_download);
 - HEAD and GET /{repo}/resolve/{rev}/{path}: the file, with X-Repo-Commit, ETag, Content-Length and
   Accept-Ranges headers, and single byte ranges (206 with Content-Range);
 - errors as the hub reports them (X-Error-Code RepoNotFound, RevisionNotFound, EntryNotFound).
@@ -171,6 +172,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 info = {"id": repo, "modelId": repo, "sha": self.hub.commit, "private": self.hub.token is not None,
                         "siblings": [{"rfilename": f} for f in self.hub.files(repo)]}
                 self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
+            return
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)/?(.*)", path)
+        if m:  # the listing snapshot_download asks for (one page, all files)
+            repo, rev, under = m.groups()
+            if self._repo(repo, rev):
+                root = self.hub.repos[repo]
+                tree = [{"type": "file", "path": f, "size": (root / f).stat().st_size,
+                         "oid": HubServer.etag(root / f)[:40]} for f in self.hub.files(repo) if f.startswith(under)]
+                self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"})
             return
         m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if not m:
