@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,12 +321,19 @@ class RemoteSource:
             else:
                 ranges.append([f, start, end, [(start, end, reads, last)]])
         for f, start, end, segments in ranges:
+            k = 0  # the first segment that may overlap the block (both advance through the range)
             for lo in range(start, end, block):
                 hi = min(end, lo + block)
-                parts = [(min(hi, e) - max(lo, s), r, t) for s, e, r, t in segments if s < hi and e > lo]
-                b = Block(len(self.blocks), f, lo, hi, sum(n * r for n, r, _ in parts), max(t for _, _, t in parts))
+                while segments[k][1] <= lo:
+                    k += 1
+                expected, last, j = 0, -1, k
+                while j < len(segments) and segments[j][0] < hi:
+                    s, e, reads, t = segments[j]
+                    expected += (min(hi, e) - max(lo, s)) * reads
+                    last = max(last, t)
+                    j += 1
+                self.blocks.append(Block(len(self.blocks), f, lo, hi, expected, last))
                 self.total += hi - lo
-                self.blocks.append(b)
         for b in sorted(self.blocks, key=lambda b: (b.file, b.start, b.index)):
             starts, blocks = self.by_file[b.file]
             starts.append(b.start)
@@ -597,9 +605,9 @@ def open_remote(model: str, options: RemoteOptions) -> Iterator[RemoteCheckpoint
             raise UserError(f"{where}: no config.json in the repository",
                             hint="pass a Hugging Face model repository")
         config = load_config(root)
-        files: list[RemoteFile] = []
         shards = _index_shards(root, listing)
-        for path, _ in shards:
+
+        def describe(path: Path) -> RemoteFile:
             name = path.relative_to(root).as_posix()
             meta = _hub_call(f"{model}/{name}", options,
                              lambda: get_hf_file_metadata(url(name), token=token, timeout=options.timeout))
@@ -608,10 +616,13 @@ def open_remote(model: str, options: RemoteOptions) -> Iterator[RemoteCheckpoint
                                 f"{meta.commit_hash[:12]} while the run began", hint="run the conversion again")
             if meta.size is None:
                 raise UserError(f"{model}/{name}: the hub did not say the size of the file")
-            files.append(RemoteFile(name, url(name), int(meta.size), _normalise_etag(meta.etag), commit, model))
-        source = RemoteSource(http, files)
-        tensors = shard_tensors((RemoteShard(f, i, source), expected)
-                                for i, (f, (_, expected)) in enumerate(zip(files, shards)))
+            return RemoteFile(name, url(name), int(meta.size), _normalise_etag(meta.etag), commit, model)
+
+        with ThreadPoolExecutor(max(1, options.connections)) as pool:  # a round trip or three per shard
+            files = list(pool.map(describe, [path for path, _ in shards]))
+            source = RemoteSource(http, files)
+            opened = list(pool.map(lambda i: RemoteShard(files[i], i, source), range(len(files))))
+        tensors = shard_tensors(zip(opened, [expected for _, expected in shards]))
         yield RemoteCheckpoint(root, config, tensors, source=source, repo=model, commit=commit)
     finally:
         if source is not None:
