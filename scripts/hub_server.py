@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import os
 import re
 import threading
 import time

@@ -4,12 +4,11 @@ bytes as a local conversion, every fault retried or one clear error with nothing
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import make_mocks
@@ -280,3 +279,23 @@ def test_memory_is_the_local_bound_plus_the_window(tmp_path):
     overhead = 64 << 20
     assert size > 2 * (window + overhead)  # holding the tensors would show
     assert there < here + window + overhead, (here, there)
+
+
+def test_progress_counts_network_bytes(hub, moe_dir, tmp_path):
+    bars = []
+
+    @contextmanager
+    def factory(total, description):
+        bar = [total, description, 0]
+        bars.append(bar)
+
+        def advance(n):
+            bar[2] += n
+        yield advance
+
+    options = RemoteOptions(endpoint=hub.url, **FAST)
+    convert_hf(REPO, str(tmp_path / "r.gguf"), ConvertOptions(outtype="bf16"), remote=options, progress_factory=factory)
+    ((total, description, received),) = bars
+    header_and_data = sum(p.stat().st_size for p in moe_dir.glob("*.safetensors"))
+    assert description.startswith(f"reading {REPO}, writing r.gguf")
+    assert received == total and header_and_data - 2 * 4096 < total < header_and_data  # tensor bytes, once

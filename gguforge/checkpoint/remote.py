@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
-import json
 import random
 import shutil
 import tempfile
