@@ -81,18 +81,20 @@ def main() -> None:
         ours = [sys.executable, "-m", "gguforge", "convert-hf", REPO, "--remote", "--outfile", str(out), "--quiet",
                 "--outtype", args.outtype, "--force"]
         for n in sorted({1, args.connections}):
-            hub.peak_connections = 0
+            hub.peak_connections, hub.data_span = 0, []
             t, rss = measure(ours + ["--remote-connections", str(n)], env=env)
-            rows.append((f"gguforge --remote, {n} connection{'s' * (n > 1)}", n, t, rss, hub.peak_connections))
+            rows.append((f"gguforge --remote, {n} connection{'s' * (n > 1)}", n, t, rss, hub.peak_connections,
+                         hub.data_span[1] - hub.data_span[0]))
         if not args.no_reference:
             ref = reference_tree(Path.home() / ".cache" / "gguforge-bench")
             renv = {**env, "PYTHONPATH": str(ref / "gguf-py")}
-            hub.peak_connections = 0
+            hub.peak_connections, hub.data_span = 0, []
             try:
                 t, rss = measure([sys.executable, "-c", REFERENCE_REMOTE, str(ref), str(ref / "convert_hf_to_gguf.py"),
                                   REPO, "--remote", "--outfile", str(out), "--outtype", args.outtype, "--no-mtp"],
                                  env=renv)
-                rows.append(("llama.cpp convert_hf_to_gguf.py --remote", 1, t, rss, hub.peak_connections))
+                rows.append(("llama.cpp convert_hf_to_gguf.py --remote", 1, t, rss, hub.peak_connections,
+                             hub.data_span[1] - hub.data_span[0]))
             except RuntimeError as e:
                 print(f"llama.cpp --remote failed: {str(e)[-600:]}")
     local_t, local_rss = measure([sys.executable, "-m", "gguforge", "convert-hf", str(model), "--outfile", str(out),
@@ -100,16 +102,18 @@ def main() -> None:
     out.unlink(missing_ok=True)
 
     aggregate = args.rate * args.connections
-    print(f"\n| run | wall s | MB/s | of its connections' limit | of the {args.connections}-connection limit "
-          f"| peak RSS | server connections |")
-    print("|---|---|---|---|---|---|---|")
-    for name, n, t, rss, peak in rows:
-        rate = size / t
-        print(f"| {name} | {t:.1f} | {rate / 1e6:.0f} | {rate / (args.rate * n):.0%} | {rate / aggregate:.0%} | "
-              f"{rss / 2**20:.0f} MB | {peak} |")
-    print(f"| gguforge, local directory (no network) | {local_t:.1f} | {size / local_t / 1e6:.0f} | | | "
+    print(f"\nwall: the whole command (start-up, small files, headers, conversion); transfer: from the first to the "
+          f"last tensor byte sent by the server. Limits: {args.rate / 1e6:g} MB/s x connections.\n")
+    print(f"| run | wall s | MB/s (wall) | transfer s | MB/s (transfer) | of its connections' limit "
+          f"| of the {args.connections}-connection limit | peak RSS | server connections |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, n, t, rss, peak, transfer in rows:
+        rate = size / transfer
+        print(f"| {name} | {t:.1f} | {size / t / 1e6:.0f} | {transfer:.1f} | {rate / 1e6:.0f} | "
+              f"{rate / (args.rate * n):.0%} | {rate / aggregate:.0%} | {rss / 2**20:.0f} MB | {peak} |")
+    print(f"| gguforge, local directory (no network) | {local_t:.1f} | {size / local_t / 1e6:.0f} | | | | | "
           f"{local_rss / 2**20:.0f} MB | |")
-    base = {name: t for name, _, t, _, _ in rows}
+    base = {name: t for name, _, t, *_ in rows}
     many = base.get(f"gguforge --remote, {args.connections} connections")
     if many:
         for name, t in base.items():

@@ -55,6 +55,7 @@ class HubServer:
         self.data_requests = 0
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, range)
         self.bytes_sent = 0
+        self.data_span: list[float] = []  # [first, last] time a tensor-data body was being sent
         self.open_connections = 0
         self.peak_connections = 0
         self.httpd = None
@@ -261,7 +262,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 except OSError:
                     pass
             return
+        began = time.perf_counter()
         self._write(body)
+        if start >= HEADER_ZONE:
+            with self.hub.lock:
+                span = self.hub.data_span
+                self.hub.data_span = [min(span[0], began) if span else began, time.perf_counter()]
 
     def _fault_for(self, name: str) -> Fault | None:
         return self.hub._fault_for(name)
