@@ -109,6 +109,13 @@ def test_remote_equals_local(repo, outtype, split, hub, tmp_path, stats):
     assert stats["direct"] == 0
 
 
+def test_library_api_remote(hub, moe_dir, tmp_path):
+    import gguforge
+    options = RemoteOptions(endpoint=hub.url, revision=hub.commit)  # remote=True: HF_ENDPOINT's hub
+    path = gguforge.convert_hf(REPO, tmp_path / "r.gguf", outtype="bf16", remote=options)
+    assert path.read_bytes() == local(moe_dir, tmp_path / "l.gguf", REPO, "bf16")
+
+
 def test_several_outtypes_in_one_pass_read_the_checkpoint_once(hub, moe_dir, tmp_path, stats):
     (tmp_path / "r").mkdir()
     (tmp_path / "l").mkdir()

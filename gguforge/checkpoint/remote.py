@@ -415,6 +415,8 @@ class RemoteSource:
         with self.lock:
             if b.state == FETCHING:
                 b.data, b.state = data, READY
+                if b.last <= self.done_through:  # its tensors were finished meanwhile
+                    self._drop(b)
             b.done.set()
 
     # -- reading -----------------------------------------------------------------------------------
@@ -443,7 +445,8 @@ class RemoteSource:
                     self._hold(b)
             if b is None:  # not planned (or dropped already): read just what is asked for
                 self.http.read(self.files[f], at, out[pos:])
-                self.direct += len(out) - pos
+                with self.lock:
+                    self.direct += len(out) - pos
                 return
             if mine:
                 self._fetch(b)
