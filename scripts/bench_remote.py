@@ -81,20 +81,20 @@ def main() -> None:
         ours = [sys.executable, "-m", "gguforge", "convert-hf", REPO, "--remote", "--outfile", str(out), "--quiet",
                 "--outtype", args.outtype, "--force"]
         for n in sorted({1, args.connections}):
-            hub.peak_connections, hub.data_span = 0, []
+            hub.peak_connections, hub.transfers = 0, []
             t, rss = measure(ours + ["--remote-connections", str(n)], env=env)
             rows.append((f"gguforge --remote, {n} connection{'s' * (n > 1)}", n, t, rss, hub.peak_connections,
-                         hub.data_span[1] - hub.data_span[0]))
+                         hub.busy_seconds()))
         if not args.no_reference:
             ref = reference_tree(Path.home() / ".cache" / "gguforge-bench")
             renv = {**env, "PYTHONPATH": str(ref / "gguf-py")}
-            hub.peak_connections, hub.data_span = 0, []
+            hub.peak_connections, hub.transfers = 0, []
             try:
                 t, rss = measure([sys.executable, "-c", REFERENCE_REMOTE, str(ref), str(ref / "convert_hf_to_gguf.py"),
                                   REPO, "--remote", "--outfile", str(out), "--outtype", args.outtype, "--no-mtp"],
                                  env=renv)
                 rows.append(("llama.cpp convert_hf_to_gguf.py --remote", 1, t, rss, hub.peak_connections,
-                             hub.data_span[1] - hub.data_span[0]))
+                             hub.busy_seconds()))
             except RuntimeError as e:
                 print(f"llama.cpp --remote failed: {str(e)[-600:]}")
     local_t, local_rss = measure([sys.executable, "-m", "gguforge", "convert-hf", str(model), "--outfile", str(out),
@@ -102,8 +102,9 @@ def main() -> None:
     out.unlink(missing_ok=True)
 
     aggregate = args.rate * args.connections
-    print(f"\nwall: the whole command (start-up, small files, headers, conversion); transfer: from the first to the "
-          f"last tensor byte sent by the server. Limits: {args.rate / 1e6:g} MB/s x connections.\n")
+    print(f"\nwall: the whole command (start-up, small files, headers, conversion); transfer: the time the server "
+          f"was sending safetensors bytes on at least one connection. Limits: {args.rate / 1e6:g} MB/s x "
+          f"connections.\n")
     print(f"| run | wall s | MB/s (wall) | transfer s | MB/s (transfer) | of its connections' limit "
           f"| of the {args.connections}-connection limit | peak RSS | server connections |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -55,7 +55,16 @@ class HubServer:
         self.data_requests = 0
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, range)
         self.bytes_sent = 0
-        self.data_span: list[float] = []  # [first, last] time a tensor-data body was being sent
+        self.transfers: list[tuple[float, float]] = []  # (start, end) of each safetensors body sent
+
+    def busy_seconds(self) -> float:
+        """How long at least one safetensors body was being sent (the union of the transfers)."""
+        total, reach = 0.0, float("-inf")
+        for start, end in sorted(self.transfers):
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        return total
         self.open_connections = 0
         self.peak_connections = 0
         self.httpd = None
@@ -264,10 +273,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         began = time.perf_counter()
         self._write(body)
-        if start >= HEADER_ZONE:
+        if name.endswith(".safetensors"):
             with self.hub.lock:
-                span = self.hub.data_span
-                self.hub.data_span = [min(span[0], began) if span else began, time.perf_counter()]
+                self.hub.transfers.append((began, time.perf_counter()))
 
     def _fault_for(self, name: str) -> Fault | None:
         return self.hub._fault_for(name)
