@@ -204,6 +204,9 @@ def convert_hf_cmd(
                              imatrix=_imatrix_options(imatrix or imatrix_text, include_weights, exclude_weights,
                                                       imatrix_missing))
     source = model or str(embedded_model_dir())
+    hub = dict(revision=revision, remote=_remote_options(remote, model, revision, imatrix_text, allow_pickle,
+                                                         remote_connections, remote_retries, remote_window,
+                                                         remote_timeout, remote_backoff))
     if imatrix_text is not None:
         options.imatrix = _computed_imatrix(source, imatrix_text, imatrix, options, imatrix_ctx, imatrix_chunks,
                                             quiet)
@@ -213,9 +216,6 @@ def convert_hf_cmd(
     if model is None and not quiet:
         _say(f"no model given: converting the built-in tiny model ({EMBEDDED_MODEL})")
     split = _split_options(split_max_size, split_max_tensors)
-    hub = dict(revision=revision, remote=_remote_options(remote, model, revision, imatrix_text, allow_pickle,
-                                                         remote_connections, remote_retries, remote_window,
-                                                         remote_timeout, remote_backoff))
     if "," in outtype:  # several types in one pass
         from .convert.pipeline import convert_hf_many
         outputs = convert_hf_many(source, outfile, options, force=force, dry_run=dry_run,

@@ -235,6 +235,7 @@ def test_cli_dry_run_reads_only_headers(hub, tmp_path):
     ((REPO, "--remote-connections", "2"), "--remote-connections needs --remote"),
     (("--remote",), "--remote needs a hub model id"),
     ((REPO, "--remote", "--remote-window", "lots"), "--remote-window 'lots'"),
+    ((REPO, "--remote", "--imatrix-text", "calibration.txt"), "--remote cannot be combined with --imatrix-text"),
 ])
 def test_cli_bad_remote_input_is_one_line(hub, tmp_path, args, message):
     r = run(hub, tmp_path, *args)
