@@ -56,7 +56,11 @@ class HubServer:
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, range)
         self.bytes_sent = 0
         self.transfers: list[tuple[float, float]] = []  # (start, end) of each safetensors body sent
+        self.open_connections = 0
+        self.peak_connections = 0
+        self.httpd = None
 
+    # -- control -----------------------------------------------------------------------------------
     def busy_seconds(self) -> float:
         """How long at least one safetensors body was being sent (the union of the transfers)."""
         total, reach = 0.0, float("-inf")
@@ -65,11 +69,7 @@ class HubServer:
                 total += end - max(start, reach)
                 reach = end
         return total
-        self.open_connections = 0
-        self.peak_connections = 0
-        self.httpd = None
 
-    # -- control -----------------------------------------------------------------------------------
     def inject(self, kind: str, **kw) -> Fault:
         fault = Fault(kind, **kw)
         with self.lock:
