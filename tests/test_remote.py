@@ -195,7 +195,7 @@ def test_a_file_replaced_mid_run_is_one_error_and_nothing_written(change, tmp_pa
 # -- the command ----------------------------------------------------------------------------------
 
 
-def run(hub, tmp_path, *args, token=None):
+def run(hub, tmp_path, *args, token=None, **env_extra):
     temp = tmp_path / "tmp"
     temp.mkdir(exist_ok=True)
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "TMPDIR": str(temp),
@@ -204,6 +204,7 @@ def run(hub, tmp_path, *args, token=None):
         env.pop(key, None)
     if token:
         env["HF_TOKEN"] = token
+    env.update(env_extra)
     return subprocess.run([sys.executable, "-m", "gguforge", "convert-hf", *args], capture_output=True, text=True,
                           env=env, cwd=tmp_path)
 
@@ -242,6 +243,11 @@ def test_cli_bad_remote_input_is_one_line(hub, tmp_path, args, message):
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert list(tmp_path.glob("*.gguf")) == []
+
+
+def test_cli_offline_is_one_line(hub, tmp_path):
+    r = run(hub, tmp_path, REPO, "--remote", HF_HUB_OFFLINE="1")
+    assert r.returncode == 2 and "HF_HUB_OFFLINE is set" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_token_from_hf_token(moe_dir, tmp_path):

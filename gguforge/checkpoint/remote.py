@@ -574,8 +574,11 @@ def open_remote(model: str, options: RemoteOptions) -> Iterator[RemoteCheckpoint
     small files is removed, and the reads are stopped, when the block ends."""
     if not HUB_ID.match(model):
         raise UserError(f"--remote: {model!r} is not a hub model id (Org/Name)")
-    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"--remote reads {model} over the network, but HF_HUB_OFFLINE is set",
+                        hint="unset HF_HUB_OFFLINE, or convert a downloaded copy without --remote")
 
     token = options.token
     if token is None:
