@@ -518,9 +518,6 @@ class RemoteShard(Shard):
     def read_into(self, buffer: np.ndarray, offset: int) -> None:
         self.source.read(self.index, offset, memoryview(buffer).cast("B"))
 
-    def __del__(self):
-        pass
-
 
 # -- opening ------------------------------------------------------------------------------------
 
