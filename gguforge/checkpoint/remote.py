@@ -298,6 +298,7 @@ class RemoteSource:
         self.done_through = -1  # output tensors finished so far
         self.live_blocks: deque[Block] = deque()
         self.free: list[np.ndarray] = []  # block buffers to reuse
+        self.block = http.options.block  # bytes per range request
         self.queue: deque[Block] = deque()
         self.wake = threading.Condition(self.lock)
         self.closed = False
@@ -308,7 +309,10 @@ class RemoteSource:
     # -- planning --------------------------------------------------------------------------------
     def schedule(self, uses: list[tuple[int, int, int, int, int]]) -> None:
         """`uses`: (file, start, end, reads, last output tensor) in the order the conversion will read them."""
-        block = self.options.block
+        # at least 8 blocks per connection, so the last round of requests (fewer than all connections) is short
+        planned = sum(max(0, end - start) for _, start, end, _, _ in uses)
+        block = min(self.options.block, max(MIN_BLOCK, -(-planned // (8 * max(1, self.options.connections)))))
+        self.block = block
         ranges: list[list] = []  # [file, start, end, [(start, end, reads, last), ...]]
         for f, start, end, reads, last in uses:
             if end <= start:
@@ -381,12 +385,12 @@ class RemoteSource:
     def _take(self, size: int) -> np.ndarray:
         """A block buffer (lock held): reused ones keep the heap from growing with the bytes fetched
         (buffers freed by one thread and allocated by another fragment malloc's arenas)."""
-        if size == self.options.block and self.free:
+        if size == self.block and self.free:
             return self.free.pop()
         return np.empty(size, np.uint8)
 
     def _give(self, buffer: np.ndarray) -> None:
-        if buffer.size == self.options.block and len(self.free) < self.options.window // self.options.block + 2:
+        if buffer.size == self.block and len(self.free) < self.options.window // self.block + 2:
             self.free.append(buffer)
 
     def _worker(self) -> None:
