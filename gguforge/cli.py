@@ -159,6 +159,22 @@ def convert_hf_cmd(
                                                  "(decimal units: K=1000)"),
     split_max_tensors: int = typer.Option(0, "--split-max-tensors", help="split the output into shards of at "
                                           "most this many tensors"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="hub id: branch, tag or commit to convert "
+                                           "(default main; with --remote resolved once to a commit for the whole run)"),
+    remote: bool = typer.Option(False, "--remote", help="hub id: read the safetensors over HTTP (range requests) "
+                                "without downloading them; only config and tokenizer files touch the disk"),
+    remote_connections: Optional[int] = typer.Option(None, "--remote-connections", min=1, max=64, metavar="N",
+                                                     help="--remote: range requests in flight (default 8)"),
+    remote_retries: Optional[int] = typer.Option(None, "--remote-retries", min=0, metavar="N",
+                                                 help="--remote: failures in a row before giving up (default 5)"),
+    remote_window: Optional[str] = typer.Option(None, "--remote-window", metavar="N[K|M|G]",
+                                                help="--remote: bytes fetched ahead of the conversion (default 256M)"),
+    remote_timeout: Optional[float] = typer.Option(None, "--remote-timeout", min=0.1, metavar="SECONDS",
+                                                   help="--remote: seconds without data before a request is "
+                                                   "retried (default 30)"),
+    remote_backoff: Optional[float] = typer.Option(None, "--remote-backoff", min=0.0, metavar="SECONDS",
+                                                   help="--remote: wait before the first retry, doubled for each "
+                                                   "further one (default 1; a server's Retry-After wins)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="tracebacks for internal errors"),
 ):
@@ -188,6 +204,9 @@ def convert_hf_cmd(
                              imatrix=_imatrix_options(imatrix or imatrix_text, include_weights, exclude_weights,
                                                       imatrix_missing))
     source = model or str(embedded_model_dir())
+    hub = dict(revision=revision, remote=_remote_options(remote, model, revision, imatrix_text, allow_pickle,
+                                                         remote_connections, remote_retries, remote_window,
+                                                         remote_timeout, remote_backoff))
     if imatrix_text is not None:
         options.imatrix = _computed_imatrix(source, imatrix_text, imatrix, options, imatrix_ctx, imatrix_chunks,
                                             quiet)
@@ -201,11 +220,11 @@ def convert_hf_cmd(
         from .convert.pipeline import convert_hf_many
         outputs = convert_hf_many(source, outfile, options, force=force, dry_run=dry_run,
                                   progress_factory=progress_factory(quiet),
-                                  display_name=EMBEDDED_MODEL if model is None else None, split=split)
+                                  display_name=EMBEDDED_MODEL if model is None else None, split=split, **hub)
     else:
         outputs = [convert_hf(source, outfile, options, force=force, dry_run=dry_run,
                               progress_factory=progress_factory(quiet),
-                              display_name=EMBEDDED_MODEL if model is None else None, split=split)]
+                              display_name=EMBEDDED_MODEL if model is None else None, split=split, **hub)]
     for plan, target in outputs:
         shards = plan.shards
         if dry_run:
@@ -245,6 +264,39 @@ def _computed_imatrix(source: str, text: str, imatrix: Optional[str], options, c
         _say(f"imatrix: {len(im.entries)} entries from {im.chunk_count} chunks of {im.chunk_size} tokens "
              f"({run.n_tokens / max(run.seconds, 1e-9):,.0f} tokens/s)")
     return replace(options.imatrix, computed=run.imatrix)
+
+
+def _remote_options(remote: bool, model: Optional[str], revision: Optional[str], imatrix_text, allow_pickle: bool,
+                    connections, retries, window, timeout, backoff):
+    """convert-hf --remote and its --remote-* settings (None without --remote)."""
+    given = {"--remote-connections": connections, "--remote-retries": retries, "--remote-window": window,
+             "--remote-timeout": timeout, "--remote-backoff": backoff}
+    if not remote:
+        if any(v is not None for v in given.values()):
+            raise UserError(f"{next(k for k, v in given.items() if v is not None)} needs --remote")
+        return None
+    if model is None:
+        raise UserError("--remote needs a hub model id (Org/Name)")
+    for flag, used in (("--imatrix-text", imatrix_text is not None), ("--allow-pickle", allow_pickle)):
+        if used:
+            raise UserError(f"--remote cannot be combined with {flag}", hint="download the model first (without "
+                            "--remote), or compute the importance matrix with `gguforge imatrix`")
+    from .checkpoint.remote import RemoteOptions
+    from .format.split import parse_size
+    options = RemoteOptions(revision=revision)
+    if window is not None:
+        try:
+            window = parse_size(window)
+        except UserError:
+            window = 0
+        if window <= 0:
+            raise UserError(f"--remote-window {given['--remote-window']!r}: expected a positive whole number with "
+                            "an optional K, M or G (for example 64M)")
+    for name, value in (("connections", connections), ("retries", retries), ("timeout", timeout),
+                        ("backoff", backoff), ("window", window)):
+        if value is not None:
+            setattr(options, name, value)
+    return options
 
 
 def _split_options(max_size: Optional[str], max_tensors: int):

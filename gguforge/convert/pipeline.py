@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import queue
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,8 @@ def _nonfinite(t: PlannedTensor) -> UserError:
 
 
 def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,
-               split: SplitOptions | None = None) -> None:
+               split: SplitOptions | None = None, tensor_done=None) -> None:
+    """`tensor_done(i)`: called once every chunk of tensor i is encoded (its source bytes are not read again)."""
     threads = options.threads or os.cpu_count() or 1
     check = not options.allow_nonfinite
 
@@ -154,13 +156,27 @@ def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,
             raise
 
     def chunks():
-        for (i, *_), (data, buffers) in ordered_parallel(jobs(), job, threads, ahead):
+        for (i, *_), (data, buffers) in announce_done(ordered_parallel(jobs(), job, threads, ahead), tensor_done):
             yield i, data
             for b in buffers:  # written by now: the buffers can be reused
                 pool.give(b)
 
     shards = plan.shards or plan_shards(target, plan.tensors, split)
     write_shards(shards, plan.metadata, plan.tensors, chunks, progress)
+
+
+def announce_done(results, tensor_done):
+    """ordered_parallel's results (in job order, jobs (i, ...)), calling tensor_done(i) when tensor i's last
+    chunk has been encoded, i.e. when the first result of a later tensor (or the end) arrives."""
+    last = None
+    for result in results:
+        i = result[0][0]
+        if tensor_done is not None and last is not None and i != last:
+            tensor_done(last)
+        last = i
+        yield result
+    if tensor_done is not None and last is not None:
+        tensor_done(last)
 
 
 def check_output(target: Path, model_dir: Path, force: bool) -> None:
@@ -178,11 +194,62 @@ def refuse_unwritable(plans) -> None:
             raise UserError(plan.refusal, hint=NEEDS_IMATRIX_HINT)
 
 
+@contextmanager
+def opened_checkpoint(model: str, options: ConvertOptions, revision: str | None = None, remote=None):
+    """The checkpoint a conversion reads: a directory, a hub id downloaded into the cache, or with `remote`
+    (checkpoint.remote.RemoteOptions) a hub id read over HTTP without a local copy."""
+    if remote is None:
+        yield open_checkpoint(resolve_model(model, revision), allow_pickle=options.allow_pickle)
+        return
+    from ..checkpoint.remote import open_remote
+    with open_remote(model, remote) as checkpoint:
+        yield checkpoint
+
+
+@contextmanager
+def write_progress(checkpoint, plans: list[Plan], progress_factory, names: str):
+    """(advance, tensor_done) for the writer: the advance() it reports written bytes to (None: no bar), and
+    what it tells when a tensor is finished. A remote checkpoint is told the order its tensors will be
+    read in and when each is finished, and its bar counts the bytes received over the network instead."""
+    source = getattr(checkpoint, "source", None)
+    done = None
+    if source is not None:
+        from ..checkpoint.remote import read_order
+        source.schedule(read_order(checkpoint, tensor_reads(plans)))
+        done = source.finished
+    if progress_factory is None:
+        yield None, done
+    elif source is None:
+        with progress_factory(sum(p.nbytes for p in plans), f"writing {names}") as advance:
+            yield advance, done
+    else:
+        with progress_factory(source.total, f"reading {checkpoint.repo}, writing {names}") as advance:
+            source.http.progress = advance
+            yield None, done
+
+
+def tensor_reads(plans: list[Plan]) -> list[tuple[tuple[str, ...], int]]:
+    """Per output tensor, in writing order: its source tensors, and how often a chunk job reads them (once,
+    or once per distinct kernel copy / stored-bits conversion when several outputs are written)."""
+    out = []
+    for i, t in enumerate(plans[0].tensors):
+        ts = [p.tensors[i] for p in plans]
+        direct = {(id(u.tensor), u.ggml_type) for u in ts if raw_copy_possible(u) or stored_bits_suffice(u)}
+        values = {id(u.tensor) for u in ts if not (raw_copy_possible(u) or stored_bits_suffice(u))}
+        out.append((t.tensor.sources, len(direct) + len(values)))
+    return out
+
+
 def convert_hf(model: str, outfile: str | None, options: ConvertOptions, *, force: bool = False,
                dry_run: bool = False, progress_factory=None, display_name: str | None = None,
-               split: SplitOptions | None = None):
-    root = resolve_model(model)
-    checkpoint = open_checkpoint(root, allow_pickle=options.allow_pickle)
+               split: SplitOptions | None = None, revision: str | None = None, remote=None):
+    """`revision`: of a hub id; `remote`: read the hub id over HTTP (checkpoint.remote.RemoteOptions)."""
+    with opened_checkpoint(model, options, revision, remote) as checkpoint:
+        return _convert_hf(checkpoint, model, outfile, options, force, dry_run, progress_factory, display_name, split)
+
+
+def _convert_hf(checkpoint, model, outfile, options, force, dry_run, progress_factory, display_name, split):
+    root = checkpoint.root
     if display_name is None and not Path(model).exists() and "/" in model:
         display_name = model  # the hub id: "Org/Name" gives general.organization and the file name
     plan = plan_conversion(checkpoint, options, display_name)
@@ -194,11 +261,8 @@ def convert_hf(model: str, outfile: str | None, options: ConvertOptions, *, forc
     for shard in plan.shards:
         check_output(shard.path, root, force)
     with replacing(force):  # checked again when the output is moved into place (it may appear meanwhile)
-        if progress_factory is None:
-            write_plan(plan, target, options, split=split)
-        else:
-            with progress_factory(plan.nbytes, f"writing {target.name}") as advance:
-                write_plan(plan, target, options, advance, split=split)
+        with write_progress(checkpoint, [plan], progress_factory, target.name) as (advance, done):
+            write_plan(plan, target, options, advance, split=split, tensor_done=done)
     return plan, target
 
 
@@ -230,7 +294,7 @@ def encode_chunks(ts: list[PlannedTensor], start: int, stop: int, check_finite: 
     return out
 
 
-def write_plans(plans: list[Plan], options: ConvertOptions, progress=None) -> None:
+def write_plans(plans: list[Plan], options: ConvertOptions, progress=None, tensor_done=None) -> None:
     """Write every plan's (already sharded) output from one pass over the tensors; all or none appear."""
     threads = options.threads or os.cpu_count() or 1
     check = not options.allow_nonfinite
@@ -242,8 +306,9 @@ def write_plans(plans: list[Plan], options: ConvertOptions, progress=None) -> No
                 yield i, ts, start, stop
 
     def chunks():
-        for (i, *_), data in ordered_parallel(jobs(), lambda i, ts, start, stop: encode_chunks(ts, start, stop, check),
-                                              threads, 2 * threads):
+        results = ordered_parallel(jobs(), lambda i, ts, start, stop: encode_chunks(ts, start, stop, check),
+                                   threads, 2 * threads)
+        for (i, *_), data in announce_done(results, tensor_done):
             yield i, data
 
     write_many_shards([(p.shards, p.metadata, p.tensors) for p in plans], chunks, progress)
@@ -260,17 +325,24 @@ def split_outtypes(outtype: str) -> list[str]:
 
 def convert_hf_many(model: str, outfile: str | None, options: ConvertOptions, *, force: bool = False,
                     dry_run: bool = False, progress_factory=None, display_name: str | None = None,
-                    split: SplitOptions | None = None) -> list[tuple[Plan, Path]]:
+                    split: SplitOptions | None = None, revision: str | None = None,
+                    remote=None) -> list[tuple[Plan, Path]]:
     """convert_hf for every type in `options.outtype` ("Q4_K_M,Q6_K,Q8_0"): each output equals its own
     convert_hf run byte for byte, the checkpoint is read once, and all outputs appear together or none."""
-    from dataclasses import replace
     from ..format.text import has_ftype_field
     types = split_outtypes(options.outtype)
     if outfile and not Path(outfile).is_dir() and len(types) > 1 and not has_ftype_field(outfile):
         raise UserError(f"several output types need an --outfile with {{ftype}}, e.g. model-{{ftype}}.gguf, or a "
                         f"directory (got {outfile})")
-    root = resolve_model(model)
-    checkpoint = open_checkpoint(root, allow_pickle=options.allow_pickle)
+    with opened_checkpoint(model, options, revision, remote) as checkpoint:
+        return _convert_hf_many(checkpoint, model, outfile, options, types, force, dry_run, progress_factory,
+                                display_name, split)
+
+
+def _convert_hf_many(checkpoint, model, outfile, options, types, force, dry_run, progress_factory, display_name,
+                     split) -> list[tuple[Plan, Path]]:
+    from dataclasses import replace
+    root = checkpoint.root
     if display_name is None and not Path(model).exists() and "/" in model:
         display_name = model
     out: list[tuple[Plan, Path]] = []
@@ -303,10 +375,7 @@ def convert_hf_many(model: str, outfile: str | None, options: ConvertOptions, *,
             check_output(shard.path, root, force)
     plans = [plan for plan, _ in out]
     with replacing(force):
-        if progress_factory is None:
-            write_plans(plans, options)
-        else:
-            names = ", ".join(target.name for _, target in out)
-            with progress_factory(sum(p.nbytes for p in plans), f"writing {names}") as advance:
-                write_plans(plans, options, advance)
+        names = ", ".join(target.name for _, target in out)
+        with write_progress(checkpoint, plans, progress_factory, names) as (advance, done):
+            write_plans(plans, options, advance, done)
     return out
