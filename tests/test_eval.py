@@ -1,0 +1,209 @@
+"""`gguforge eval` against llama-perplexity built from the same llama.cpp tree.
+
+- GGUF base: every statistic of llama-perplexity's final printout (KLD pass over its own
+  --kl-divergence-base file), formatted as it prints it, equals ours line for line, on two mocks x three
+  quant types. The text is cut into 7 chunks of 128 tokens (63 scored each), n_batch 256 decodes two
+  chunks per batch as llama-perplexity does.
+- HF base (torch float32) against the same GGUF base: the F32 GGUF's KLD is at the noise floor, Q4_K_M's
+  mean KLD within 2 %.
+- A model with learned structure (scripts/trained_mock.py): Q8_0 < Q6_K < Q4_K_M < Q3_K_M < Q2_K.
+- The compact base store: reused with --base-file (same figures), refused for another text or -c, and
+  smaller than llama-perplexity's file.
+- Reports and bad input through the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import gguforge
+
+pytest.importorskip("llama_cpp")
+
+CTX = 128
+CHUNKS = 7
+BATCH = 256  # two chunks per llama_decode, as llama-perplexity -b 256 -c 128
+
+
+@pytest.fixture(scope="module")
+def perplexity_tool():
+    try:
+        from helpers import llama_tool
+        return llama_tool("llama-perplexity")
+    except Exception as e:  # no compiler / cmake / network: cannot build the reference
+        pytest.skip(f"llama-perplexity could not be built: {e}")
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    import trained_mock
+    p = tmp_path_factory.mktemp("eval") / "eval.txt"
+    p.write_text(trained_mock.structured_text(trained_mock.EVAL_SEED, 120), encoding="utf-8")
+    return p
+
+
+def _ggufs(mock: Path, out: Path, types) -> dict[str, Path]:
+    import gguforge
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"F32": out / "m-F32.gguf"}
+    if not files["F32"].exists():
+        gguforge.convert_hf(mock, files["F32"], outtype="f32")
+    for t in types:
+        files[t] = out / f"m-{t}.gguf"
+        if not files[t].exists():
+            gguforge.quantize(files["F32"], files[t], t)
+    return files
+
+
+@pytest.fixture(scope="module")
+def mocks(mock_model, tmp_path_factory):
+    pytest.importorskip("torch")
+    root = tmp_path_factory.mktemp("eval-mocks")
+    return {arch: (mock_model(arch, full_precision=True),
+                   _ggufs(mock_model(arch, full_precision=True), root / arch, ("Q8_0", "Q4_K_M", "Q2_K")))
+            for arch in ("qwen3", "qwen2moe")}
+
+
+def llama_stats(tool: Path, base: Path, cand: Path, text: Path, work: Path) -> list[str]:
+    """llama-perplexity's final statistics block (the lines after '====== Perplexity statistics')."""
+    kld = work / f"{base.stem}.kld"
+    common = ["-c", str(CTX), "-b", str(BATCH), "--chunks", str(CHUNKS), "-t", "2"]
+    if not kld.exists():
+        r = subprocess.run([str(tool), "-m", str(base), "-f", str(text), "--kl-divergence-base", str(kld), *common],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([str(tool), "-m", str(cand), "--kl-divergence-base", str(kld), "--kl-divergence", *common],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = (r.stdout + "\n" + r.stderr).splitlines()
+    start = next(i for i, line in enumerate(out) if "Perplexity statistics" in line)
+    return [line.strip() for line in out[start:] if ":" in line and not line.startswith(("llama", "common"))
+            and ("PPL" in line or "KLD" in line or "Δp" in line or "top p" in line)]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2moe"])
+def test_gguf_base_equals_llama_perplexity(arch, mocks, text, perplexity_tool, tmp_path):
+    import gguforge
+    from gguforge.eval.stats import printed_lines
+
+    _, files = mocks[arch]
+    cands = [files[t] for t in ("Q8_0", "Q4_K_M", "Q2_K")]
+    result = gguforge.evaluate(files["F32"], cands, text, ctx_size=CTX, chunks=CHUNKS, batch_size=BATCH, threads=2)
+    assert result.n_tokens == CHUNKS * (CTX - 1 - CTX // 2)
+    for cand, stats in zip(cands, result.details):
+        ref = llama_stats(perplexity_tool, files["F32"], cand, text, tmp_path)
+        ours = [line.strip() for line in printed_lines(stats)]
+        assert ours == ref, (cand.name, [(a, b) for a, b in zip(ours, ref) if a != b])
+    # the compact store against llama-perplexity's own base file
+    assert result.base_store_bytes * 2 < (tmp_path / "m-F32.kld").stat().st_size
+    assert result.llama_base_bytes == (tmp_path / "m-F32.kld").stat().st_size
+
+
+def test_hf_base_matches_gguf_base(mocks, text):
+    import gguforge
+    hf, files = mocks["qwen3"]
+    opts = dict(ctx_size=CTX, chunks=CHUNKS, batch_size=BATCH, threads=2)
+    from_hf = gguforge.evaluate(hf, [files["F32"], files["Q4_K_M"]], text, device="cpu", **opts)
+    from_gguf = gguforge.evaluate(files["F32"], [files["Q4_K_M"]], text, **opts)
+    f32, q4 = from_hf.candidates
+    assert abs(f32["kld_mean"]) <= 1e-5, f32
+    assert f32["same_top_p"] > 99.0
+    ref = from_gguf.candidates[0]["kld_mean"]
+    assert ref > 1e-4  # a real difference, not the noise floor
+    assert abs(q4["kld_mean"] - ref) <= 0.02 * ref, (q4["kld_mean"], ref)
+    assert "(HF" in from_hf.base
+
+
+def test_quant_ordering_on_trained_model(tmp_path_factory):
+    pytest.importorskip("torch")
+    import gguforge
+    import trained_mock
+    model = trained_mock.trained_model()
+    types = ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K")
+    files = _ggufs(model, tmp_path_factory.mktemp("trained"), types)
+    result = gguforge.evaluate(files["F32"], [files[t] for t in types], model / "eval.txt", ctx_size=CTX,
+                               chunks=8, threads=2)
+    kld = [c["kld_mean"] for c in result.candidates]
+    assert kld == sorted(kld) and len(set(kld)) == len(kld), dict(zip(types, kld))
+    # learned structure: the model predicts the held-out text far better than chance (vocab 512)
+    assert result.candidates[0]["ppl_base"] < 20
+
+
+def test_saved_base_is_reused_and_checked(mocks, text, tmp_path):
+    hf, files = mocks["qwen2moe"]
+    base = tmp_path / "base.bin"
+    out1, out2 = tmp_path / "a.json", tmp_path / "b.json"
+    common = ["-f", str(text), "-c", str(CTX), "--chunks", str(CHUNKS), "-b", str(BATCH), "-t", "2", "-q"]
+    r = gguforge("eval", str(files["F32"]), str(files["Q4_K_M"]), *common, "--save-base", str(base),
+                 "--json", str(out1), "--markdown", str(tmp_path / "a.md"))
+    assert r.returncode == 0, r.stderr
+    r = gguforge("eval", str(files["Q4_K_M"]), *common, "--base-file", str(base), "--json", str(out2))
+    assert r.returncode == 0, r.stderr
+    a, b = json.loads(out1.read_text()), json.loads(out2.read_text())
+    assert a == b
+    keys = {"file", "type", "size_bytes", "bpw", "ppl_q", "ppl_base", "kld_mean", "kld_max", "kld_p99_9", "kld_p99",
+            "kld_p95", "kld_p90", "kld_median", "kld_p10", "kld_p5", "kld_p1", "kld_min", "dp_mean", "dp_rms",
+            "same_top_p", "ppl_q_err", "ppl_base_err", "kld_mean_err", "dp_mean_err", "dp_rms_err",
+            "same_top_p_err"}
+    assert set(a[0]) == keys and a[0]["type"] == "Q4_K_M"
+    assert "| Q4_K_M |" in (tmp_path / "a.md").read_text().replace(" Q4_K_M ", " Q4_K_M ")
+    assert "m-Q4_K_M.gguf" in r.stdout
+    # another -c, another text: refused, one line, exit 2
+    other = tmp_path / "other.txt"
+    other.write_text(text.read_text() + " more", encoding="utf-8")
+    for args in (["-c", "64"], ["-f", str(other)]):
+        argv = [*common, *args]
+        r = gguforge("eval", str(files["Q4_K_M"]), *argv, "--base-file", str(base))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) <= 2, r.stderr
+        assert r.stderr.startswith("error: ") and str(base) in r.stderr
+
+
+def test_bad_inputs(mocks, text, tmp_path):
+    _, q3 = mocks["qwen3"]
+    _, moe = mocks["qwen2moe"]
+    short = tmp_path / "short.txt"
+    short.write_text("The fox sees the dog.", encoding="utf-8")
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(q3["Q8_0"].read_bytes()[:5000])
+    cases = {
+        "architecture": [str(q3["F32"]), str(moe["Q8_0"]), "-f", str(text)],
+        "tokenizes to only": [str(q3["F32"]), str(q3["Q8_0"]), "-f", str(short)],
+        "truncated": [str(q3["F32"]), str(broken), "-f", str(text)],
+        "above the context": [str(q3["F32"]), str(q3["Q8_0"]), "-f", str(text), "-c", "100000"],
+    }
+    for what, argv in cases.items():
+        out = tmp_path / f"{what[:5]}.json"
+        r = gguforge("eval", *argv, "--json", str(out), "-q")
+        assert r.returncode == 2, (what, r.stderr)
+        assert what in r.stderr and r.stderr.startswith("error: "), (what, r.stderr)
+        assert not out.exists()
+
+
+def test_plot_needs_matplotlib(monkeypatch):
+    from gguforge.errors import UserError
+    from gguforge.eval.report import check_plot_available
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(UserError, match="--plot needs matplotlib"):
+        check_plot_available()
+
+
+def test_store_round_trip():
+    """Kept entries, their codes and the per-token floats survive the store, incl. wide index gaps."""
+    from gguforge.eval.stats import encode_base
+    from gguforge.eval.store import decode_block, encode_block
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((9, 70000)) * 4).astype(np.float32)
+    logits[3, :] = 1.5  # all equal: scale 0, every entry kept with code 0
+    logits[4, 5] = 40.0  # one dominant entry: only a few kept, gaps wider than 65535
+    logits[4, 69999] = 39.0
+    rec = encode_base(logits, rng.integers(0, 70000, 9))
+    back = decode_block(encode_block(rec))
+    for name in ("scale", "min_log_prob", "q_target", "offsets", "idx", "q"):
+        assert np.array_equal(getattr(rec, name), getattr(back, name)), name
+    assert rec.offsets[4] - rec.offsets[3] == 70000
