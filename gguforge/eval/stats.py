@@ -41,7 +41,10 @@ def expf(x: np.ndarray) -> np.ndarray:
 def _max_and_lse(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row: float32 max and float32 log(sum expf(l - max)) with the sum in double."""
     mx = logits.max(axis=1)
-    sum_exp = expf(logits - mx[:, None]).astype(np.float64).sum(axis=1)
+    sum_exp = np.empty(len(logits), dtype=np.float64)
+    for a in range(0, len(logits), 32):  # row blocks: float64 temporaries stay small for a 152k vocabulary
+        b = a + 32
+        sum_exp[a:b] = expf(logits[a:b] - mx[a:b, None]).astype(np.float64).sum(axis=1)
     return mx, np.log(sum_exp).astype(F32)
 
 
@@ -55,6 +58,7 @@ class BaseRecord:
     offsets: np.ndarray  # int64 [n + 1]: entries of token t are idx[offsets[t]:offsets[t+1]]
     idx: np.ndarray  # int32: vocabulary indices whose decoded base log-prob > -16, ascending
     q: np.ndarray  # uint16: their codes
+    n_vocab: int = 0
 
     @property
     def n(self) -> int:
@@ -90,7 +94,7 @@ def encode_base(logits: np.ndarray, targets: np.ndarray) -> BaseRecord:
         offsets[t + 1] = offsets[t] + len(keep)
     return BaseRecord(scale, min_log_prob, q_target, offsets,
                       np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int32),
-                      np.concatenate(q_parts) if q_parts else np.zeros(0, np.uint16))
+                      np.concatenate(q_parts) if q_parts else np.zeros(0, np.uint16), logits.shape[1])
 
 
 @dataclass

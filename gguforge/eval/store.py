@@ -9,7 +9,8 @@ const uint16_t *). Those are stored here, per token:
     scale f32, min_log_prob f32, target code u16, entry count u32        14 bytes
     per kept entry: index (delta to the previous kept index) + code       4 bytes (u16 deltas) or 6
 
-then each chunk's block is deflated (zlib). For K kept entries per token the ratio to llama-perplexity's
+(or, where that is smaller, a bitmap of the kept indices, n_vocab/8 bytes, for flat distributions such
+as a random-weight model's, where almost every entry is kept), then each chunk's block is deflated. For K kept entries per token the ratio to llama-perplexity's
 file is (2*n_vocab + 8) / (14 + 4*K) before compression: >= 20x for a 152k vocabulary while K <= 3,795.
 
 File layout: magic, u32 header length, JSON header (format version, text digest, n_ctx, n_chunk,
@@ -55,24 +56,38 @@ def llama_file_bytes(n_vocab: int, n_ctx: int, n_chunk: int) -> int:
     return 8 + 4 + 4 + 4 + 4 * n_chunk * n_ctx + 2 * nv * n_chunk * (n_ctx - 1 - n_ctx // 2)
 
 
+SPARSE, BITMAP = 0, 1
+
+
 def encode_block(rec: BaseRecord) -> bytes:
+    """One chunk's records, deflated. Kept indices as per-token deltas (u16, or u32 when a gap is wider),
+    or as a bitmap over the vocabulary when that is smaller (flat distributions keep most entries)."""
     counts = np.diff(rec.offsets).astype(np.uint32)
+    total, v = int(rec.offsets[-1]), rec.n_vocab
     deltas = rec.idx.astype(np.int64).copy()
-    starts = rec.offsets[:-1][counts > 0]
+    has = counts > 0
+    starts = rec.offsets[:-1][has]
     deltas[1:] -= rec.idx[:-1]
     deltas[starts] = rec.idx[starts]  # each token's first index is absolute
-    wide = bool(len(deltas) and deltas.max() > 0xFFFF)
-    parts = [struct.pack("<IB", rec.n, wide), rec.scale.astype("<f4").tobytes(),
+    wide = bool(total and deltas.max() > 0xFFFF)
+    if rec.n * ((v + 7) // 8) < total * (4 if wide else 2):
+        bits = np.zeros((rec.n, v), dtype=bool)
+        bits[np.repeat(np.arange(rec.n), counts.astype(np.int64)), rec.idx] = True
+        where = np.packbits(bits, axis=1).tobytes()
+        mode = BITMAP
+    else:
+        where = deltas.astype("<u4" if wide else "<u2").tobytes()
+        mode = SPARSE
+    parts = [struct.pack("<IIBB", rec.n, v, mode, wide), rec.scale.astype("<f4").tobytes(),
              rec.min_log_prob.astype("<f4").tobytes(), rec.q_target.astype("<u2").tobytes(),
-             counts.astype("<u4").tobytes(), deltas.astype("<u4" if wide else "<u2").tobytes(),
-             rec.q.astype("<u2").tobytes()]
+             counts.astype("<u4").tobytes(), where, rec.q.astype("<u2").tobytes()]
     return zlib.compress(b"".join(parts), 6)
 
 
 def decode_block(data: bytes) -> BaseRecord:
     raw = zlib.decompress(data)
-    n, wide = struct.unpack_from("<IB", raw)
-    o = 5
+    n, v, mode, wide = struct.unpack_from("<IIBB", raw)
+    o = 10
 
     def take(dtype, count):
         nonlocal o
@@ -85,15 +100,21 @@ def decode_block(data: bytes) -> BaseRecord:
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     total = int(offsets[-1])
-    deltas = take("<u4" if wide else "<u2", total).astype(np.int64)
+    if mode == BITMAP:
+        bits = np.unpackbits(take(np.uint8, n * ((v + 7) // 8)).reshape(n, -1), axis=1, count=v)
+        idx = np.flatnonzero(bits) % v  # row-major: token by token, ascending within a token
+    else:
+        deltas = take("<u4" if wide else "<u2", total).astype(np.int64)
+        # undo the delta coding per token: a cumulative sum restarted at each token's first entry
+        idx = np.cumsum(deltas)
+        has = counts > 0
+        starts = offsets[:-1][has]
+        idx -= np.repeat(idx[starts] - deltas[starts], counts[has])
     q = take("<u2", total)
-    # undo the delta coding per token: cumulative sum restarted at each token's first entry
-    idx = np.cumsum(deltas)
-    has = counts > 0
-    starts = offsets[:-1][has]
-    idx -= np.repeat(idx[starts] - deltas[starts], counts[has])
+    if len(idx) != total:
+        raise ValueError("kept entries and their count disagree")
     return BaseRecord(scale.astype(np.float32), mlp.astype(np.float32), qt.astype(np.uint16), offsets,
-                      idx.astype(np.int32), q.astype(np.uint16))
+                      idx.astype(np.int32), q.astype(np.uint16), v)
 
 
 class StoreWriter:
