@@ -2,7 +2,7 @@
 
 - GGUF base: every statistic of llama-perplexity's final printout (KLD pass over its own
   --kl-divergence-base file), formatted as it prints it, equals ours line for line, on two mocks x three
-  quant types. The text is cut into 7 chunks of 128 tokens (63 scored each), n_batch 256 decodes two
+  quant types. The text is cut into 5 chunks of 128 tokens (63 scored each), n_batch 256 decodes two
   chunks per batch as llama-perplexity does.
 - HF base (torch float32) against the same GGUF base: the F32 GGUF's KLD is at the noise floor, Q4_K_M's
   mean KLD within 2 %.
@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import gguforge
+from helpers import gguforge as run_cli
 
 pytest.importorskip("llama_cpp")
 
 CTX = 128
-CHUNKS = 7
+CHUNKS = 5
 BATCH = 256  # two chunks per llama_decode, as llama-perplexity -b 256 -c 128
 
 
@@ -141,35 +141,37 @@ def test_quant_ordering_on_trained_model(tmp_path_factory):
 
 
 def test_saved_base_is_reused_and_checked(mocks, text, tmp_path):
-    hf, files = mocks["qwen2moe"]
+    import gguforge
+    from gguforge.errors import UserError
+    _, files = mocks["qwen2moe"]
     base = tmp_path / "base.bin"
     out1, out2 = tmp_path / "a.json", tmp_path / "b.json"
     common = ["-f", str(text), "-c", str(CTX), "--chunks", str(CHUNKS), "-b", str(BATCH), "-t", "2", "-q"]
-    r = gguforge("eval", str(files["F32"]), str(files["Q4_K_M"]), *common, "--save-base", str(base),
+    r = run_cli("eval", str(files["F32"]), str(files["Q4_K_M"]), *common, "--save-base", str(base),
                  "--json", str(out1), "--markdown", str(tmp_path / "a.md"))
     assert r.returncode == 0, r.stderr
-    r = gguforge("eval", str(files["Q4_K_M"]), *common, "--base-file", str(base), "--json", str(out2))
-    assert r.returncode == 0, r.stderr
-    a, b = json.loads(out1.read_text()), json.loads(out2.read_text())
-    assert a == b
+    assert "m-Q4_K_M.gguf" in r.stdout and "Q4_K_M" in r.stdout
+    res = gguforge.evaluate(None, [files["Q4_K_M"]], text, base_file=base, ctx_size=CTX, chunks=CHUNKS,
+                            batch_size=BATCH, threads=2)
+    a = json.loads(out1.read_text())
+    assert a == json.loads(json.dumps(res.candidates))
     keys = {"file", "type", "size_bytes", "bpw", "ppl_q", "ppl_base", "kld_mean", "kld_max", "kld_p99_9", "kld_p99",
             "kld_p95", "kld_p90", "kld_median", "kld_p10", "kld_p5", "kld_p1", "kld_min", "dp_mean", "dp_rms",
             "same_top_p", "ppl_q_err", "ppl_base_err", "kld_mean_err", "dp_mean_err", "dp_rms_err",
             "same_top_p_err"}
     assert set(a[0]) == keys and a[0]["type"] == "Q4_K_M"
-    assert "| Q4_K_M |" in (tmp_path / "a.md").read_text().replace(" Q4_K_M ", " Q4_K_M ")
-    assert "m-Q4_K_M.gguf" in r.stdout
-    # another -c, another text: refused, one line, exit 2
+    assert "| m-Q4_K_M.gguf | Q4_K_M |" in (tmp_path / "a.md").read_text()
+    # another -c, another text: refused
     other = tmp_path / "other.txt"
     other.write_text(text.read_text() + " more", encoding="utf-8")
-    for args in (["-c", "64"], ["-f", str(other)]):
-        argv = [*common, *args]
-        r = gguforge("eval", str(files["Q4_K_M"]), *argv, "--base-file", str(base))
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) <= 2, r.stderr
-        assert r.stderr.startswith("error: ") and str(base) in r.stderr
+    for txt, ctx, what in ((text, 64, "--ctx-size"), (other, CTX, "another text")):
+        with pytest.raises(UserError, match=what):
+            gguforge.evaluate(None, [files["Q4_K_M"]], txt, base_file=base, ctx_size=ctx, chunks=CHUNKS)
 
 
 def test_bad_inputs(mocks, text, tmp_path):
+    import gguforge
+    from gguforge.errors import UserError
     _, q3 = mocks["qwen3"]
     _, moe = mocks["qwen2moe"]
     short = tmp_path / "short.txt"
@@ -177,17 +179,18 @@ def test_bad_inputs(mocks, text, tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(q3["Q8_0"].read_bytes()[:5000])
     cases = {
-        "architecture": [str(q3["F32"]), str(moe["Q8_0"]), "-f", str(text)],
-        "tokenizes to only": [str(q3["F32"]), str(q3["Q8_0"]), "-f", str(short)],
-        "truncated": [str(q3["F32"]), str(broken), "-f", str(text)],
-        "above the context": [str(q3["F32"]), str(q3["Q8_0"]), "-f", str(text), "-c", "100000"],
+        "architecture": (q3["F32"], moe["Q8_0"], text, CTX),
+        "tokenizes to only": (q3["F32"], q3["Q8_0"], short, CTX),
+        "above the context": (q3["F32"], q3["Q8_0"], text, 100000),
     }
-    for what, argv in cases.items():
-        out = tmp_path / f"{what[:5]}.json"
-        r = gguforge("eval", *argv, "--json", str(out), "-q")
-        assert r.returncode == 2, (what, r.stderr)
-        assert what in r.stderr and r.stderr.startswith("error: "), (what, r.stderr)
-        assert not out.exists()
+    for what, (base, cand, txt, ctx) in cases.items():
+        with pytest.raises(UserError, match=what):
+            gguforge.evaluate(base, [cand], txt, ctx_size=ctx)
+    # through the CLI: one line, exit 2, no report file
+    out = tmp_path / "r.json"
+    r = run_cli("eval", str(q3["F32"]), str(broken), "-f", str(text), "--json", str(out), "-q")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "broken.gguf" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_plot_needs_matplotlib(monkeypatch):
