@@ -34,8 +34,8 @@ from pathlib import Path
 
 CACHE = Path(os.environ.get("GGUFORGE_TEST_CACHE", Path.home() / ".cache" / "gguforge-tests"))
 
-RECIPE = dict(arch="qwen3", size="q256", seed=0, text_seed=1, paragraphs=900, steps=160, batch=8, seq=128,
-              lr=3e-3, warmup=10, weight_decay=0.0)
+RECIPE = dict(arch="qwen3", size="q256", seed=0, text_seed=1, paragraphs=400, steps=90, batch=8, seq=64,
+              lr=4e-3, warmup=8, weight_decay=0.0)
 EVAL_SEED = 2  # structured_text(EVAL_SEED): held-out text of the same grammar
 
 NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
@@ -113,7 +113,9 @@ def _train(model, ids, r: dict) -> list[float]:
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
+        if step % 10 == 0 and os.environ.get("GGUFORGE_TRAIN_LOG"):
+            print(f"step {step} loss {losses[-1]:.3f}", file=sys.stderr, flush=True)
     model.eval()
     return losses
 

@@ -27,7 +27,8 @@ from helpers import gguforge as run_cli
 pytest.importorskip("llama_cpp")
 
 CTX = 128
-CHUNKS = 5
+CHUNKS = 5  # 315 scored tokens: an odd count (the median is the middle value)
+ARCH_CHUNKS = {"qwen3": CHUNKS, "qwen2moe": 4}  # 252: an even count (the median averages two values)
 BATCH = 256  # two chunks per llama_decode, as llama-perplexity -b 256 -c 128
 
 
@@ -70,10 +71,10 @@ def mocks(mock_model, tmp_path_factory):
             for arch in ("qwen3", "qwen2moe")}
 
 
-def llama_stats(tool: Path, base: Path, cand: Path, text: Path, work: Path) -> list[str]:
+def llama_stats(tool: Path, base: Path, cand: Path, text: Path, work: Path, chunks: int = CHUNKS) -> list[str]:
     """llama-perplexity's final statistics block (the lines after '====== Perplexity statistics')."""
     kld = work / f"{base.stem}.kld"
-    common = ["-c", str(CTX), "-b", str(BATCH), "--chunks", str(CHUNKS), "-t", "2"]
+    common = ["-c", str(CTX), "-b", str(BATCH), "--chunks", str(chunks), "-t", "2"]
     if not kld.exists():
         r = subprocess.run([str(tool), "-m", str(base), "-f", str(text), "--kl-divergence-base", str(kld), *common],
                            capture_output=True, text=True)
@@ -100,10 +101,11 @@ def test_gguf_base_equals_llama_perplexity(arch, mocks, text, perplexity_tool, t
 
     _, files = mocks[arch]
     cands = [files[t] for t in ("Q8_0", "Q4_K_M", "Q2_K")]
-    result = gguforge.evaluate(files["F32"], cands, text, ctx_size=CTX, chunks=CHUNKS, batch_size=BATCH, threads=2)
-    assert result.n_tokens == CHUNKS * (CTX - 1 - CTX // 2)
+    chunks = ARCH_CHUNKS[arch]
+    result = gguforge.evaluate(files["F32"], cands, text, ctx_size=CTX, chunks=chunks, batch_size=BATCH, threads=2)
+    assert result.n_tokens == chunks * (CTX - 1 - CTX // 2)
     for cand, stats in zip(cands, result.details):
-        ref = llama_stats(perplexity_tool, files["F32"], cand, text, tmp_path)
+        ref = llama_stats(perplexity_tool, files["F32"], cand, text, tmp_path, chunks)
         ours = [line.strip() for line in printed_lines(stats)]
         assert ours == ref, (cand.name, [(a, b) for a, b in zip(ours, ref) if a != b])
     # the size given for llama-perplexity's base file is the size it wrote
@@ -125,19 +127,37 @@ def test_hf_base_matches_gguf_base(mocks, text):
     assert "(HF" in from_hf.base
 
 
-def test_quant_ordering_on_trained_model(tmp_path_factory):
+def test_quant_ordering_on_trained_model(tmp_path_factory, perplexity_tool):
+    """A model with learned structure: peaked distributions, where the -16 cut-off and the max - 16 code
+    range matter (random mocks keep every entry); the expected quality order; llama-perplexity's figures."""
     pytest.importorskip("torch")
     import gguforge
     import trained_mock
+    from gguforge.eval.stats import encode_base, printed_lines
     model = trained_mock.trained_model()
     types = ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K")
-    files = _ggufs(model, tmp_path_factory.mktemp("trained"), types)
-    result = gguforge.evaluate(files["F32"], [files[t] for t in types], model / "eval.txt", ctx_size=CTX,
-                               chunks=8, threads=2)
+    work = tmp_path_factory.mktemp("trained")
+    files = _ggufs(model, work, types)
+    text = model / "eval.txt"
+    result = gguforge.evaluate(files["F32"], [files[t] for t in types], text, ctx_size=CTX, chunks=CHUNKS,
+                               batch_size=BATCH, threads=2)
     kld = [c["kld_mean"] for c in result.candidates]
     assert kld == sorted(kld) and len(set(kld)) == len(kld), dict(zip(types, kld))
-    # learned structure: the model predicts the held-out text far better than chance (vocab 512)
+    # learned structure: the held-out text is predicted far better than chance (512 tokens)
     assert result.candidates[0]["ppl_base"] < 20
+    for t in ("Q4_K_M", "Q2_K"):
+        ref = llama_stats(perplexity_tool, files["F32"], files[t], text, work)
+        assert [line.strip() for line in printed_lines(result.details[types.index(t)])] == ref, t
+    # the compact store keeps only the entries above the cut-off: several times smaller even at 512 tokens
+    assert result.base_store_bytes * 4 < (work / "m-F32.kld").stat().st_size
+    # and the cut-off matters here: tokens have log-probs below -16 (kept out of the sum)
+    from gguforge.eval.llama import LlamaRunner
+    from gguforge.eval.run import llama_tokens
+    toks = np.asarray(llama_tokens(files["F32"], text.read_bytes()[:20000]), dtype=np.int64)
+    with LlamaRunner(files["F32"], CTX, BATCH, 2) as runner:
+        _, logits = next(runner.chunk_logits(toks, 1))
+    rec = encode_base(logits, toks[CTX // 2 + 1:CTX])
+    assert (np.diff(rec.offsets) < rec.n_vocab).all()
 
 
 def test_saved_base_is_reused_and_checked(mocks, text, tmp_path):
