@@ -589,7 +589,7 @@ def eval_cmd(
                                    "decoded together)"),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, max=MAX_THREADS, help="CPU threads"),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", min=0, help="llama.cpp layers on the GPU"),
-    device: str = typer.Option("auto", "--device", metavar="cpu|cuda|auto", help="HF base: where torch runs it"),
+    device: str = typer.Option("cpu", "--device", metavar="cpu|cuda|auto", help="HF base: where torch runs it"),
     dtype: str = typer.Option("auto", "--dtype", metavar="auto|float32|bfloat16|float16",
                               help="HF base: what it runs in (auto: float32 on CPU, the checkpoint's type on GPU)"),
     json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE", help="every statistic, per file"),

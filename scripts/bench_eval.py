@@ -62,15 +62,21 @@ def main(argv=None) -> int:
         subprocess.run([str(tool), "-m", str(base), "-f", str(text), "--kl-divergence-base", str(kld_file), *common],
                        check=True, capture_output=True)
         t_lbase = time.perf_counter() - t0
-        ref_lines = []
+        ref_lines, t_kld = [], 0.0
         for c in cands:
-            r = subprocess.run([str(tool), "-m", str(c), "--kl-divergence-base", str(kld_file), "--kl-divergence",
-                                *common], check=True, capture_output=True, text=True)
-            lines = (r.stdout + r.stderr).splitlines()
-            start = next(i for i, line in enumerate(lines) if "Perplexity statistics" in line)
+            argv = [str(tool), "-m", str(c), "--kl-divergence-base", str(kld_file), "--kl-divergence", *common]
+            t1 = time.perf_counter()
+            r = subprocess.run(argv, check=True, capture_output=True, text=True)
+            t_kld += time.perf_counter() - t1
+            for _ in range(5):  # llama.cpp's logger thread can lose the last lines at exit: read them again
+                lines = (r.stdout + r.stderr).splitlines()
+                start = next((i for i, line in enumerate(lines) if "Perplexity statistics" in line), None)
+                if start is not None and any(line.startswith("Same top p") for line in lines[start:]):
+                    break
+                r = subprocess.run(argv, check=True, capture_output=True, text=True)
             ref_lines.append([ln.strip() for ln in lines[start:] if ":" in ln and
                               any(k in ln for k in ("PPL", "KLD", "Δp", "top p"))])
-        t_llama = time.perf_counter() - t0
+        t_llama = t_lbase + t_kld
 
         t0 = time.perf_counter()
         res = gguforge.evaluate(base, cands, text, ctx_size=a.ctx_size, chunks=a.chunks, threads=a.threads)

@@ -36,7 +36,7 @@ class EvalOptions:
     threads: int | None = None
     n_gpu_layers: int = 0
     batch_size: int = DEFAULT_BATCH
-    device: str = "auto"  # HF base: cpu, cuda or auto (as gguforge imatrix)
+    device: str = "cpu"  # HF base: cpu, cuda or auto (as gguforge imatrix)
     dtype: str = "auto"  # HF base: auto, float32, bfloat16, float16 (as gguforge imatrix)
     save_base: str | None = None
     base_file: str | None = None

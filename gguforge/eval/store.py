@@ -10,8 +10,9 @@ const uint16_t *). Those are stored here, per token:
     per kept entry: index (delta to the previous kept index) + code       4 bytes (u16 deltas) or 6
 
 (or, where that is smaller, a bitmap of the kept indices, n_vocab/8 bytes, for flat distributions such
-as a random-weight model's, where almost every entry is kept), then each chunk's block is deflated. For K kept entries per token the ratio to llama-perplexity's
-file is (2*n_vocab + 8) / (14 + 4*K) before compression: >= 20x for a 152k vocabulary while K <= 3,795.
+as a random-weight model's, where almost every entry is kept), then each chunk's block is deflated.
+For K kept entries per token the ratio to llama-perplexity's file is (2*n_vocab + 8) / (14 + 4*K)
+before compression: >= 20x for a 152k vocabulary while K <= 3,795.
 
 File layout: magic, u32 header length, JSON header (format version, text digest, n_ctx, n_chunk,
 n_vocab, tokenizer digest, what the base was), the n_chunk * n_ctx evaluation tokens (int32), then per
