@@ -193,7 +193,13 @@ def test_saved_base_is_reused_and_checked(mocks, text, tmp_path):
 def test_bad_inputs(mocks, text, tmp_path):
     import gguforge
     from gguforge.errors import UserError
-    _, q3 = mocks["qwen3"]
+    hf, q3 = mocks["qwen3"]
+    # the checkpoint's tokenizer normalises to NFC, llama.cpp does not: a decomposed accent tokenizes
+    # differently, and an HF base is refused (before the model loads)
+    nfd = tmp_path / "nfd.txt"
+    nfd.write_text(text.read_text() + " cafe\u0301 re\u0301sume\u0301", encoding="utf-8")
+    with pytest.raises(UserError, match="tokenize the text differently"):
+        gguforge.evaluate(hf, [q3["Q8_0"]], nfd, ctx_size=CTX)
     _, moe = mocks["qwen2moe"]
     short = tmp_path / "short.txt"
     short.write_text("The fox sees the dog.", encoding="utf-8")
