@@ -2,7 +2,7 @@
 
 - GGUF base: every statistic of llama-perplexity's final printout (KLD pass over its own
   --kl-divergence-base file), formatted as it prints it, equals ours line for line, on two mocks x three
-  quant types. The text is cut into 5 chunks of 128 tokens (63 scored each), n_batch 256 decodes two
+  quant types, a vocabulary that adds BOS, and the trained model (peaked distributions: the -16 cut-off). The text is cut into 5 chunks of 128 tokens (63 scored each), n_batch 256 decodes two
   chunks per batch as llama-perplexity does.
 - HF base (torch float32) against the same GGUF base: the F32 GGUF's KLD is at the noise floor, Q4_K_M's
   mean KLD within 2 %.
@@ -28,7 +28,7 @@ pytest.importorskip("llama_cpp")
 
 CTX = 128
 CHUNKS = 5  # 315 scored tokens: an odd count (the median is the middle value)
-ARCH_CHUNKS = {"qwen3": CHUNKS, "qwen2moe": 4}  # 252: an even count (the median averages two values)
+ARCH_CHUNKS = {"qwen3": CHUNKS, "qwen2moe": 4, "qwen3-bos": CHUNKS}  # 252: an even count (the median averages two values)
 BATCH = 256  # two chunks per llama_decode, as llama-perplexity -b 256 -c 128
 
 
@@ -65,10 +65,18 @@ def _ggufs(mock: Path, out: Path, types) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def mocks(mock_model, tmp_path_factory):
     pytest.importorskip("torch")
+    import gguforge
     root = tmp_path_factory.mktemp("eval-mocks")
-    return {arch: (mock_model(arch, full_precision=True),
-                   _ggufs(mock_model(arch, full_precision=True), root / arch, ("Q8_0", "Q4_K_M", "Q2_K")))
-            for arch in ("qwen3", "qwen2moe")}
+    out = {arch: (mock_model(arch, full_precision=True),
+                  _ggufs(mock_model(arch, full_precision=True), root / arch, ("Q8_0", "Q4_K_M", "Q2_K")))
+           for arch in ("qwen3", "qwen2moe")}
+    # a vocabulary that adds BOS (llama-perplexity puts it first in every chunk), by --override-kv
+    bos = {}
+    for t in ("F32", "Q4_K_M"):
+        bos[t] = root / f"bos-{t}.gguf"
+        gguforge.quantize(out["qwen3"][1]["F32"], bos[t], t, kv_overrides=["tokenizer.ggml.add_bos_token=bool:true"])
+    out["qwen3-bos"] = (None, bos)
+    return out
 
 
 def llama_stats(tool: Path, base: Path, cand: Path, text: Path, work: Path, chunks: int = CHUNKS) -> list[str]:
@@ -94,13 +102,13 @@ def llama_stats(tool: Path, base: Path, cand: Path, text: Path, work: Path, chun
             and ("PPL" in line or "KLD" in line or "Δp" in line or "top p" in line)]
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2moe"])
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2moe", "qwen3-bos"])
 def test_gguf_base_equals_llama_perplexity(arch, mocks, text, perplexity_tool, tmp_path):
     import gguforge
     from gguforge.eval.stats import printed_lines
 
     _, files = mocks[arch]
-    cands = [files[t] for t in ("Q8_0", "Q4_K_M", "Q2_K")]
+    cands = [f for t, f in files.items() if t != "F32"]
     chunks = ARCH_CHUNKS[arch]
     result = gguforge.evaluate(files["F32"], cands, text, ctx_size=CTX, chunks=chunks, batch_size=BATCH, threads=2)
     assert result.n_tokens == chunks * (CTX - 1 - CTX // 2)
@@ -109,7 +117,7 @@ def test_gguf_base_equals_llama_perplexity(arch, mocks, text, perplexity_tool, t
         ours = [line.strip() for line in printed_lines(stats)]
         assert ours == ref, (cand.name, [(a, b) for a, b in zip(ours, ref) if a != b])
     # the size given for llama-perplexity's base file is the size it wrote
-    assert result.llama_base_bytes == (tmp_path / "m-F32.kld").stat().st_size
+    assert result.llama_base_bytes == (tmp_path / f"{files['F32'].stem}.kld").stat().st_size
 
 
 def test_hf_base_matches_gguf_base(mocks, text):
