@@ -135,14 +135,12 @@ def test_hf_base_matches_gguf_base(mocks, text):
     assert "(HF" in from_hf.base
 
 
-def test_quant_ordering_on_trained_model(tmp_path_factory, perplexity_tool):
+def test_quant_ordering_on_trained_model(trained_model, tmp_path_factory, perplexity_tool):
     """A model with learned structure: peaked distributions, where the -16 cut-off and the max - 16 code
     range matter (random mocks keep every entry); the expected quality order; llama-perplexity's figures."""
-    pytest.importorskip("torch")
     import gguforge
-    import trained_mock
     from gguforge.eval.stats import encode_base, printed_lines
-    model = trained_mock.trained_model()
+    model = trained_model
     types = ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K")
     work = tmp_path_factory.mktemp("trained")
     files = _ggufs(model, work, types)
