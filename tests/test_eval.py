@@ -28,8 +28,9 @@ pytest.importorskip("llama_cpp")
 
 CTX = 128
 CHUNKS = 5  # 315 scored tokens: an odd count (the median is the middle value)
-ARCH_CHUNKS = {"qwen3": CHUNKS, "qwen2moe": 4, "qwen3-bos": CHUNKS}  # 252: an even count (the median averages two values)
 BATCH = 256  # two chunks per llama_decode, as llama-perplexity -b 256 -c 128
+ARCH_CHUNKS = {"qwen3": CHUNKS, "qwen2moe": 4, "qwen3-bos": CHUNKS}  # 4: 252, an even count (median of two)
+ARCH_BATCH = {"qwen3": BATCH, "qwen2moe": BATCH, "qwen3-bos": 64}  # 64: each chunk in two decodes
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +80,11 @@ def mocks(mock_model, tmp_path_factory):
     return out
 
 
-def llama_stats(tool: Path, base: Path, cand: Path, text: Path, work: Path, chunks: int = CHUNKS) -> list[str]:
+def llama_stats(tool: Path, base: Path, cand: Path, text: Path, work: Path, chunks: int = CHUNKS,
+                batch: int = BATCH) -> list[str]:
     """llama-perplexity's final statistics block (the lines after '====== Perplexity statistics')."""
     kld = work / f"{base.stem}.kld"
-    common = ["-c", str(CTX), "-b", str(BATCH), "--chunks", str(chunks), "-t", "2"]
+    common = ["-c", str(CTX), "-b", str(batch), "--chunks", str(chunks), "-t", "2"]
     if not kld.exists():
         r = subprocess.run([str(tool), "-m", str(base), "-f", str(text), "--kl-divergence-base", str(kld), *common],
                            capture_output=True, text=True)
@@ -109,11 +111,11 @@ def test_gguf_base_equals_llama_perplexity(arch, mocks, text, perplexity_tool, t
 
     _, files = mocks[arch]
     cands = [f for t, f in files.items() if t != "F32"]
-    chunks = ARCH_CHUNKS[arch]
-    result = gguforge.evaluate(files["F32"], cands, text, ctx_size=CTX, chunks=chunks, batch_size=BATCH, threads=2)
+    chunks, batch = ARCH_CHUNKS[arch], ARCH_BATCH[arch]
+    result = gguforge.evaluate(files["F32"], cands, text, ctx_size=CTX, chunks=chunks, batch_size=batch, threads=2)
     assert result.n_tokens == chunks * (CTX - 1 - CTX // 2)
     for cand, stats in zip(cands, result.details):
-        ref = llama_stats(perplexity_tool, files["F32"], cand, text, tmp_path, chunks)
+        ref = llama_stats(perplexity_tool, files["F32"], cand, text, tmp_path, chunks, batch)
         ours = [line.strip() for line in printed_lines(stats)]
         assert ours == ref, (cand.name, [(a, b) for a, b in zip(ours, ref) if a != b])
     # the size given for llama-perplexity's base file is the size it wrote

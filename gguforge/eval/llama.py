@@ -101,7 +101,8 @@ class LlamaRunner:
     def chunk_logits(self, tokens: np.ndarray, n_chunk: int):
         """Yield (chunk index, logits [n_ctx - 1 - n_ctx/2, n_vocab] float32) for every chunk, decoded
         n_seq at a time as llama-perplexity does: the logits of positions n_ctx/2 .. n_ctx - 2, which
-        predict tokens n_ctx/2 + 1 .. n_ctx - 1 of the chunk."""
+        predict tokens n_ctx/2 + 1 .. n_ctx - 1 of the chunk (copied out of llama.cpp's buffer one chunk
+        at a time)."""
         lib, n_ctx, batch = self._lib, self.n_ctx, self._batch
         first = n_ctx // 2
         n_score = n_ctx - 1 - first
@@ -114,7 +115,7 @@ class LlamaRunner:
                 batch_start = j * self.n_batch
                 size = min(n_ctx - batch_start, self.n_batch)
                 n = 0
-                owners = []
+                n_out = 0
                 for seq in range(n_seq_batch):
                     base = (i + seq) * n_ctx + batch_start
                     for k in range(size):
@@ -128,22 +129,21 @@ class LlamaRunner:
                         batch.seq_id[n][0] = seq
                         want = pos >= first
                         batch.logits[n] = want
-                        if want:
-                            owners.append(seq)
+                        n_out += want
                         n += 1
                 batch.n_tokens = n
                 if lib.llama_decode(self.ctx, batch) != 0:
                     raise RuntimeError(f"llama_decode failed on {self.path.name}")
-                if owners:
+                if n_out:
                     ptr = lib.llama_get_logits(self.ctx)
-                    out = np.ctypeslib.as_array(ptr, shape=(len(owners) * self.n_vocab,))
-                    out = out.reshape(len(owners), self.n_vocab)
-                    owners = np.asarray(owners)
-                    for seq in range(n_seq_batch):
-                        kept[seq].append(np.array(out[owners == seq], dtype=np.float32))
+                    out = np.ctypeslib.as_array(ptr, shape=(n_out * self.n_vocab,)).reshape(n_out, self.n_vocab)
+                    if num_batches == 1:  # one decode per group: views of llama.cpp's buffer
+                        kept = [out[seq * (n_ctx - first):(seq + 1) * (n_ctx - first)] for seq in range(n_seq_batch)]
+                    else:  # one chunk in several decodes (n_batch < n_ctx): its rows gathered
+                        kept[0].append(np.array(out, dtype=np.float32))
             for seq in range(n_seq_batch):
-                rows = np.concatenate(kept[seq]) if len(kept[seq]) > 1 else kept[seq][0]
-                yield i + seq, rows[:n_score]
+                rows = np.array(kept[seq][:n_score]) if num_batches == 1 else np.concatenate(kept[seq])[:n_score]
+                yield i + seq, rows  # one chunk copied at a time
 
     def close(self) -> None:
         lib = self._lib
