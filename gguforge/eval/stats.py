@@ -202,6 +202,11 @@ DP_PERCENTILES = (("dp_p99_9", 0.999), ("dp_p99", 0.990), ("dp_p95", 0.950), ("d
                   ("dp_p1", 0.010), ("dp_p0_1", 0.001))
 
 
+def _sqrt(x: float) -> float:
+    """C's sqrt: NaN for a negative argument (llama-perplexity prints it as it comes)."""
+    return math.sqrt(x) if x >= 0 else float("nan")
+
+
 def summarize(k: KldSums) -> dict[str, float]:
     """The final statistics of kl_divergence(), as numbers (Δp and same-top in percent, as printed)."""
     n = k.count
@@ -211,7 +216,7 @@ def summarize(k: KldSums) -> dict[str, float]:
     cov = covariance(k.sum_nll, k.sum_nll_base, k.sum_nll_nll_base, n)
     denom = log_ppl_err * log_base_err
     ratio = log_ppl - log_base
-    ratio_err = math.sqrt(max(log_ppl_err ** 2 + log_base_err ** 2 - 2.0 * cov, 0.0))
+    ratio_err = _sqrt(log_ppl_err ** 2 + log_base_err ** 2 - 2.0 * cov)
     ppl_err, ppl_base_err = ppl * log_ppl_err, ppl_base * log_base_err
     ppl_cov = ppl * ppl_base * cov
     kld, kld_err = mean_and_uncertainty(k.sum_kld, k.sum_kld2, n)
@@ -229,7 +234,7 @@ def summarize(k: KldSums) -> dict[str, float]:
         "ln_ppl_ratio": ratio, "ln_ppl_ratio_err": ratio_err,
         "ppl_ratio": math.exp(ratio), "ppl_ratio_err": math.exp(ratio) * ratio_err,
         "ppl_diff": ppl - ppl_base,
-        "ppl_diff_err": math.sqrt(max(ppl_err ** 2 + ppl_base_err ** 2 - 2.0 * ppl_cov, 0.0)),
+        "ppl_diff_err": _sqrt(ppl_err ** 2 + ppl_base_err ** 2 - 2.0 * ppl_cov),
         "kld_mean": kld, "kld_mean_err": kld_err,
     }
     if n:
