@@ -254,3 +254,33 @@ def test_store_round_trip(flat):
         assert np.array_equal(getattr(rec, name), getattr(back, name)), name
     assert rec.offsets[4] - rec.offsets[3] == 70000
     assert flat or (np.diff(rec.offsets)[[0, 1, 2, 5]] <= 2).all()
+
+
+@pytest.mark.parametrize("during", ["base", "candidates"])
+def test_interrupt_leaves_no_partial_report(mocks, text, tmp_path, monkeypatch, capsys, during):
+    """SIGINT while the base is computed: nothing written; while the candidates run: the finished
+    --save-base file only, no report and no temp file."""
+    import os
+    import signal
+
+    import gguforge.eval.run as run
+    from gguforge.cli import main
+    _, files = mocks["qwen3"]
+    name = "encode_base" if during == "base" else "KldSums"
+    original = getattr(run, name)
+    calls = []
+
+    def then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(run, name, then_signal)
+    out = tmp_path / "out"
+    out.mkdir()
+    code = main(["eval", str(files["F32"]), str(files["Q8_0"]), str(files["Q2_K"]), "-f", str(text), "-c", str(CTX),
+                 "--chunks", str(CHUNKS), "-b", str(BATCH), "-t", "2", "-q", "--save-base", str(out / "base.bin"),
+                 "--json", str(out / "r.json"), "--markdown", str(out / "r.md")])
+    assert code == 130 and len(calls) >= 2
+    assert capsys.readouterr().err.strip().splitlines() == ["interrupted"]
+    assert sorted(p.name for p in out.iterdir()) == ([] if during == "base" else ["base.bin"])
