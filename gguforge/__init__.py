@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["UserError", "__version__", "compute_imatrix", "convert_hf", "quantize"]  # quantize: see __getattr__
+__all__ = ["UserError", "__version__", "compute_imatrix", "convert_hf", "evaluate", "quantize"]  # quantize: see __getattr__
 
 
 def convert_hf(model: str | Path, outfile: str | Path | None = None, *, outtype: str = "auto", force: bool = False,
@@ -80,6 +80,16 @@ def compute_imatrix(model: str | Path, text_file: str | Path, outfile: str | Pat
     with replacing(force):
         write_imatrix(outfile, result, output_format)
     return Path(outfile)
+
+
+def evaluate(base: str | Path | None, candidates, text_file: str | Path, **options):
+    """KL divergence, top-token agreement and perplexity of GGUF candidates against `base` (a Hugging Face
+    checkpoint run in torch, or a GGUF run in llama.cpp; None with base_file=...), with llama-perplexity's
+    statistics; returns gguforge.eval.EvalResult (`.candidates`: one dict per file, the JSON report's
+    fields). Options are gguforge.eval.EvalOptions fields: ctx_size, chunks, threads, n_gpu_layers,
+    batch_size, device, dtype, save_base, base_file, force."""
+    from .eval import evaluate as run
+    return run(None if base is None else str(base), [str(c) for c in candidates], text_file, **options)
 
 
 def __getattr__(name: str):

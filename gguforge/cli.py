@@ -630,6 +630,65 @@ def imatrix_cmd(
              f"{run.n_tokens / max(run.seconds, 1e-9):,.0f} tokens/s")
 
 
+@app.command("eval")
+def eval_cmd(
+    inputs: List[str] = typer.Argument(..., metavar="BASE CANDIDATE.gguf...", help="the base (HF model directory, "
+                                       "hub id or GGUF; left out with --base-file) and the GGUF files to measure"),
+    text_file: Path = typer.Option(..., "-f", "--file", help="evaluation text (UTF-8), as llama-perplexity -f"),
+    ctx_size: int = typer.Option(512, "-c", "--ctx-size", min=1, help="tokens per chunk (llama-perplexity -c)"),
+    chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="use at most this many chunks"),
+    batch_size: int = typer.Option(2048, "-b", "--batch-size", min=1, help="llama-perplexity -b (chunks "
+                                   "decoded together)"),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, max=MAX_THREADS, help="CPU threads"),
+    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", min=0, help="llama.cpp layers on the GPU"),
+    device: str = typer.Option("cpu", "--device", metavar="cpu|cuda|auto", help="HF base: where torch runs it"),
+    dtype: str = typer.Option("auto", "--dtype", metavar="auto|float32|bfloat16|float16",
+                              help="HF base: what it runs in (auto: float32 on CPU, the checkpoint's type on GPU)"),
+    json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE", help="every statistic, per file"),
+    markdown: Optional[str] = typer.Option(None, "--markdown", metavar="FILE", help="a table for a model card"),
+    plot: Optional[str] = typer.Option(None, "--plot", metavar="FILE.png", help="mean and 99.9% KLD against "
+                                       "bits per weight (needs matplotlib)"),
+    save_base: Optional[str] = typer.Option(None, "--save-base", metavar="FILE", help="keep the computed base"),
+    base_file: Optional[str] = typer.Option(None, "--base-file", metavar="FILE", help="reuse a --save-base file "
+                                            "(same text, tokenizer and --ctx-size)"),
+    details: bool = typer.Option(False, "--details", help="also print every statistic as llama-perplexity does"),
+    force: bool = typer.Option(False, "--force", help="overwrite existing output files"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="tracebacks for internal errors"),
+):
+    """KL divergence, top-token agreement and perplexity of GGUF files against their base model, with
+    llama-perplexity's statistics, in one run."""
+    _state["verbose"] = verbose
+    base, candidates = (None, inputs) if base_file else (inputs[0], inputs[1:])
+    if not candidates:
+        raise UserError("give the base and at least one candidate GGUF" if not base_file else
+                        "give at least one candidate GGUF")
+    outputs = [(flag, v) for flag, v in (("--json", json_out), ("--markdown", markdown), ("--plot", plot),
+                                         ("--save-base", save_base)) if v is not None]
+    _check_not_empty(*outputs)
+    for flag, value in outputs:
+        _check_output_arg(value, flag)
+        target = Path(value)
+        if target.exists() and not force:
+            raise UserError(f"{target} already exists", hint="pass --force to overwrite it")
+        if not target.absolute().parent.is_dir():
+            raise UserError(f"{flag} {value}: directory {target.absolute().parent} does not exist")
+    from .eval.report import check_plot_available, details as detail_lines, table, write_reports
+    if plot is not None:
+        check_plot_available()
+    _require("eval", ("llama_cpp",), hint='pip install "gguforge[verify]"')
+    from .eval import EvalOptions, evaluate
+    from .progress import progress_factory
+    options = EvalOptions(ctx_size=ctx_size, chunks=chunks, threads=threads, n_gpu_layers=n_gpu_layers,
+                          batch_size=batch_size, device=device.strip().lower(), dtype=dtype.strip().lower(),
+                          save_base=save_base, base_file=base_file, force=force)
+    result = evaluate(base, candidates, text_file, options, progress=progress_factory(quiet, unit="tokens"))
+    write_reports(result, json_out, markdown, plot, force=force)
+    _echo(table(result))
+    if details:
+        _echo(detail_lines(result))
+
+
 VERIFY_MODULES = ("torch", "transformers", "llama_cpp")
 
 

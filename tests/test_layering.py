@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gguforge"
 # Modules that every layer may use: the error type, the row-chunk scheduler, deferred signals.
 BASE = {"errors", "parallel", "signals"}
 # Sub-packages from the bottom up; a package may import only those below it (and BASE).
-LAYERS = ["format", "quantize", "checkpoint", "archs", "convert", "imatrix"]
+LAYERS = ["format", "quantize", "checkpoint", "archs", "convert", "imatrix", "eval"]
 
 
 def module_imports() -> dict[str, set[str]]:
