@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from gguf import GGUFReader
 
 from helpers import qwen2moe_config, qwen2moe_tensors, write_checkpoint
 from hub_server import HubServer
@@ -53,9 +54,15 @@ def convert(hub, out: Path, outtype="bf16", split=None, force=False, **kw):
     return [convert_hf(REPO, str(out), ConvertOptions(outtype=outtype), remote=options, split=split, force=force)]
 
 
-def interrupted(hub, out: Path, after: int, **kw) -> None:
-    """A run that fails for good (503 from the `after`-th data request on) once some tensors are written."""
-    fault = hub.inject("503", count=10 ** 6, after=after)
+def whole(hub, out: Path, outtype="bf16", split=None) -> tuple[dict[str, bytes], int]:
+    """An uninterrupted run: its files, and how many tensor data requests it made."""
+    before = hub.data_requests
+    return files_of(convert(hub, out, outtype, split)), hub.data_requests - before
+
+
+def interrupted(hub, out: Path, requests: int, **kw) -> None:
+    """A run that fails for good (HTTP 503 from then on) halfway through its `requests` data requests."""
+    fault = hub.inject("503", count=10 ** 6, after=requests // 2)
     try:
         with pytest.raises(UserError, match="giving up after"):
             convert(hub, out, **kw)
@@ -81,12 +88,12 @@ def test_resume_gives_the_uninterrupted_bytes_and_fetches_less(outtype, split, h
     (tmp_path / "out").mkdir()
     name = "{ftype}.gguf" if "," in outtype else "x.gguf"
     before = hub.bytes_sent
-    expected = files_of(convert(hub, tmp_path / "whole" / name, outtype, split))
-    whole = hub.bytes_sent - before
+    expected, requests = whole(hub, tmp_path / "whole" / name, outtype, split)
+    sent = hub.bytes_sent - before
     assert not [p for p in (tmp_path / "whole").iterdir() if p.name.startswith(".")]  # nothing kept when done
 
     out = tmp_path / "out" / name
-    interrupted(hub, out, after=12, outtype=outtype, split=split)
+    interrupted(hub, out, requests, outtype=outtype, split=split)
     assert not [p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]  # no final file
     first_target = sorted(expected)[0] if "," in outtype else next(iter(expected))
     journal = journal_path(tmp_path / "out" / first_target)
@@ -96,47 +103,48 @@ def test_resume_gives_the_uninterrupted_bytes_and_fetches_less(outtype, split, h
     got = files_of(convert(hub, out, outtype, split))
     resumed = hub.bytes_sent - before
     assert got == expected
-    assert resumed < 0.85 * whole, (resumed, whole)  # the kept tensors were not fetched again
+    assert resumed < 0.85 * sent, (resumed, sent)  # the kept tensors were not fetched again
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(expected)  # journal and parts gone
 
 
 def test_a_corrupted_kept_tensor_is_detected_and_written_again(hub, tmp_path, capfd):
     out = tmp_path / "x.gguf"
-    expected = files_of(convert(hub, tmp_path / "whole.gguf"))
-    interrupted(hub, out, after=12)
+    expected, requests = whole(hub, tmp_path / "whole.gguf")
+    interrupted(hub, out, requests)
     journal, part = journal_path(out), part_path(out)
     kept = kept_tensors(journal)
     assert kept > 3
+    bad = GGUFReader(tmp_path / "whole.gguf").tensors[kept - 2]  # the same layout as the part file
     data = bytearray(part.read_bytes())
-    data[-200] ^= 0xFF  # inside a kept tensor near the end of what was written
+    data[bad.data_offset + 1] ^= 0x40  # one bit of a kept tensor
     part.write_bytes(data)
     capfd.readouterr()
     got = files_of(convert(hub, out))
     err = capfd.readouterr().err
     assert got == {"x.gguf": expected["whole.gguf"]}
-    assert "does not match its hash" in err and "resume: kept" in err
+    assert f"{bad.name} does not match its hash" in err and f"resume: kept {kept - 2} of" in err
 
 
 def test_a_changed_source_file_refuses_the_journal_and_force_starts_over(hub, tmp_path):
     out = tmp_path / "x.gguf"
-    interrupted(hub, out, after=12)
+    interrupted(hub, out, whole(hub, tmp_path / "probe.gguf")[1])
     served = hub.repos[REPO]
     shard = sorted(served.glob("*.safetensors"))[-1]
     data = bytearray(shard.read_bytes())
     data[-8:] = bytes(8)  # same size, other bytes: another ETag
     shard.write_bytes(data)
-    with pytest.raises(UserError, match="the source files changed on the hub") as e:
+    with pytest.raises(UserError, match="the source files have changed on the hub") as e:
         convert(hub, out)
     assert "--force" in e.value.hint
     assert not out.exists() and journal_path(out).exists() and part_path(out).exists()  # left as they were
     got = files_of(convert(hub, out, force=True))
-    assert got == files_of(convert(hub, tmp_path / "whole.gguf"))
+    assert got["x.gguf"] == files_of(convert(hub, tmp_path / "whole.gguf"))["whole.gguf"]
     assert not journal_path(out).exists() and not part_path(out).exists()
 
 
 def test_other_options_refuse_the_journal(hub, tmp_path):
     out = tmp_path / "x.gguf"
-    interrupted(hub, out, after=12)
+    interrupted(hub, out, whole(hub, tmp_path / "probe.gguf")[1])
     with pytest.raises(UserError, match="another output|other conversion options"):
         convert(hub, out, outtype="f16")
     assert not out.exists() and kept_tensors(journal_path(out)) > 2
@@ -150,7 +158,7 @@ def test_sigint_keeps_the_resumable_state(hub, tmp_path):
     env.pop("HF_TOKEN", None)
     cmd = [sys.executable, "-m", "gguforge", "convert-hf", REPO, "--remote", "--resume", "--outfile", str(out),
            "--outtype", "bf16", "--quiet", "--remote-connections", "1", "--remote-window", "16K"]
-    slow = hub.inject("slow", count=10 ** 6, after=6, seconds=0.2)
+    slow = hub.inject("slow", count=10 ** 6, after=30, seconds=0.1)
     journal = journal_path(out)
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:

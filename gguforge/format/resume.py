@@ -38,10 +38,15 @@ PART_SUFFIX = "resume.part"
 JOURNAL_SUFFIX = "resume.json"
 PIECE = 16 << 20
 
-# fingerprint keys -> what a mismatch means, for the one-line refusal
-CHANGED = {"repo": "another repository", "commit": "the repository moved to another commit", "files": "the source files changed on the hub",
-           "options": "other conversion options", "imatrix": "another importance matrix", "gguforge": "another gguforge version",
-           "headers": "another output (metadata, tensors, types or split plan)", "targets": "other output files"}
+# fingerprint keys -> why a journal whose key differs cannot be resumed from (the one-line refusal)
+CHANGED = {"repo": "it was written for another repository",
+           "commit": "the repository has moved to another commit since",
+           "files": "the source files have changed on the hub since (other ETags or sizes)",
+           "options": "it was written with other conversion options",
+           "imatrix": "it was written with another importance matrix",
+           "gguforge": "it was written by another gguforge version",
+           "headers": "it was written for another output (metadata, tensors, types or split plan)",
+           "targets": "it was written for other output files"}
 
 
 def part_path(target: Path) -> Path:
@@ -125,9 +130,9 @@ class Resume:
             kept = None
         if kept != self.fingerprint:
             if restart:
-                self.say(f"resume: {self.journal.name} was for {self._why(kept)}; starting over (--force)")
+                self.say(f"resume: discarding {self.journal.name} ({self._why(kept)}); starting over (--force)")
                 return []
-            raise UserError(f"cannot resume from {self.journal}: it was kept for {self._why(kept)}",
+            raise UserError(f"cannot resume from {self.journal}: {self._why(kept)}",
                             hint="run the same command as before, or pass --force to discard it and start over")
         claims = []
         for line in lines[1:]:
@@ -139,9 +144,9 @@ class Resume:
 
     def _why(self, kept) -> str:
         if not isinstance(kept, dict):
-            return "an unreadable journal"
+            return "it cannot be read"
         differ = [key for key in CHANGED if kept.get(key) != self.fingerprint.get(key)]
-        return CHANGED[differ[0]] if differ else "another run"
+        return CHANGED[differ[0]] if differ else "it was written by another run"
 
     def _verify(self, claims: list[list[str]]) -> int:
         """The number of leading tensors whose kept bytes (and their files' headers) match the journal."""
