@@ -100,9 +100,15 @@ class Resume:
 
     # -- opening: lock, check the journal, verify the kept tensors ----------------------------------
     def _open(self, restart: bool) -> None:
+        created = []  # removed again if this run is refused before writing
         try:
             for part, target in zip(self.parts, self.targets):
-                fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~_umask())
+                flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+                try:
+                    fd = os.open(part, flags | os.O_CREAT | os.O_EXCL, 0o666 & ~_umask())
+                    created.append(part)
+                except FileExistsError:
+                    fd = os.open(part, flags)
                 self.fds.append(fd)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -112,11 +118,12 @@ class Resume:
             self.first = self._verify(claims)
             self._truncate()
             self._write_journal()
-        except OSError as e:
+        except BaseException as e:
             self.close()
-            raise UserError(f"cannot resume {e.filename or self.targets[0]}: {e.strerror}") from None
-        except BaseException:
-            self.close()
+            for part in created:
+                unlink_quietly(part)
+            if isinstance(e, OSError):
+                raise UserError(f"cannot resume {e.filename or self.targets[0]}: {e.strerror}") from None
             raise
 
     def _read_journal(self, restart: bool) -> list[list[str]]:
