@@ -175,6 +175,8 @@ def convert_hf_cmd(
     remote_backoff: Optional[float] = typer.Option(None, "--remote-backoff", min=0.0, metavar="SECONDS",
                                                    help="--remote: wait before the first retry, doubled for each "
                                                    "further one (default 1; a server's Retry-After wins)"),
+    resume: bool = typer.Option(False, "--resume", help="--remote: keep the finished tensors if the run is interrupted "
+                                "or fails, and continue from them (checked by SHA-256) when run again the same way"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="tracebacks for internal errors"),
 ):
@@ -206,7 +208,7 @@ def convert_hf_cmd(
     source = model or str(embedded_model_dir())
     hub = dict(revision=revision, remote=_remote_options(remote, model, revision, imatrix_text, allow_pickle,
                                                          remote_connections, remote_retries, remote_window,
-                                                         remote_timeout, remote_backoff))
+                                                         remote_timeout, remote_backoff, resume))
     if imatrix_text is not None:
         options.imatrix = _computed_imatrix(source, imatrix_text, imatrix, options, imatrix_ctx, imatrix_chunks,
                                             quiet)
@@ -267,10 +269,10 @@ def _computed_imatrix(source: str, text: str, imatrix: Optional[str], options, c
 
 
 def _remote_options(remote: bool, model: Optional[str], revision: Optional[str], imatrix_text, allow_pickle: bool,
-                    connections, retries, window, timeout, backoff):
+                    connections, retries, window, timeout, backoff, resume: bool = False):
     """convert-hf --remote and its --remote-* settings (None without --remote)."""
     given = {"--remote-connections": connections, "--remote-retries": retries, "--remote-window": window,
-             "--remote-timeout": timeout, "--remote-backoff": backoff}
+             "--remote-timeout": timeout, "--remote-backoff": backoff, "--resume": resume or None}
     if not remote:
         if any(v is not None for v in given.values()):
             raise UserError(f"{next(k for k, v in given.items() if v is not None)} needs --remote")
@@ -283,7 +285,7 @@ def _remote_options(remote: bool, model: Optional[str], revision: Optional[str],
                             "--remote), or compute the importance matrix with `gguforge imatrix`")
     from .checkpoint.remote import RemoteOptions
     from .format.split import parse_size
-    options = RemoteOptions(revision=revision)
+    options = RemoteOptions(revision=revision, resume=resume)
     if window is not None:
         try:
             window = parse_size(window)

@@ -57,6 +57,7 @@ class RemoteOptions:
     backoff: float = 1.0  # seconds before the first retry; doubles with each failure
     endpoint: str | None = None  # default: huggingface_hub's (HF_ENDPOINT)
     token: str | bool | None = None  # default: huggingface_hub's (HF_TOKEN, then the token store)
+    resume: bool = False  # keep the finished tensors of an interrupted run, continue from them (format/resume.py)
 
     @property
     def block(self) -> int:

@@ -132,13 +132,15 @@ def _nonfinite(t: PlannedTensor) -> UserError:
 
 
 def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,
-               split: SplitOptions | None = None, tensor_done=None) -> None:
-    """`tensor_done(i)`: called once every chunk of tensor i is encoded (its source bytes are not read again)."""
+               split: SplitOptions | None = None, tensor_done=None, resume=None) -> None:
+    """`tensor_done(i)`: called once every chunk of tensor i is encoded (its source bytes are not read again);
+    `resume`: a format.resume.Resume holding the tensors before its `first`."""
     threads = options.threads or os.cpu_count() or 1
     check = not options.allow_nonfinite
 
     def jobs():
-        for i, t in enumerate(plan.tensors):
+        for i in range(resume.first if resume else 0, len(plan.tensors)):
+            t = plan.tensors[i]
             for start, stop in row_chunks(t.tensor.n_rows, t.tensor.row_elems):
                 yield i, t, start, stop
 
@@ -162,7 +164,7 @@ def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,
                 pool.give(b)
 
     shards = plan.shards or plan_shards(target, plan.tensors, split)
-    write_shards(shards, plan.metadata, plan.tensors, chunks, progress)
+    write_shards(shards, plan.metadata, plan.tensors, chunks, progress, resume)
 
 
 def announce_done(results, tensor_done):
@@ -207,15 +209,17 @@ def opened_checkpoint(model: str, options: ConvertOptions, revision: str | None 
 
 
 @contextmanager
-def write_progress(checkpoint, plans: list[Plan], progress_factory, names: str):
+def write_progress(checkpoint, plans: list[Plan], progress_factory, names: str, first: int = 0):
     """(advance, tensor_done) for the writer: the advance() it reports written bytes to (None: no bar), and
     what it tells when a tensor is finished. A remote checkpoint is told the order its tensors will be
-    read in and when each is finished, and its bar counts the bytes received over the network instead."""
+    read in (from output tensor `first` on) and when each is finished, and its bar counts the bytes
+    received over the network instead."""
     source = getattr(checkpoint, "source", None)
     done = None
     if source is not None:
         from ..checkpoint.remote import read_order
-        source.schedule(read_order(checkpoint, tensor_reads(plans)))
+        reads = tensor_reads(plans)
+        source.schedule(read_order(checkpoint, [((), 0)] * first + reads[first:]))
         done = source.finished
     if progress_factory is None:
         yield None, done
@@ -226,6 +230,41 @@ def write_progress(checkpoint, plans: list[Plan], progress_factory, names: str):
         with progress_factory(source.total, f"reading {checkpoint.repo}, writing {names}") as advance:
             source.http.progress = advance
             yield None, done
+
+
+@contextmanager
+def resumable(checkpoint, plans: list[Plan], options: ConvertOptions, force: bool):
+    """convert-hf --remote --resume: the outputs' kept state (format/resume.py), None otherwise. `force`
+    discards a journal kept for another input or other options instead of refusing it."""
+    source = getattr(checkpoint, "source", None)
+    if source is None or not source.options.resume:
+        yield None
+        return
+    from ..format.resume import Resume
+    from ..format.split import output_files
+    resume = Resume([output_files(p.shards, p.metadata, p.tensors) for p in plans],
+                    resume_fingerprint(checkpoint, options), restart=force)
+    try:
+        yield resume
+    finally:
+        resume.close()
+
+
+def resume_fingerprint(checkpoint, options: ConvertOptions) -> dict:
+    """What decides the output bytes besides the outputs' headers (format/resume.py adds those)."""
+    import hashlib
+    from dataclasses import replace
+    from .. import __version__
+    imatrix = options.imatrix
+    if imatrix is not None:
+        digest = hashlib.sha256()
+        with open(imatrix.path, "rb") as f:
+            for piece in iter(lambda: f.read(1 << 20), b""):
+                digest.update(piece)
+        imatrix = [digest.hexdigest(), repr(replace(imatrix, path=""))]
+    return {"gguforge": __version__, "repo": checkpoint.repo, "commit": checkpoint.commit,
+            "files": [[f.name, f.size, f.etag] for f in checkpoint.source.files],
+            "options": repr(replace(options, threads=None, imatrix=None)), "imatrix": imatrix}
 
 
 def tensor_reads(plans: list[Plan]) -> list[tuple[tuple[str, ...], int]]:
@@ -260,9 +299,10 @@ def _convert_hf(checkpoint, model, outfile, options, force, dry_run, progress_fa
     refuse_unwritable([plan])
     for shard in plan.shards:
         check_output(shard.path, root, force)
-    with replacing(force):  # checked again when the output is moved into place (it may appear meanwhile)
-        with write_progress(checkpoint, [plan], progress_factory, target.name) as (advance, done):
-            write_plan(plan, target, options, advance, split=split, tensor_done=done)
+    with replacing(force), resumable(checkpoint, [plan], options, force) as resume:  # replacing: checked again
+        first = resume.first if resume else 0  # when the output is moved into place (it may appear meanwhile)
+        with write_progress(checkpoint, [plan], progress_factory, target.name, first) as (advance, done):
+            write_plan(plan, target, options, advance, split=split, tensor_done=done, resume=resume)
     return plan, target
 
 
@@ -294,13 +334,13 @@ def encode_chunks(ts: list[PlannedTensor], start: int, stop: int, check_finite: 
     return out
 
 
-def write_plans(plans: list[Plan], options: ConvertOptions, progress=None, tensor_done=None) -> None:
+def write_plans(plans: list[Plan], options: ConvertOptions, progress=None, tensor_done=None, resume=None) -> None:
     """Write every plan's (already sharded) output from one pass over the tensors; all or none appear."""
     threads = options.threads or os.cpu_count() or 1
     check = not options.allow_nonfinite
 
     def jobs():
-        for i in range(len(plans[0].tensors)):
+        for i in range(resume.first if resume else 0, len(plans[0].tensors)):
             ts = [p.tensors[i] for p in plans]
             for start, stop in row_chunks(ts[0].tensor.n_rows, ts[0].tensor.row_elems):
                 yield i, ts, start, stop
@@ -311,7 +351,7 @@ def write_plans(plans: list[Plan], options: ConvertOptions, progress=None, tenso
         for (i, *_), data in announce_done(results, tensor_done):
             yield i, data
 
-    write_many_shards([(p.shards, p.metadata, p.tensors) for p in plans], chunks, progress)
+    write_many_shards([(p.shards, p.metadata, p.tensors) for p in plans], chunks, progress, resume)
 
 
 def split_outtypes(outtype: str) -> list[str]:
@@ -374,8 +414,9 @@ def _convert_hf_many(checkpoint, model, outfile, options, types, force, dry_run,
         for shard in plan.shards:
             check_output(shard.path, root, force)
     plans = [plan for plan, _ in out]
-    with replacing(force):
+    with replacing(force), resumable(checkpoint, plans, options, force) as resume:
         names = ", ".join(target.name for _, target in out)
-        with write_progress(checkpoint, plans, progress_factory, names) as (advance, done):
-            write_plans(plans, options, advance, done)
+        with write_progress(checkpoint, plans, progress_factory, names, resume.first if resume else 0) as (advance,
+                                                                                                          done):
+            write_plans(plans, options, advance, done, resume)
     return out
