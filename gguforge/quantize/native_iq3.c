@@ -120,6 +120,9 @@ static int best_neighbour(const iq3_tables *t, int u, const float *xval, const f
         }
         if (d2 < best_d2) { best_d2 = d2; best = nb[j]; }
     }
+    /* every distance inf or NaN (values near FLT_MAX): ggml aborts here (GGML_ASSERT(grid_index >= 0));
+     * take the nearest point instead, so such input gives valid blocks */
+    if (best < 0) best = nb[1];
     const uint32_t g = t->grid[best];
     for (int i = 0; i < 4; i++) L[i] = (int8_t)((((int)(g >> (8 * i)) & 0xFF) - 1) / 2);
     return best;

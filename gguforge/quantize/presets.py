@@ -80,6 +80,29 @@ UNSUPPORTED: dict[str, tuple[int, str]] = {} if "Q2_0" in PRESETS else {
 }
 
 
+# llama_model_loader: the file type a file without general.file_type is taken to have, by its most common
+# tensor type (types not listed: ALL_F32), marked LLAMA_FTYPE_GUESSED.
+_GUESSED_FROM = {"F32": "ALL_F32", "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M",
+                 **{n: "MOSTLY_" + n for n in (
+                     "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q6_K", "TQ1_0", "TQ2_0",
+                     "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS", "IQ3_S",
+                     "NVFP4", "Q1_0")}}
+LLAMA_FTYPE_GUESSED = 1024
+
+
+def guessed_file_type(types: list[T]) -> int:
+    """llama_model_loader's guess from the tensor types in its (weights_map) order: the type whose count
+    first exceeds every other's."""
+    counts: dict[T, int] = {}
+    best, most = T.F32, 0
+    for t in types:
+        counts[t] = counts.get(t, 0) + 1
+        if counts[t] > most:
+            best, most = t, counts[t]
+    name = _GUESSED_FROM.get(best.name, "ALL_F32")
+    return int(FT[name]) | LLAMA_FTYPE_GUESSED
+
+
 def preset_names() -> list[str]:
     return [*PRESETS, *ALIASES]
 
