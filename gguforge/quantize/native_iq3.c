@@ -31,6 +31,8 @@ typedef struct {
     uint32_t grid[512];       /* bytes 2l+1 */
     int map[KMAP_SIZE];       /* >= 0: grid index; < 0: -(offset + 1) into neighbours */
     uint16_t *neighbours;     /* at offset: count, then that many grid indices */
+    float *nq[4];             /* level i of the grid point at each position of neighbours, as float
+                               * (for the lane-parallel distance computation); 8 floats of padding */
 } iq3_tables;
 
 static iq3_tables tables_256, tables_512;
@@ -91,6 +93,17 @@ static void build_tables(iq3_tables *t, const uint16_t *kgrid, int size) {
         t->map[i] = -(offset + 1);
         offset += 1 + nearest_points(t, i, nwant, t->neighbours + offset);
     }
+    for (int k = 0; k < 4; k++) {
+        t->nq[k] = calloc((size_t)total + 8, sizeof(float));
+        if (!t->nq[k]) abort();
+    }
+    for (int i = 0; i < KMAP_SIZE; i++) {
+        if (t->map[i] >= 0) continue;
+        const int o = -t->map[i] - 1;
+        for (int j = 1; j <= t->neighbours[o]; j++)
+            for (int k = 0; k < 4; k++)
+                t->nq[k][o + j] = (float)(int8_t)(t->grid[t->neighbours[o + j]] >> (8 * k));
+    }
 }
 
 static void init_256(void) { build_tables(&tables_256, iq3_kgrid_256, 256); }
@@ -105,21 +118,32 @@ static const iq3_tables *get_tables(int size) {
     return &tables_512;
 }
 
-/* iq3_find_best_neighbour: the candidate minimising sum w*(scale*q - x)^2; its levels into L. */
+typedef float v8f __attribute__((vector_size(32)));
+
+static inline v8f load8(const float *p) { v8f v; memcpy(&v, p, sizeof(v)); return v; }
+
+/* iq3_find_best_neighbour: the candidate minimising sum w*(scale*q - x)^2; its levels into L.
+ * Eight candidates per step, one per vector lane, each lane doing the scalar sequence of operations
+ * (no contraction, same order); then the first minimum in candidate order, as ggml's strict '<' finds. */
 static int best_neighbour(const iq3_tables *t, int u, const float *xval, const float *w, float scale, int8_t *L) {
-    const uint16_t *nb = t->neighbours + (-t->map[u] - 1);
-    float best_d2 = FLT_MAX;
-    int best = -1;
-    for (int j = 1; j <= nb[0]; j++) {
-        const uint32_t g = t->grid[nb[j]];
-        float d2 = 0;
+    const int off = -t->map[u] - 1;
+    const uint16_t *nb = t->neighbours + off;
+    const int n = nb[0];
+    float d2s[512 + 8];
+    const v8f zero = {0};
+    const v8f s = zero + scale;
+    for (int j = 0; j < n; j += 8) {
+        v8f d2 = zero;
         for (int i = 0; i < 4; i++) {
-            const float q = (float)(int8_t)(g >> (8 * i));
-            const float diff = scale * q - xval[i];
+            const v8f diff = s * load8(t->nq[i] + off + 1 + j) - xval[i];
             d2 += w[i] * diff * diff;
         }
-        if (d2 < best_d2) { best_d2 = d2; best = nb[j]; }
+        memcpy(d2s + j, &d2, sizeof(d2));
     }
+    float best_d2 = FLT_MAX;
+    int best = -1;
+    for (int j = 0; j < n; ++j)
+        if (d2s[j] < best_d2) { best_d2 = d2s[j]; best = nb[1 + j]; }
     /* every distance inf or NaN (values near FLT_MAX): ggml aborts here (GGML_ASSERT(grid_index >= 0));
      * take the nearest point instead, so such input gives valid blocks */
     if (best < 0) best = nb[1];
