@@ -10,7 +10,6 @@ for the others ggml ignores it, and so must we. Round-trip errors: test-quantize
 
 from __future__ import annotations
 
-import ctypes
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +21,8 @@ from gguf import GGML_QUANT_SIZES
 
 from gguforge.quantize import native
 from test_native_imatrix import ALL_KINDS, IMATRIX_KINDS, case, ggml_quantize, imatrix_of
-from test_native_quant import array_rmse, ggml_lib, quantize_fns_data
-from test_quant_ladder import _TO_FLOAT, _Traits
+from test_native_quant import array_rmse, quantize_fns_data
+from test_quant_ladder import _TO_FLOAT, ggml  # noqa: F401 (ggml: libggml-base with its type traits typed)
 
 F = np.float32
 Q2_0 = getattr(T, "Q2_0", native.GGML_Q2_0)  # gguf-py 0.19 has no name for type 42
@@ -47,14 +46,6 @@ IQ3_IMATRIX_KINDS = [k for k in IMATRIX_KINDS if k not in ("huge", "signed")]
 
 def name(t) -> str:
     return T(t).name if int(t) in T._value2member_map_ else "Q2_0"
-
-
-@pytest.fixture(scope="module")
-def ggml():
-    lib = ggml_lib()
-    lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
-    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
-    return lib
 
 
 def ggml_dequantize(lib, q: np.ndarray, qtype, n: int) -> np.ndarray:

@@ -3,7 +3,8 @@
 Output is byte-identical to what llama-quantize runs without an imatrix: ggml's reference
 quantizers (`quantize_row_*_ref`), and for IQ4_NL / IQ4_XS `quantize_iq4_nl` /
 `quantize_iq4_xs` (the ntry=7 search of `quantize_row_iq4_nl_impl`, not
-`quantize_row_iq4_nl_ref`). Blocks are independent, so the bytes never
+`quantize_row_iq4_nl_ref`); MXFP4, Q1_0, Q2_0, TQ1_0, TQ2_0 (native_misc.c) and IQ3_XXS, IQ3_S
+(native_iq3.c) as ggml_quantize_chunk writes them. Blocks are independent, so the bytes never
 depend on thread count or chunking.
 
 With `imatrix=` the bytes are those of llama-quantize --imatrix, i.e. ggml_quantize_chunk with an

@@ -237,6 +237,16 @@ static float block_sigma2(const float *xbl) {
     return 2 * sumx2 / QK_K;
 }
 
+/* |x| of 8 values into xval; returns the mask of the negative ones */
+static uint8_t split_signs(const float *x, float *xval) {
+    uint8_t s = 0;
+    for (int i = 0; i < 8; ++i) {
+        if (x[i] >= 0) xval[i] = x[i];
+        else { xval[i] = -x[i]; s |= (uint8_t)(1 << i); }
+    }
+    return s;
+}
+
 /* block_iq3_xxs {d, qs[64] grid indices, 8 x u32 (4 x 7 sign bits | 4-bit scale << 28)} */
 static void iq3_xxs_block(const iq3_tables *t, const float *xbl, const float *qw, uint8_t *y) {
     float scales[8], weight[32], waux[32], xval[32], max_scale = 0;
@@ -251,13 +261,8 @@ static void iq3_xxs_block(const iq3_tables *t, const float *xbl, const float *qw
         group_weights(xb, qw ? qw + 32 * ib : NULL, sigma2, weight, waux);
         uint8_t block_signs[4];
         for (int k = 0; k < 4; ++k) {
-            int nflip = 0;
-            uint8_t s = 0;
-            for (int i = 0; i < 8; ++i) {
-                if (xb[8 * k + i] >= 0) xval[8 * k + i] = xb[8 * k + i];
-                else { xval[8 * k + i] = -xb[8 * k + i]; ++nflip; s |= (uint8_t)(1 << i); }
-            }
-            if (nflip % 2) {  /* an even number of minus signs is stored: flip the least important one */
+            uint8_t s = split_signs(xb + 8 * k, xval + 8 * k);
+            if (__builtin_popcount(s) % 2) {  /* an even number of minus signs is stored: flip the least important one */
                 int imin = 0;
                 float mn = weight[8 * k] * xb[8 * k] * xb[8 * k];
                 for (int i = 1; i < 8; ++i) {
@@ -311,14 +316,7 @@ static void iq3_s_block(const iq3_tables *t, const float *xbl, const float *qw, 
         const float *xb = xbl + 32 * ib;
         group_weights(xb, qw ? qw + 32 * ib : NULL, sigma2, weight, waux);
         uint8_t block_signs[4];
-        for (int k = 0; k < 4; ++k) {
-            uint8_t s = 0;
-            for (int i = 0; i < 8; ++i) {
-                if (xb[8 * k + i] >= 0) xval[8 * k + i] = xb[8 * k + i];
-                else { xval[8 * k + i] = -xb[8 * k + i]; s |= (uint8_t)(1 << i); }
-            }
-            block_signs[k] = s;
-        }
+        for (int k = 0; k < 4; ++k) block_signs[k] = split_signs(xb + 8 * k, xval + 8 * k);
         float max = xval[0];
         for (int i = 1; i < 32; ++i) max = MAXF(max, xval[i]);
         if (!max) {
