@@ -7,7 +7,7 @@ setup(
     ext_modules=[
         Extension(
             "gguforge.quantize._native",
-            sources=["gguforge/quantize/_native.c"],
+            sources=["gguforge/quantize/_native.c", "gguforge/quantize/native_misc.c", "gguforge/quantize/native_iq3.c"],
             extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi"],
         )
     ]

@@ -19,6 +19,13 @@ Nothing here is a test.
     python scripts/bench_quantize.py --presets Q4_K_M,Q8_0 --threads 2 --no-one-pass
     python scripts/bench_quantize.py --presets ladder --threads 2 --no-one-pass   # Q2_K ... Q5_1
     python scripts/bench_quantize.py --presets none --no-one-pass --threads 2       # only the many-presets run
+    python scripts/bench_quantize.py --presets lattice --imatrix synthetic --threads 2 --no-one-pass --many none
+        # IQ1_S ... TQ2_0 and COPY against llama-quantize (the program: only it takes an imatrix), both given
+        # the same importance matrix (`synthetic`: random positive importance for every weight, written once)
+
+With --imatrix the llama.cpp side is the llama-quantize program built by scripts/llama_tools.py (its time
+includes its start-up and lattice-table set-up, as a user sees it); bits per weight are those of the
+written file (tensor data over weights).
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ import bench_convert  # noqa: E402  (checkpoint generator, timing wrapper, llama
 
 PRESETS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0")
 LADDER = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_NL", "IQ4_XS", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # --presets ladder
+LATTICE = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M",
+           "MXFP4_MOE", "Q1_0", "TQ1_0", "TQ2_0", "COPY")  # --presets lattice
 FTYPES = {"Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7,  # LLAMA_FTYPE_MOSTLY_*
           "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "IQ4_NL": 25, "IQ4_XS": 30,
           "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9}
@@ -97,10 +106,11 @@ def main() -> None:
     ap.add_argument("--no-one-pass", action="store_true", help="skip the HF -> Q4_K_M comparison")
     ap.add_argument("--many", default="Q4_K_M,Q5_K_M,Q6_K,Q8_0",
                     help="presets written in one pass and compared with separate runs ('none': skip)")
+    ap.add_argument("--imatrix", help="an importance matrix for both sides, or 'synthetic' (written once)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gguforge-bench")
     args = ap.parse_args()
     presets = [p.strip().upper() for p in args.presets.split(",") if p.strip() and p.strip().lower() != "none"]
-    presets = [q for p in presets for q in (LADDER if p == "LADDER" else (p,))]
+    presets = [q for p in presets for q in {"LADDER": LADDER, "LATTICE": LATTICE}.get(p, (p,))]
     threads = str(args.threads)
 
     model = checkpoint(args.workdir, args.size, args.layers)
@@ -112,13 +122,29 @@ def main() -> None:
     subprocess.run(["cat", str(bf16), *map(str, shards)], stdout=subprocess.DEVNULL)  # warm the page cache
     ours, theirs = args.workdir / "bench-ours.gguf", args.workdir / "bench-llama.gguf"
 
+    imatrix = None
+    if args.imatrix:
+        imatrix = synthetic_imatrix(bf16, args.workdir) if args.imatrix == "synthetic" else Path(args.imatrix)
     rows = []
     for preset in presets:
+        with_im = ["--imatrix", str(imatrix)] if imatrix else []
+        if imatrix is None:
+            llama_cmd = llama_quantize(bf16, theirs, preset, args.threads)
+        else:
+            llama_cmd = [str(llama_program()), *with_im, str(bf16), str(theirs), preset, threads]
+        t_llama, rss_llama = bench_convert.measure(llama_cmd)
+        bpw = bits_per_weight(theirs)
+        missing = our_missing_kernels(bf16, preset, imatrix)
+        if missing:
+            rows.append((f"bf16 GGUF -> {preset} ({bpw:.2f} bpw)", None, 0, t_llama, rss_llama,
+                         f"no kernel for {missing}"))
+            bench_convert.drop(theirs)
+            continue
         t_ours, rss_ours = bench_convert.measure(
-            gguforge("quantize", str(bf16), str(ours), preset, "--threads", threads, "--force"))
-        t_llama, rss_llama = bench_convert.measure(llama_quantize(bf16, theirs, preset, args.threads))
+            gguforge("quantize", str(bf16), str(ours), preset, "--threads", threads, "--force", *with_im))
         same = digest(ours) == digest(theirs)
-        rows.append((f"bf16 GGUF -> {preset}", t_ours, rss_ours, t_llama, rss_llama, "yes" if same else "NO"))
+        rows.append((f"bf16 GGUF -> {preset} ({bpw:.2f} bpw)", t_ours, rss_ours, t_llama, rss_llama,
+                     "yes" if same else "NO"))
         bench_convert.drop(ours), bench_convert.drop(theirs)
 
     if not args.no_one_pass:
@@ -145,6 +171,9 @@ def main() -> None:
               "| identical |")
         print("|---|---|---|---|---|---|---|")
     for job, t, rss, rt, rrss, same in rows:
+        if t is None:
+            print(f"| {job} | - | - | {rt:.1f} | {rrss / 2**20:.0f} MB | - | {same} |")
+            continue
         print(f"| {job} | {t:.1f} | {rss / 2**20:.0f} MB | {rt:.1f} | {rrss / 2**20:.0f} MB | {rt / t:.2f}× | {same} |")
     if many_row:
         t_one, rss_one, times, rss_sep, same = many_row
@@ -154,6 +183,53 @@ def main() -> None:
         print(f"| gguforge quantize | {t_one:.1f} | {rss_one / 2**20:.0f} MB | {sum(times):.1f} "
               f"({' + '.join(f'{t:.1f}' for t in times)}) | {rss_sep / 2**20:.0f} MB | {t_one / sum(times):.2f}× "
               f"| {same} |")
+
+
+def llama_program() -> Path:
+    import llama_tools
+    return llama_tools.llama_tools("llama-quantize")["llama-quantize"]
+
+
+def bits_per_weight(path: Path) -> float:
+    from gguf import GGUFReader
+    tensors = GGUFReader(path).tensors
+    return 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
+
+
+def our_missing_kernels(bf16: Path, preset: str, imatrix: Path | None) -> str:
+    """The types of the preset's plan this gguforge build has no quantizer for ("" when it has all)."""
+    sys.path.insert(0, str(ROOT))
+    from gguforge.quantize import native
+    from gguforge.quantize.imatrix import ImatrixOptions
+    from gguforge.quantize.rules import QuantOptions
+    from gguforge.quantize.run import quantize_gguf
+    options = QuantOptions(imatrix=ImatrixOptions(imatrix) if imatrix else None)
+    plans = quantize_gguf(bf16, bf16.with_name("unused.gguf"), preset, options, dry_run=True).plans
+    return ", ".join(sorted({p.dst_type.name for p in plans if p.converts and not native.supported(p.dst_type)}))
+
+
+def synthetic_imatrix(bf16: Path, workdir: Path) -> Path:
+    """An importance matrix for every 2-D/3-D weight of the model: random positive sums over 16 chunks of 512
+    (the same file for both tools; its values only steer the search, not the amount of work)."""
+    out = workdir / f"{bf16.stem}-synthetic-imatrix.gguf"
+    if out.exists():
+        return out
+    import numpy as np
+    from gguf import GGUFReader
+    sys.path.insert(0, str(ROOT))
+    from gguforge.format.imatrix import Imatrix, ImatrixEntry, write_imatrix
+    rng = np.random.default_rng(0)
+    entries = {}
+    for t in GGUFReader(bf16).tensors:
+        ne = [int(d) for d in t.shape]  # ggml order
+        if len(ne) < 2 or not t.name.endswith(".weight") or "norm" in t.name or t.name == "token_embd.weight":
+            continue
+        n_mat = ne[2] if len(ne) > 2 else 1
+        counts = np.full(n_mat, 16 * 512, np.float32)
+        sums = (rng.gamma(0.7, 2.0, (n_mat, ne[0])) * counts[:, None]).astype(np.float32)
+        entries[t.name] = ImatrixEntry(sums, counts)
+    write_imatrix(out, Imatrix(entries, ["synthetic"], 16, 512))
+    return out
 
 
 def many_presets(bf16: Path, workdir: Path, presets: list[str], threads: str):

@@ -99,7 +99,7 @@ def test_quantize_many_lower_case_template_and_dry_run(small, tmp_path):
     ("x-{ftype}.gguf", "Q4_K_M,", "empty entry"),
     ("x-{ftype}.gguf", "Q4_K,Q4_K_M", "names Q4_K_M twice"),
     ("x-{ftype}.gguf", "Q8_0,7", "names Q8_0 twice"),
-    ("x-{ftype}.gguf", "Q4_K_M,IQ2_XS", "cannot write IQ2_XS"),
+    ("x-{ftype}.gguf", "Q4_K_M,Q2_0", "cannot write Q2_0"),
     ("x-{ftype}.gguf", "Q8_0,Q4_K_M", "already exists"),
 ])
 def test_quantize_bad_list_refused_before_writing(small, tmp_path, out, types, message):
@@ -187,7 +187,7 @@ def test_convert_many_default_names(tmp_path):
     ("x-{ftype}.gguf", "Q4_K_M,,q8_0", "empty entry"),
     ("x-{ftype}.gguf", "q8_0,Q8_0", "names Q8_0 twice"),
     ("x-{ftype}.gguf", "Q4_K,Q4_K_M", "names Q4_K_M twice"),
-    ("x-{ftype}.gguf", "f16,IQ2_XS", "cannot write IQ2_XS"),
+    ("x-{ftype}.gguf", "f16,Q2_0", "cannot write Q2_0"),
     ("x-{ftype}.gguf", "Q8_0,bf16", "already exists"),
 ])
 def test_convert_bad_list_refused_before_writing(tmp_path, outfile, types, message):

@@ -338,9 +338,9 @@ def test_presets_and_file_types():
 
 
 @pytest.mark.parametrize("text, why", [("Q2_K_S", "importance matrix"), ("21", "importance matrix"),
-                                       ("iq2_xxs", "lattice"), ("IQ3_M", "lattice"), ("IQ1_S", "lattice"),
-                                       ("27", "lattice"),  # 27 = LLAMA_FTYPE_MOSTLY_IQ3_M
-                                       ("tq1_0", "not implemented"), ("MXFP4_MOE", "not implemented")])
+                                       ("iq2_xxs", "importance matrix"), ("IQ1_S", "importance matrix"),
+                                       ("23", "importance matrix"),  # 23 = LLAMA_FTYPE_MOSTLY_IQ3_XXS
+                                       ("q2_0", "no GGML type Q2_0"), ("41", "no GGML type Q2_0")])
 def test_refused_presets(text, why, tmp_path, capsys):
     src = write_synthetic(tmp_path / "in.gguf", 2, 256, 256, 4, 4, 0)
     out = tmp_path / "out.gguf"
@@ -349,7 +349,7 @@ def test_refused_presets(text, why, tmp_path, capsys):
     assert "cannot write" in err and why in err and not out.exists()
 
 
-@pytest.mark.parametrize("outtype", ["IQ2_XS", "iq3_m"])  # Q2_K_S without an imatrix: test_imatrix_apply
+@pytest.mark.parametrize("outtype", ["q2_0", "Q2_0"])  # needing an imatrix: test_imatrix_apply, test_lattice_presets
 def test_convert_refuses_unsupported_outtype(outtype, tmp_path, capsys):
     from gguforge.cli import embedded_model_dir
 

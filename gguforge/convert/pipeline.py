@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..format.types import FLOAT_TYPES
 from ..parallel import CHUNK_BYTES, ordered_parallel, row_chunks
 from ..quantize import native
-from ..quantize.encode import encode
+from ..quantize.encode import encode, missing_kernels
 from ..quantize.imatrix import NEEDS_IMATRIX_HINT, encode_rows
 from ..archs.options import ConvertOptions
 from .plan import Plan, PlannedTensor, output_path, plan_conversion
@@ -194,6 +194,8 @@ def refuse_unwritable(plans) -> None:
     for plan in plans:
         if plan.refusal:
             raise UserError(plan.refusal, hint=NEEDS_IMATRIX_HINT)
+        if (line := missing_kernels((t.name, t.ggml_type) for t in plan.tensors)) is not None:
+            raise UserError(line)
 
 
 @contextmanager

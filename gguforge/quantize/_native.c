@@ -45,68 +45,8 @@ enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q
        T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20,
        T_IQ4_XS = 23, T_BF16 = 30 };
 
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
-
-/* ===================================================================== */
-/* primitives                                                            */
-/* ===================================================================== */
-
-ALWAYS_INLINE uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-ALWAYS_INLINE float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-
-/* Round to nearest, ties to even, via the 1.5*2^23 trick (literal formula, so
- * out-of-range arguments wrap exactly like ggml's). */
-ALWAYS_INLINE int nearest_int(float f) {
-    float v = f + 12582912.0f;
-    return (int)(f2u(v) & 0x007FFFFF) - 0x00400000;
-}
-
-/* IEEE binary32 -> binary16, round to nearest even, subnormals kept,
- * overflow -> inf, NaN -> 0x7E00|sign (what ggml's portable converter does). */
-ALWAYS_INLINE uint16_t fp32_to_fp16(float f) {
-    uint32_t x = f2u(f);
-    uint32_t sign = (x >> 16) & 0x8000u;
-    uint32_t ax = x & 0x7FFFFFFFu;
-    if (ax > 0x7F800000u) return (uint16_t)(sign | 0x7E00u);           /* NaN */
-    if (ax >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);          /* >= 65520 rounds to inf */
-    if (ax < 0x38800000u) {
-        /* below 2^-14: result is subnormal (or zero). Adding 0.5f puts the value's
-         * 2^-24 units in the low mantissa bits, and the FPU rounds them RNE. */
-        float v = u2f(ax) + 0.5f;
-        return (uint16_t)(sign | (f2u(v) - 0x3F000000u));
-    }
-    /* normal: rebias exponent (127 -> 15), round the 13 dropped bits RNE;
-     * a carry into the exponent is the correct result. */
-    uint32_t r = ax - (112u << 23);
-    r += 0x0FFFu + ((r >> 13) & 1u);
-    return (uint16_t)(sign | (r >> 13));
-}
-
-ALWAYS_INLINE float fp16_to_fp32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-    if (e == 0) {                      /* zero / subnormal: m * 2^-24, exact */
-        float v = (float)m * 5.9604644775390625e-8f;
-        return u2f(f2u(v) | sign);
-    }
-    if (e == 31) return u2f(sign | 0x7F800000u | (m << 13));
-    return u2f(sign | ((e + 112u) << 23) | (m << 13));
-}
-
-/* BF16: round to nearest even on the upper 16 bits; NaN forced quiet. */
-ALWAYS_INLINE uint16_t fp32_to_bf16(float f) {
-    uint32_t x = f2u(f);
-    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((x >> 16) | 0x40u);
-    return (uint16_t)((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
-}
-
-ALWAYS_INLINE void put_u16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
-ALWAYS_INLINE uint16_t get_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-
-/* C's MAX/MIN as ggml defines them (matters only for ordering of equal/NaN). */
-#define MAXF(a, b) ((a) > (b) ? (a) : (b))
-#define MINI(a, b) ((a) < (b) ? (a) : (b))
-#define MAXI(a, b) ((a) > (b) ? (a) : (b))
+#include "native_prims.h"
+#include "native_ext.h"  /* kernels in native_*.c, asked first by the dispatch below */
 
 /* ===================================================================== */
 /* 32-element types (scalar reference; q8_0_vec / q32_vec are the SIMD forms) */
@@ -1179,11 +1119,13 @@ static int block_info(int type, int *blck, int *bytes) {
     case T_Q4_K: *blck = 256; *bytes = 144; return 1;
     case T_Q5_K: *blck = 256; *bytes = 176; return 1;
     case T_Q6_K: *blck = 256; *bytes = 210; return 1;
-    default: return 0;
+    default: return ext_block_info(type, blck, bytes);
     }
 }
 
 static void quantize_blocks(int type, const float *x, uint8_t *y, int64_t nb, int impl) {
+    int eb, ebytes;
+    if (ext_block_info(type, &eb, &ebytes) && ext_quantize(type, x, y, 1, nb * eb, NULL)) return;
     switch (type) {
     case T_F32:
         memcpy(y, x, (size_t)nb * 4);
@@ -1297,12 +1239,13 @@ static int uses_imatrix(int type) {
     switch (type) {
     case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_IQ4_NL: case T_IQ4_XS:
     case T_Q2_K: case T_Q3_K: case T_Q4_K: case T_Q5_K: case T_Q6_K: return 1;
-    default: return 0;
+    default: return ext_uses_imatrix(type);
     }
 }
 
 static void quantize_rows_w(int type, const float *x, uint8_t *y, int64_t nrows, int64_t n, const float *qw,
                             int impl) {
+    if (ext_quantize(type, x, y, nrows, n, qw)) return;
     int blck, bytes;
     block_info(type, &blck, &bytes);
     if (!uses_imatrix(type)) {
@@ -1403,6 +1346,7 @@ static void quantize_rows_w_vec(int type, const float *x, uint8_t *y, int64_t nr
 /* ===================================================================== */
 
 static void dequantize_blocks(int type, const uint8_t *x, float *y, int64_t nb) {
+    if (ext_dequantize(type, x, y, nb)) return;
     for (int64_t i = 0; i < nb; i++) {
         switch (type) {
         case T_F32: memcpy(y + i, x + 4 * i, 4); break;

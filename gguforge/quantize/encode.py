@@ -15,6 +15,17 @@ def native_supports(ggml_type: T) -> bool:
     return native.supported(ggml_type)
 
 
+def missing_kernels(tensors) -> str | None:
+    """The line refusing to write when a tensor's type has no native quantizer in this build, or None.
+    `tensors`: (name, ggml type) of the tensors to be encoded."""
+    missing = [(name, T(t)) for name, t in tensors if not native.supported(t)]
+    if not missing:
+        return None
+    types = ", ".join(sorted({t.name for _, t in missing}))
+    return (f"gguforge has no quantizer for {types} yet: {len(missing)} tensor(s) would need it "
+            f"(e.g. {missing[0][0]} -> {missing[0][1].name})")
+
+
 def encode(a: np.ndarray, ggml_type: T, imatrix: np.ndarray | None = None) -> np.ndarray:
     """Bytes (as a contiguous array) of `a` stored as `ggml_type`; rows run along the last axis.
     `imatrix`: float32 importance (row length,) for every row (llama-quantize --imatrix); float types

@@ -271,8 +271,9 @@ def without_imatrix_refusal(plans, preset) -> str | None:
     needing = requiring_imatrix(plans, preset)
     if not needing:
         return None
+    types = sorted({p.dst_type.name for p in needing})
     return (f"cannot write {preset.name} without an importance matrix: {len(needing)} tensor(s) become "
-            f"{needing[0].dst_type.name}, which needs one (e.g. {needing[0].name})")
+            f"{' or '.join(types)}, which {'needs' if len(types) == 1 else 'need'} one (e.g. {needing[0].name})")
 
 
 def check_required(plans, preset, weights: dict) -> None:

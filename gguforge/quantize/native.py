@@ -3,7 +3,8 @@
 Output is byte-identical to what llama-quantize runs without an imatrix: ggml's reference
 quantizers (`quantize_row_*_ref`), and for IQ4_NL / IQ4_XS `quantize_iq4_nl` /
 `quantize_iq4_xs` (the ntry=7 search of `quantize_row_iq4_nl_impl`, not
-`quantize_row_iq4_nl_ref`). Blocks are independent, so the bytes never
+`quantize_row_iq4_nl_ref`); MXFP4, Q1_0, Q2_0, TQ1_0, TQ2_0 (native_misc.c) and IQ3_XXS, IQ3_S
+(native_iq3.c) as ggml_quantize_chunk writes them. Blocks are independent, so the bytes never
 depend on thread count or chunking.
 
 With `imatrix=` the bytes are those of llama-quantize --imatrix, i.e. ggml_quantize_chunk with an
@@ -38,7 +39,17 @@ _BLOCKS = {
     T.Q4_K: (256, 144),
     T.Q5_K: (256, 176),
     T.Q6_K: (256, 210),
+    # native_misc.c / native_iq3.c
+    T.MXFP4: (32, 17),
+    T.Q1_0: (128, 18),
+    T.TQ1_0: (256, 54),
+    T.TQ2_0: (256, 66),
+    T.IQ3_XXS: (256, 98),
+    T.IQ3_S: (256, 110),
 }
+# ggml types gguf-py does not name yet, by number (gguf 0.19 lacks Q2_0).
+GGML_Q2_0 = 42
+_BLOCKS[getattr(T, "Q2_0", GGML_Q2_0)] = (64, 18)
 
 # Implementation ids of the C module: 0 = scalar transcription of the reference,
 # 1.. = one sub-block per SIMD lane (baseline / AVX2 / AVX-512). Same bytes for all.
@@ -50,6 +61,8 @@ _MIN_CHUNK_ELEMS = 1 << 16
 
 
 def _qtype(qtype) -> int:
+    if isinstance(qtype, int) and int(qtype) in _BLOCKS:
+        return int(qtype)
     try:
         return int(T(int(qtype)))
     except ValueError:
@@ -63,11 +76,15 @@ def supported(qtype) -> bool:
         return False
 
 
+def _name(q: int) -> str:
+    return T(q).name if q in T._value2member_map_ else f"type {q}"
+
+
 def block_info(qtype) -> tuple[int, int]:
     """(elements per block, bytes per block)."""
     q = _qtype(qtype)
     if q not in _BLOCKS:
-        raise ValueError(f"unsupported type {T(q).name}")
+        raise ValueError(f"unsupported type {_name(q)}")
     return _BLOCKS[q]
 
 
@@ -128,7 +145,7 @@ def quantize(x: np.ndarray, qtype, threads: int | None = None, impl: int | None 
         raise ValueError("quantize needs at least one dimension")
     n = x.shape[-1]
     if n % blck:
-        raise ValueError(f"row length {n} is not a multiple of the {T(q).name} block size {blck}")
+        raise ValueError(f"row length {n} is not a multiple of the {_name(q)} block size {blck}")
     out = np.empty(x.shape[:-1] + (n // blck * nbytes,), dtype=np.uint8)
     impl = BEST_IMPL if impl is None else impl
     if imatrix is not None:
@@ -183,7 +200,7 @@ def dequantize(data: np.ndarray, qtype, n: int) -> np.ndarray:
     blck, nbytes = block_info(q)
     data = np.ascontiguousarray(data).view(np.uint8)
     if n % blck or data.size != n // blck * nbytes:
-        raise ValueError(f"{data.size} bytes do not hold {n} {T(q).name} elements")
+        raise ValueError(f"{data.size} bytes do not hold {n} {_name(q)} elements")
     out = np.empty(n, dtype=np.float32)
     _native.dequantize(q, data.reshape(-1), out)
     if data.ndim > 1:

@@ -20,6 +20,7 @@ class Preset:
     name: str              # canonical upper-case name, e.g. "Q4_K_M"
     file_type: FT          # written as general.file_type
     default_type: T        # ggml type most tensors get (llama_ftype_get_default_type)
+    only_copy: bool = False  # COPY: every tensor keeps its type (llama-quantize's params.only_copy)
 
     @property
     def is_float(self) -> bool:
@@ -30,12 +31,28 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (  # llama-quantize's listing order
+        Preset("Q1_0", FT.MOSTLY_Q1_0, T.Q1_0),
+        *((Preset("Q2_0", FT.MOSTLY_Q2_0, T.Q2_0),) if hasattr(T, "Q2_0") and hasattr(FT, "MOSTLY_Q2_0") else ()),
         Preset("Q4_0", FT.MOSTLY_Q4_0, T.Q4_0),
         Preset("Q4_1", FT.MOSTLY_Q4_1, T.Q4_1),
+        Preset("MXFP4_MOE", FT.MOSTLY_MXFP4_MOE, T.MXFP4),  # experts MXFP4, the rest Q8_0
         Preset("Q5_0", FT.MOSTLY_Q5_0, T.Q5_0),
         Preset("Q5_1", FT.MOSTLY_Q5_1, T.Q5_1),
+        # the lattice presets; their IQ1/IQ2 and IQ3_XXS tensors need an importance matrix
+        Preset("IQ2_XXS", FT.MOSTLY_IQ2_XXS, T.IQ2_XXS),
+        Preset("IQ2_XS", FT.MOSTLY_IQ2_XS, T.IQ2_XS),
+        Preset("IQ2_S", FT.MOSTLY_IQ2_S, T.IQ2_XS),
+        Preset("IQ2_M", FT.MOSTLY_IQ2_M, T.IQ2_S),
+        Preset("IQ1_S", FT.MOSTLY_IQ1_S, T.IQ1_S),
+        Preset("IQ1_M", FT.MOSTLY_IQ1_M, T.IQ1_M),
+        Preset("TQ1_0", FT.MOSTLY_TQ1_0, T.TQ1_0),
+        Preset("TQ2_0", FT.MOSTLY_TQ2_0, T.TQ2_0),
         Preset("Q2_K", FT.MOSTLY_Q2_K, T.Q2_K),
         Preset("Q2_K_S", FT.MOSTLY_Q2_K_S, T.Q2_K),  # its Q2_K tensors need an importance matrix
+        Preset("IQ3_XXS", FT.MOSTLY_IQ3_XXS, T.IQ3_XXS),
+        Preset("IQ3_S", FT.MOSTLY_IQ3_S, T.IQ3_S),
+        Preset("IQ3_M", FT.MOSTLY_IQ3_M, T.IQ3_S),
+        Preset("IQ3_XS", FT.MOSTLY_IQ3_XS, T.IQ3_S),
         Preset("Q3_K_S", FT.MOSTLY_Q3_K_S, T.Q3_K),
         Preset("Q3_K_M", FT.MOSTLY_Q3_K_M, T.Q3_K),
         Preset("Q3_K_L", FT.MOSTLY_Q3_K_L, T.Q3_K),
@@ -50,22 +67,40 @@ PRESETS: dict[str, Preset] = {
         Preset("F16", FT.MOSTLY_F16, T.F16),
         Preset("BF16", FT.MOSTLY_BF16, T.BF16),
         Preset("F32", FT.ALL_F32, T.F32),
+        # after F32, so that ftype 0 names F32; the file type written is the input's
+        Preset("COPY", FT.ALL_F32, T.F32, only_copy=True),
     )
 }
 
 ALIASES: dict[str, str] = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
-# llama-quantize presets gguforge cannot write yet: the lattice (codebook) types and the ternary/FP4/1-2
-# bit ones.
-# name -> (LLAMA_FTYPE, why not).
-_LATTICE = "the IQ1/IQ2/IQ3 lattice (codebook) types are not implemented"
-UNSUPPORTED: dict[str, tuple[int, str]] = {
-    **{name: (int(FT[f"MOSTLY_{name}"]), _LATTICE) for name in (
-        "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M")},
-    # llama.h LLAMA_FTYPE_MOSTLY_TQ1_0 .. _Q2_0 (gguf-py lacks Q2_0)
-    **{name: (ftype, "its types are not implemented") for name, ftype in (
-        ("TQ1_0", 36), ("TQ2_0", 37), ("MXFP4_MOE", 38), ("Q1_0", 40), ("Q2_0", 41))},
+# llama-quantize presets gguforge cannot write: name -> (LLAMA_FTYPE, why not).
+UNSUPPORTED: dict[str, tuple[int, str]] = {} if "Q2_0" in PRESETS else {
+    "Q2_0": (41, "gguf-py, the GGUF library gguforge reads and writes with, has no GGML type Q2_0 (42) yet"),
 }
+
+
+# llama_model_loader: the file type a file without general.file_type is taken to have, by its most common
+# tensor type (types not listed: ALL_F32), marked LLAMA_FTYPE_GUESSED.
+_GUESSED_FROM = {"F32": "ALL_F32", "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M",
+                 **{n: "MOSTLY_" + n for n in (
+                     "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q6_K", "TQ1_0", "TQ2_0",
+                     "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS", "IQ3_S",
+                     "NVFP4", "Q1_0")}}
+LLAMA_FTYPE_GUESSED = 1024
+
+
+def guessed_file_type(types: list[T]) -> int:
+    """llama_model_loader's guess from the tensor types in its (weights_map) order: the type whose count
+    first exceeds every other's."""
+    counts: dict[T, int] = {}
+    best, most = T.F32, 0
+    for t in types:
+        counts[t] = counts.get(t, 0) + 1
+        if counts[t] > most:
+            best, most = t, counts[t]
+    name = _GUESSED_FROM.get(best.name, "ALL_F32")
+    return int(FT[name]) | LLAMA_FTYPE_GUESSED
 
 
 def preset_names() -> list[str]:

@@ -28,6 +28,7 @@ NON_QUANTIZED_TYPES = (T.F32, T.F16, T.BF16, T.F64, T.I8, T.I16, T.I32, T.I64)
 
 ARCH_FALCON = "falcon"
 ARCH_GLM5_NEXT = "glm5-next"
+ARCH_BAILINGMOE3 = "bailingmoe3"
 
 
 def is_quantized(ggml_type: T) -> bool:
@@ -404,11 +405,45 @@ def _ffn_layer(counters: _Counters, model: _Model, category: Category, name: str
     return layer
 
 
-def _mixture_type(name: str, ne0: int, category: Category, preset: Preset, model: _Model,
+# Presets whose output (and tied token_embd) is Q5_K instead of Q6_K.
+_IQ_LOW_OUTPUT_Q5_K = ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")
+# The 1-2 bit lattice presets, with their own branch of rules.
+_IQ2_GROUP = ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")
+
+
+def _iq2_group_type(ftype: str, category: Category, model: _Model, counters: _Counters, d: T) -> tuple[T, str]:
+    """llama_tensor_get_type_impl's branch for IQ2_XXS, IQ2_XS, IQ2_S, IQ2_M, IQ1_S and IQ1_M: attn_v-like,
+    attn_k (8 experts), ffn_down by running count (not by layer number) and attn_output; the rest keep the
+    default type, with none of the other presets' 70B, 8-expert or layer lookups."""
+    low = T.IQ3_S if ftype in ("IQ2_S", "IQ2_M") else T.Q2_K
+    if category in ATTN_V_LIKE:
+        i = counters.i_attention_wv
+        counters.i_attention_wv += 1
+        if model.n_gqa >= 4 or model.n_expert >= 4:
+            return T.Q4_K, f"attn_v-like {i}/{counters.n_attention_wv}, n_gqa {model.n_gqa} / n_expert {model.n_expert}"
+        return low, f"attn_v-like {i}/{counters.n_attention_wv} ({ftype})"
+    if category == Category.ATTENTION_K and model.n_expert == 8:
+        return T.Q4_K, "attn_k, 8 experts"
+    if category == Category.FFN_DOWN:
+        i, n = counters.i_ffn[category], model.n_layer_all
+        counters.i_ffn[category] += 1
+        if i < n // 8:
+            return low, f"ffn_down {i}/{n} < n/8"
+        return d, f"ffn_down {i}/{n}"
+    if category == Category.ATTENTION_OUTPUT:
+        if model.n_expert == 8:
+            return T.Q5_K, "attn_output, 8 experts"
+        up = {"IQ1_S": T.IQ2_XXS, "IQ1_M": T.IQ2_XXS, "IQ2_S": T.IQ3_S, "IQ2_M": T.IQ3_S}.get(ftype)
+        return (up, f"attn_output ({ftype})") if up else (d, "attn_output")
+    return d, category.value
+
+
+def _mixture_type(name: str, shape: tuple[int, ...], category: Category, preset: Preset, model: _Model,
                   counters: _Counters, output_tensor_type: T | None) -> tuple[T, str]:
     d = preset.default_type
     ftype = preset.name
     falcon = model.arch == ARCH_FALCON
+    ne0 = shape[-1]
 
     if model.arch == ARCH_GLM5_NEXT and any(s in name for s in ("attn_q_a", "attn_q_b", "nextn.eh_proj")):
         return T.Q8_0, "glm5-next keeps this >= Q8_0"
@@ -417,14 +452,34 @@ def _mixture_type(name: str, ne0: int, category: Category, preset: Preset, model
         what = "output" if category == Category.OUTPUT else "tied token_embd (as output)"
         if output_tensor_type is not None:
             return output_tensor_type, f"{what}: --output-tensor-type"
+        if ftype == "MXFP4_MOE":
+            return T.Q8_0, f"{what}: MXFP4_MOE"
         if falcon:
             return T.Q8_0, f"{what}: falcon"
         if ne0 % block_size(d) != 0:
             return T.Q8_0, f"{what}: ne0 % {block_size(d)} != 0"
+        if ftype in _IQ_LOW_OUTPUT_Q5_K:
+            return T.Q5_K, f"{what} ({ftype})"
         return (T.Q6_K if d != T.Q8_0 else T.Q8_0), what
 
+    if ftype == "MXFP4_MOE":
+        # experts (3-D; for bailingmoe3 only its FFN experts) MXFP4, everything else Q8_0
+        experts = len(shape) >= 3 and shape[-3] > 1 and (
+            model.arch != ARCH_BAILINGMOE3 or category in (Category.FFN_UP, Category.FFN_GATE, Category.FFN_DOWN))
+        return (T.MXFP4, "experts (MXFP4_MOE)") if experts else (T.Q8_0, "not experts (MXFP4_MOE)")
+
     if category == Category.TOKEN_EMBD:
+        if ftype in _IQ2_GROUP:
+            low = T.IQ3_S if ftype in ("IQ2_S", "IQ2_M") else T.Q2_K
+            return low, f"token_embd (untied, {ftype})"
+        if ftype == "IQ3_XXS":
+            return T.IQ3_S, "token_embd (untied, IQ3_XXS)"
+        if ftype in ("TQ1_0", "TQ2_0", "Q2_0"):
+            return T.Q4_K, f"token_embd (untied, {ftype})"
         return d, "token_embd (untied)"
+
+    if ftype in _IQ2_GROUP:
+        return _iq2_group_type(ftype, category, model, counters, d)
 
     if category in ATTN_V_LIKE:
         i, n = counters.i_attention_wv, counters.n_attention_wv
@@ -436,6 +491,14 @@ def _mixture_type(name: str, ne0: int, category: Category, preset: Preset, model
             why = f"attn_v-like, n_gqa {gqa} {'>=' if gqa >= 4 else '<'} 4"
         elif ftype == "Q2_K_S" and gqa >= 4:
             new_type, why = T.Q4_K, f"attn_v-like, n_gqa {gqa} >= 4"
+        elif ftype == "IQ3_XXS":
+            new_type = T.Q4_K if gqa >= 4 else T.IQ3_XXS if model.has_imatrix else T.IQ3_S
+            why = f"attn_v-like, n_gqa {gqa}" + (" >= 4" if gqa >= 4 else ", imatrix" if model.has_imatrix else
+                                                  ", no imatrix")
+        elif ftype in ("IQ3_XS", "IQ3_S") and gqa >= 4:
+            new_type, why = T.Q4_K, f"attn_v-like, n_gqa {gqa} >= 4"
+        elif ftype == "IQ3_M":
+            new_type, why = T.Q4_K, f"attn_v-like {i}/{n} (IQ3_M)"
         elif ftype == "Q3_K_M":
             new_type = T.Q5_K if i < 2 else T.Q4_K
             why = f"attn_v-like {i}/{n} {'first 2' if i < 2 else 'after 2'}"
@@ -453,13 +516,11 @@ def _mixture_type(name: str, ne0: int, category: Category, preset: Preset, model
             new_type, why = T.Q8_0, why + ", 8 experts"
         return new_type, why
 
-    if category == Category.ATTENTION_K:
-        if model.n_expert == 8:
-            return T.Q8_0, "attn_k, 8 experts"
-        return d, "attn_k"
-
-    if category == Category.ATTENTION_Q:
-        return d, "attn_q"
+    if category == Category.ATTENTION_K and model.n_expert == 8:
+        return T.Q8_0, "attn_k, 8 experts"
+    if category in (Category.ATTENTION_K, Category.ATTENTION_Q):
+        lower = {"IQ3_XS": T.IQ3_XXS, "IQ3_XXS": T.IQ2_S}.get(ftype)
+        return (lower, f"{category.value} ({ftype})") if lower else (d, category.value)
 
     if category == Category.FFN_DOWN:
         i = _ffn_layer(counters, model, category, name)
@@ -471,6 +532,10 @@ def _mixture_type(name: str, ne0: int, category: Category, preset: Preset, model
             if i < n // 8:
                 return T.Q4_K, f"ffn_down layer {i}/{n} < n/8"
             return d, f"ffn_down layer {i}/{n}"
+        if ftype == "IQ3_XXS" and not model.has_imatrix:
+            return (T.Q4_K if i < n // 8 else T.Q3_K), f"ffn_down layer {i}/{n}{' < n/8' if i < n // 8 else ''}, no imatrix"
+        if ftype == "IQ3_M" and (i < n // 8 or (model.n_expert == 8 and use_more_bits(i, n))):
+            return T.Q4_K, f"ffn_down layer {i}/{n} " + ("< n/8" if i < n // 8 else "use_more_bits, 8 experts")
         if ftype == "Q3_K_M":
             if i < n // 16:
                 return T.Q5_K, f"ffn_down layer {i}/{n} < n/16"
@@ -503,16 +568,20 @@ def _mixture_type(name: str, ne0: int, category: Category, preset: Preset, model
         if falcon:
             return (T.Q4_K, "attn_output (falcon)") if ftype == "Q3_K_L" else (d, "attn_output")
         if model.n_expert == 8:
-            if ftype in ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS"):
+            if ftype in ("Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ3_S",
+                         "IQ3_M", "IQ4_XS"):
                 return T.Q5_K, "attn_output, 8 experts"
             return d, "attn_output"
-        bumped = {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(ftype)
+        bumped = {"Q2_K": T.Q3_K, "IQ3_XXS": T.IQ3_S, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K, "IQ3_M": T.Q4_K}.get(ftype)
         return (bumped, f"attn_output ({ftype})") if bumped else (d, "attn_output")
 
     if category in (Category.FFN_GATE, Category.FFN_UP):
-        # No rule for our presets, but the layer lookup still runs (and can fail) and counts.
+        # The layer lookup runs (and can fail) and counts for every preset; only IQ3_XS has a rule.
         i = _ffn_layer(counters, model, category, name)
         counters.i_ffn[category] += 1
+        n = model.n_layer_all
+        if ftype == "IQ3_XS" and n // 8 <= i < 7 * n // 8:
+            return T.IQ3_XXS, f"{category.value} layer {i}/{n} in the middle (IQ3_XS)"
         return d, f"{category.value} layer {i}/{model.n_layer_all}"
 
     return d, "other"
@@ -529,6 +598,7 @@ _FALLBACKS = {
     T.Q3_K: T.Q4_0,
     T.TQ1_0: T.Q4_0,
     T.TQ2_0: T.Q4_0,
+    **({T.Q2_0: T.Q4_0} if hasattr(T, "Q2_0") else {}),
     **{t: T.IQ4_NL for t in (T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ4_XS)},
 }
 
@@ -704,6 +774,8 @@ def _plan_one(tensor: TensorIn, category: Category, preset: Preset, model: _Mode
         return TensorPlan(tensor.name, tensor.shape, tensor.type, dst, fallback_from, reason)
 
     name = tensor.name
+    if preset.only_copy:
+        return planned(tensor.type, "never quantized (COPY)")
     keep = never_quantized_reason(name, tensor.shape, arch=model.arch,
                                   leave_output_tensor=options.leave_output_tensor)
     if keep is not None:
@@ -730,7 +802,7 @@ def _plan_one(tensor: TensorIn, category: Category, preset: Preset, model: _Mode
     elif options.pure:
         new_type, reason = preset.default_type, "--pure"
     else:
-        new_type, reason = _mixture_type(name, ne0, category, preset, model, counters,
+        new_type, reason = _mixture_type(name, tensor.shape, category, preset, model, counters,
                                          options.output_tensor_type)
 
     final = shape_fallback(ne0, new_type)

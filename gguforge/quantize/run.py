@@ -25,11 +25,12 @@ from ..format.types import FLOAT_TYPES, QUANT_VERSION
 from ..format.writer import Metadata, TensorEntry
 from ..errors import UserError
 from . import native
+from .encode import missing_kernels
 from .imatrix import (NEEDS_IMATRIX_HINT, Coverage, LoadedImatrix, add_metadata as add_imatrix_metadata,
                       check_required, coverage_for, encode_rows, load_imatrix, mtp_first_block,
                       without_imatrix_refusal)
 from .overrides import apply_kv_overrides, check_prune_layers, overridden_getter, parse_kv_override
-from .presets import Preset, parse_preset
+from .presets import Preset, guessed_file_type, parse_preset
 from .rules import (QuantOptions, TensorIn, TensorPlan, ggml_n_dims, llama_quantize_order, model_is_70b, model_n_gqa,
                     plan_quantization, prune_and_renumber)
 
@@ -93,7 +94,7 @@ def output_metadata(source: SourceGGUF, preset: Preset, options: QuantOptions | 
         else:
             md.set(key, f.contents(), vtype)
     md.u32("general.quantization_version", QUANT_VERSION)
-    md.u32("general.file_type", int(preset.file_type))
+    md.u32("general.file_type", copied_file_type(source) if preset.only_copy else int(preset.file_type))
     if options is not None:
         apply_kv_overrides(md, kv_overrides(options))
         add_imatrix_metadata(md, imatrix)  # llama-quantize appends them to the --override-kv list
@@ -101,6 +102,16 @@ def output_metadata(source: SourceGGUF, preset: Preset, options: QuantOptions | 
             _, n_blocks = prune_and_renumber(llama_quantize_order(t.name for t in source.tensors), options.prune_layers)
             md.u32(f"{source.arch}.block_count", n_blocks)
     return md
+
+
+def copied_file_type(source: SourceGGUF) -> int:
+    """What COPY writes as general.file_type: the input's (llama_model_loader's ftype: general.file_type,
+    else guessed from its tensor types)."""
+    stored = source.field("general.file_type")
+    if stored is not None:
+        return int(stored)
+    by_name = {t.name: t.tensor_type for t in source.tensors}
+    return guessed_file_type([T(by_name[n]) for n in llama_quantize_order(by_name)])
 
 
 def output_entry(plan: TensorPlan) -> TensorEntry:
@@ -227,6 +238,10 @@ def quantize_gguf_many(source_path, outputs, options: QuantOptions | None = None
         shards = plan_shards(target, [output_entry(p) for p in plans], split, groups)
         result = QuantizeResult(plans, target, preset, shards)
         apply_imatrix(result, im, mtp_first, dry_run)
+        if (line := missing_kernels((p.name, p.dst_type) for p in plans if p.converts)) is not None:
+            if not dry_run:
+                raise UserError(line)
+            result.warnings.append(line + "; the dry run completed")
         if options.imatrix is not None and im is None:
             result.warnings.insert(0, f"no entries of {options.imatrix.path} are left after --include-weights/"
                                       "--exclude-weights: quantizing without an importance matrix")
