@@ -8,6 +8,7 @@ setup(
         Extension(
             "gguforge.quantize._native",
             sources=["gguforge/quantize/_native.c"],
+            depends=["gguforge/quantize/native_iq2.c", "gguforge/quantize/native_iq2_grids.h"],
             extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi"],
         )
     ]

@@ -38,6 +38,12 @@ _BLOCKS = {
     T.Q4_K: (256, 144),
     T.Q5_K: (256, 176),
     T.Q6_K: (256, 210),
+    # the lattice i-quants (native_iq2.c); IQ2_XXS, IQ2_XS and IQ1_S need an imatrix
+    T.IQ2_XXS: (256, 66),
+    T.IQ2_XS: (256, 74),
+    T.IQ2_S: (256, 82),
+    T.IQ1_S: (256, 50),
+    T.IQ1_M: (256, 56),
 }
 
 # Implementation ids of the C module: 0 = scalar transcription of the reference,
@@ -89,6 +95,12 @@ def uses_imatrix(qtype) -> bool:
     return bool(_native.uses_imatrix(_qtype(qtype)))
 
 
+def requires_imatrix(qtype) -> bool:
+    """True for the types ggml refuses to quantize without an importance matrix (IQ2_XXS, IQ2_XS,
+    IQ1_S: ggml_quantize_requires_imatrix)."""
+    return bool(_native.requires_imatrix(_qtype(qtype)))
+
+
 def _check_imatrix(imatrix, x: np.ndarray) -> np.ndarray:
     """The imatrix as float32 (n_per_row,), or (n_expert, n_per_row) for a 3-D x; ValueError otherwise."""
     w = np.asarray(imatrix)
@@ -131,6 +143,8 @@ def quantize(x: np.ndarray, qtype, threads: int | None = None, impl: int | None 
         raise ValueError(f"row length {n} is not a multiple of the {T(q).name} block size {blck}")
     out = np.empty(x.shape[:-1] + (n // blck * nbytes,), dtype=np.uint8)
     impl = BEST_IMPL if impl is None else impl
+    if imatrix is None and requires_imatrix(q):
+        raise ValueError(f"{T(q).name} cannot be quantized without an importance matrix")
     if imatrix is not None:
         w = _check_imatrix(imatrix, x)
         if uses_imatrix(q):
