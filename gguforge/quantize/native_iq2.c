@@ -42,6 +42,13 @@
 enum { T_IQ2_XXS = 16, T_IQ2_XS = 17, T_IQ1_S = 19, T_IQ2_S = 22, T_IQ1_M = 29 };
 
 #define LAT_MAP_SIZE 43692
+
+/* the table build, vectorised for AVX2 where the compiler can dispatch at load time */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define LAT_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LAT_CLONES
+#endif
 #define IQ1_DELTA 0.125f
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -67,16 +74,61 @@ static lattice_t lattices[LAT_COUNT] = {
     {iq2s_grid, 1024, 1, 0, NULL, NULL, NULL, NULL, 0, 0},
 };
 
+/* Squared distances (exact small integers) from the point with coordinates p to every grid point:
+ * |g|^2 + |p|^2 - 2 g.p with the grid as 8 coordinate rows + a norm row (int16, ng each). */
+LAT_CLONES static void lattice_dist(const int16_t *restrict soa, int ng, const int *p, int16_t *restrict d2) {
+    int16_t pn = 0, p2[8];
+    for (int i = 0; i < 8; i++) { pn = (int16_t)(pn + p[i] * p[i]); p2[i] = (int16_t)(2 * p[i]); }
+    for (int k = 0; k < ng; k++) d2[k] = (int16_t)(soa[8 * (size_t)ng + k] + pn);
+    for (int i = 0; i < 8; i++) {
+        const int16_t *restrict g = soa + (size_t)i * ng, c = p2[i];
+        for (int k = 0; k < ng; k++) d2[k] = (int16_t)(d2[k] - c * g[k]);
+    }
+}
+
+/* The (1 + n)-long neighbour list of point p: n, then every grid index whose distance is among
+ * the nwant smallest distinct distances, by (distance, index). Returns n. */
+LAT_CLONES static int lattice_neighbours(const int16_t *restrict d2, int ng, int nwant, uint16_t *restrict out,
+                                         uint16_t *restrict tmp) {
+    int16_t level[3], thr = -1;
+    int nlev = 0;
+    for (; nlev < nwant; nlev++) {
+        /* smallest distance above thr: distances <= thr wrap to >= 65536 - 400 as uint16 */
+        uint16_t m = UINT16_MAX;
+        for (int k = 0; k < ng; k++) {
+            const uint16_t v = (uint16_t)(d2[k] - thr - 1);
+            m = v < m ? v : m;
+        }
+        if (m >= 0x8000) break;
+        level[nlev] = thr = (int16_t)(thr + 1 + m);
+    }
+    int n = 0;
+    for (int k0 = 0; k0 < ng; k0 += 16) {  /* ng is a multiple of 16; few chunks hold a neighbour */
+        int any = 0;
+        for (int k = k0; k < k0 + 16; k++) any |= d2[k] <= thr;
+        if (any)
+            for (int k = k0; k < k0 + 16; k++)
+                if (d2[k] <= thr) tmp[n++] = (uint16_t)k;
+    }
+    int w = 0;
+    for (int lv = 0; lv < nlev; lv++)
+        for (int j = 0; j < n; j++)
+            if (d2[tmp[j]] == level[lv]) out[1 + w++] = tmp[j];
+    out[0] = (uint16_t)n;
+    return n;
+}
+
 static void lattice_build(lattice_t *t) {
     const int ng = t->ngrid;
     t->grid = malloc((size_t)ng * 8);
     t->code = malloc((size_t)ng * 2);
     t->map = malloc(LAT_MAP_SIZE * sizeof(int32_t));
     int16_t *soa = malloc((size_t)ng * 9 * sizeof(int16_t)); /* 8 coordinates + squared norm, per point */
-    int32_t *d2 = malloc((size_t)ng * sizeof(int32_t));
+    int16_t *d2 = malloc((size_t)ng * sizeof(int16_t));
+    uint16_t *tmp = malloc((size_t)(ng + 1) * 2);
     int64_t cap = 1 << 16, used = 0;
     uint16_t *nbr = malloc((size_t)cap * 2);
-    if (!t->grid || !t->code || !t->map || !soa || !d2 || !nbr) goto fail;
+    if (!t->grid || !t->code || !t->map || !soa || !d2 || !tmp || !nbr) goto fail;
     for (int i = 0; i < LAT_MAP_SIZE; i++) t->map[i] = -1;
     for (int k = 0; k < ng; k++) {
         uint64_t g = 0;
@@ -94,48 +146,28 @@ static void lattice_build(lattice_t *t) {
         t->code[k] = (uint16_t)code;
         t->map[code] = k;
     }
-    /* every other code: its nearest grid points, by (distance, index) */
+    /* every other code: its nearest grid points */
     for (int u = 0; u < LAT_MAP_SIZE; u++) {
         if (t->map[u] >= 0) continue;
-        int p[8], pn = 0;
-        for (int i = 0; i < 8; i++) { p[i] = 2 * ((u >> (2 * i)) & 3) + 1; pn += p[i] * p[i]; }
-        /* |g - p|^2 = |g|^2 - 2 g.p + |p|^2, in integers (exact) */
-        for (int k = 0; k < ng; k++) {
-            int dot = 0;
-            for (int i = 0; i < 8; i++) dot += soa[i * ng + k] * p[i];
-            d2[k] = soa[8 * ng + k] - 2 * dot + pn;
-        }
-        int hist[8 * 49 + 1];
-        memset(hist, 0, sizeof(hist));
-        for (int k = 0; k < ng; k++) hist[d2[k]]++;
-        int thr = 0, have = 0, n = 0;
-        for (int d = 0; d <= 8 * 49; d++) {
-            if (!hist[d]) continue;
-            thr = d; n += hist[d];
-            if (++have == t->nwant) break;
-        }
-        if (used + 1 + n > cap) {
-            while (used + 1 + n > cap) cap *= 2;
+        int p[8];
+        for (int i = 0; i < 8; i++) p[i] = 2 * ((u >> (2 * i)) & 3) + 1;
+        lattice_dist(soa, ng, p, d2);
+        if (used + 1 + ng > cap) {
+            while (used + 1 + ng > cap) cap *= 2;
             uint16_t *grown = realloc(nbr, (size_t)cap * 2);
             if (!grown) goto fail;
             nbr = grown;
         }
-        int start[8 * 49 + 1], pos = (int)used + 1;
-        for (int d = 0; d <= thr; d++) { start[d] = pos; pos += hist[d]; }
         t->map[u] = -(int32_t)(used + 1);
-        nbr[used] = (uint16_t)n;
-        for (int k = 0; k < ng; k++)
-            if (d2[k] <= thr) nbr[start[d2[k]]++] = (uint16_t)k;
-        used += 1 + n;
+        used += 1 + lattice_neighbours(d2, ng, t->nwant, nbr + used, tmp);
     }
     t->nbr = nbr;
     t->nnbr = used;
     t->ok = 1;
-    free(soa);
-    free(d2);
+    free(soa); free(d2); free(tmp);
     return;
 fail:
-    free(t->grid); free(t->code); free(t->map); free(soa); free(d2); free(nbr);
+    free(t->grid); free(t->code); free(t->map); free(soa); free(d2); free(tmp); free(nbr);
     t->grid = NULL; t->code = NULL; t->map = NULL;
 }
 
