@@ -61,6 +61,7 @@ typedef struct {
     uint16_t *code;             /* code[k] = sum(l_i << 2i) of grid point k */
     int32_t *map;               /* >= 0: grid index; < 0: -(1 + offset of the neighbour list) */
     uint16_t *nbr;              /* at each offset: count, then that many grid indices */
+    uint16_t *nbr_code;         /* the same layout with code[index] (8 entries of padding) */
     int64_t nnbr;
     int ok;
 } lattice_t;
@@ -68,10 +69,10 @@ typedef struct {
 enum { LAT_IQ2XXS, LAT_IQ2XS, LAT_IQ1S, LAT_IQ2S, LAT_COUNT };
 
 static lattice_t lattices[LAT_COUNT] = {
-    {iq2xxs_grid, 256, 2, 0, NULL, NULL, NULL, NULL, 0, 0},
-    {iq2xs_grid, 512, 2, 0, NULL, NULL, NULL, NULL, 0, 0},
-    {iq1s_grid, 2048, 3, 1, NULL, NULL, NULL, NULL, 0, 0},
-    {iq2s_grid, 1024, 1, 0, NULL, NULL, NULL, NULL, 0, 0},
+    {iq2xxs_grid, 256, 2, 0, NULL, NULL, NULL, NULL, NULL, 0, 0},
+    {iq2xs_grid, 512, 2, 0, NULL, NULL, NULL, NULL, NULL, 0, 0},
+    {iq1s_grid, 2048, 3, 1, NULL, NULL, NULL, NULL, NULL, 0, 0},
+    {iq2s_grid, 1024, 1, 0, NULL, NULL, NULL, NULL, NULL, 0, 0},
 };
 
 /* Squared distances (exact small integers) from the point with coordinates p to every grid point:
@@ -161,13 +162,16 @@ static void lattice_build(lattice_t *t) {
         t->map[u] = -(int32_t)(used + 1);
         used += 1 + lattice_neighbours(d2, ng, t->nwant, nbr + used, tmp);
     }
+    t->nbr_code = malloc((size_t)(used + 8) * 2);
+    if (!t->nbr_code) goto fail;
+    for (int64_t i = 0; i < used + 8; i++) t->nbr_code[i] = i < used && nbr[i] < ng ? t->code[nbr[i]] : 0;
     t->nbr = nbr;
     t->nnbr = used;
     t->ok = 1;
     free(soa); free(d2); free(tmp);
     return;
 fail:
-    free(t->grid); free(t->code); free(t->map); free(soa); free(d2); free(tmp); free(nbr);
+    free(t->grid); free(t->code); free(t->map); free(soa); free(d2); free(tmp); free(nbr); free(t->nbr_code);
     t->grid = NULL; t->code = NULL; t->map = NULL;
 }
 
@@ -200,22 +204,56 @@ static const lattice_t *lattice_get(int type) {
 /* ---------------------------------------------------------------------------------------------- */
 /* neighbour searches                                                                              */
 
-/* iq2_find_best_neighbour: minimise sum_i w_i*(scale*q_i - x_i)^2 over the list (first minimum
- * wins); term[i][l] holds the term of position i for lattice value l. Writes L = l of the winner. */
-static int lat_best_d2(const lattice_t *t, const uint16_t *list, const float term[8][3], int8_t *L) {
+#ifdef HAVE_X86_DISPATCH
+#include <immintrin.h>
+/* d[j] = the candidate sums of lat_best_d2 for the n codes, 8 candidates per step: term[i][l]
+ * picked per lane by l (vpermps), added in index order; each lane does the scalar IEEE adds. */
+__attribute__((target("avx2"))) static void lat_d2_avx2(const uint16_t *codes, int n, const float term[8][3],
+                                                        float *d) {
+    __m256 tab[8];
+    for (int i = 0; i < 8; i++) tab[i] = _mm256_setr_ps(term[i][0], term[i][1], term[i][2], 0, 0, 0, 0, 0);
+    const __m256i three = _mm256_set1_epi32(3);
+    for (int j = 0; j < n; j += 8) {
+        const __m256i c = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(codes + j)));
+        __m256 acc = _mm256_permutevar8x32_ps(tab[0], _mm256_and_si256(c, three));
+        for (int i = 1; i < 8; i++)
+            acc = _mm256_add_ps(acc, _mm256_permutevar8x32_ps(tab[i], _mm256_and_si256(_mm256_srli_epi32(c, 2 * i), three)));
+        _mm256_storeu_ps(d + j, acc);
+    }
+}
+static int lat_have_avx2(void) {
+    static int have = -1;
+    if (have < 0) have = __builtin_cpu_supports("avx2") ? 1 : 0;
+    return have;
+}
+#endif
+
+/* iq2_find_best_neighbour: minimise sum_i w_i*(scale*q_i - x_i)^2 over the list at offset `off`
+ * (first minimum wins); term[i][l] holds the term of position i for lattice value l, and every
+ * candidate sums its 8 terms in index order. Writes L = l of the winner. */
+static int lat_best_d2(const lattice_t *t, int64_t off, const float term[8][3], int8_t *L) {
+    const uint16_t *list = t->nbr + off, *codes = t->nbr_code + off + 1;
     const int n = list[0];
     float best = FLT_MAX;
-    int gi = -1;
-    for (int j = 1; j <= n; j++) {
-        const unsigned c = t->code[list[j]];
+    int gj = -1;
+#ifdef HAVE_X86_DISPATCH
+    if (lat_have_avx2()) {
+        float d[2048 + 8];
+        lat_d2_avx2(codes, n, term, d);
+        for (int j = 0; j < n; j++)
+            if (d[j] < best) { best = d[j]; gj = j; }
+    } else
+#endif
+    for (int j = 0; j < n; j++) {
+        const unsigned c = codes[j];
         float d2 = term[0][c & 3];
         for (int i = 1; i < 8; i++) d2 += term[i][(c >> (2 * i)) & 3];
-        if (d2 < best) { best = d2; gi = list[j]; }
+        if (d2 < best) { best = d2; gj = j; }
     }
-    if (gi < 0) gi = list[1];  /* ggml aborts here (only NaN/inf scores) */
-    const unsigned c = t->code[gi];
+    if (gj < 0) gj = 0;  /* ggml aborts here (only NaN/inf scores) */
+    const unsigned c = codes[gj];
     for (int i = 0; i < 8; i++) L[i] = (int8_t)((c >> (2 * i)) & 3);
-    return gi;
+    return list[1 + gj];
 }
 
 /* terms for iq2_find_best_neighbour: q = 2l+1, weight waux, values xval */
@@ -251,7 +289,7 @@ ALWAYS_INLINE int iq2_point(const lattice_t *t, int8_t *L, const float *xval, co
     if (gi >= 0) return gi;
     float term[8][3];
     iq2_terms(xval, waux, scale, term);
-    return lat_best_d2(t, t->nbr - gi - 1, term, L);
+    return lat_best_d2(t, -(int64_t)gi - 1, term, L);
 }
 
 /* L_i = clamp(nearest_int(0.5*(id*x_i - 1)), 0, 2) for 8 values */
@@ -536,7 +574,7 @@ static int iq1_points(const lattice_t *t, int ngroups, int8_t *L, const float *x
             all = 0;
             float term[8][3];
             iq1_terms(xb + 8 * k, w + 8 * k, scale, xx[k], term);
-            gi = lat_best_d2(t, t->nbr - gi - 1, term, L + 8 * k);
+            gi = lat_best_d2(t, -(int64_t)gi - 1, term, L + 8 * k);
         }
         index[k] = (uint16_t)gi;
     }
