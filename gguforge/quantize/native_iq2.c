@@ -602,9 +602,56 @@ static void iq1_fit(const lattice_t *t, int ngroups, const uint16_t *index, cons
 static const float iq1_xp[3] = {-1 + IQ1_DELTA, IQ1_DELTA, 1 + IQ1_DELTA};
 static const float iq1_xm[3] = {-1 - IQ1_DELTA, -IQ1_DELTA, 1 - IQ1_DELTA};
 
+typedef float lat_v8f __attribute__((vector_size(32)));
+typedef int32_t lat_v8i __attribute__((vector_size(32)));
+
+ALWAYS_INLINE lat_v8f lat_load8(const float *p) { lat_v8f v; memcpy(&v, p, sizeof(v)); return v; }
+ALWAYS_INLINE int lat_any8(lat_v8i m) { uint64_t q[4]; memcpy(q, &m, sizeof(q)); return (q[0] | q[1] | q[2] | q[3]) != 0; }
+
+/* quantize_row_iq1_s_impl's split search: for every (i1 <= i2) and shift (+ then -), the score
+ * of the 3-level split of the sorted values, keeping the first strictly better one. Eight i2 at
+ * a time are scored with the same float expressions; a run of eight is replayed one by one (in
+ * ggml's order, with the lane values) only when some lane passes the acceptance test against the
+ * current best, which is exactly when the sequential loop would accept one of them. */
+LAT_CLONES static void iq1s_split(const float *sumx, const float *sumw, float *pscale, int *pb1, int *pb2,
+                                  int *pshift) {
+    const float xp0 = iq1_xp[0], xp1 = iq1_xp[1], xp2 = iq1_xp[2];
+    const float xm0 = iq1_xm[0], xm1 = iq1_xm[1], xm2 = iq1_xm[2];
+    float best = -FLT_MAX, scale = *pscale;
+    int b1 = -1, b2 = -1, shift = 0;
+    const lat_v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    for (int i1 = 0; i1 <= 32; i1++) {
+        const float a = sumx[i1] - sumx[0], aw = sumw[i1] - sumw[0];
+        const float ap = a * xp0, am = a * xm0, awp = aw * xp0 * xp0, awm = aw * xm0 * xm0;
+        for (int i2 = i1; i2 <= 32; i2 += 8) {
+            const lat_v8f X = lat_load8(sumx + i2), W = lat_load8(sumw + i2);
+            const lat_v8f b = X - sumx[i1], c = sumx[32] - X, bw = W - sumw[i1], cw = sumw[32] - W;
+            const lat_v8f qxp = (ap + b * xp1) + c * xp2, qxm = (am + b * xm1) + c * xm2;
+            const lat_v8f q2p = (awp + bw * xp1 * xp1) + cw * xp2 * xp2;
+            const lat_v8f q2m = (awm + bw * xm1 * xm1) + cw * xm2 * xm2;
+            const lat_v8i valid = lane <= 32 - i2;
+            const lat_v8i pass = valid & (((q2p > 0) & (qxp * qxp > best * q2p)) | ((q2m > 0) & (qxm * qxm > best * q2m)));
+            if (!lat_any8(pass)) continue;
+            for (int l = 0; l < 8 && i2 + l <= 32; l++) {
+                if (q2p[l] > 0 && qxp[l] * qxp[l] > best * q2p[l]) {
+                    scale = qxp[l] / q2p[l];
+                    best = scale * qxp[l];
+                    b1 = i1; b2 = i2 + l; shift = 1;
+                }
+                if (q2m[l] > 0 && qxm[l] * qxm[l] > best * q2m[l]) {
+                    scale = qxm[l] / q2m[l];
+                    best = scale * qxm[l];
+                    b1 = i1; b2 = i2 + l; shift = -1;
+                }
+            }
+        }
+    }
+    *pscale = scale; *pb1 = b1; *pb2 = b2; *pshift = shift;
+}
+
 /* quantize_row_iq1_s_impl: 8 groups of 32 */
 static void iq1s_block(const lattice_t *t, const float *xbl, const float *qwb, uint8_t *y) {
-    float scales[8], weight[32], sumx[33], sumw[33];
+    float scales[8], weight[32], sumx[40], sumw[40];
     int8_t L[32], shifts[8];
     int idx[32];
     uint16_t index[4];
@@ -622,29 +669,15 @@ static void iq1s_block(const lattice_t *t, const float *xbl, const float *qwb, u
         if (max < 1e-12f) continue;
         iq1_order(xb, 32, idx);
         sumx[0] = sumw[0] = 0.0f;
+        for (int j = 33; j < 40; j++) sumx[j] = sumw[j] = 0.0f;  /* read by the last vector, masked */
         for (int j = 0; j < 32; j++) {
             const int i = idx[j];
             sumx[j + 1] = sumx[j] + weight[i] * xb[i];
             sumw[j + 1] = sumw[j] + weight[i];
         }
-        float best = -FLT_MAX, scale = max;
-        int b1 = -1, b2 = -1, shift = 0;
-        for (int i1 = 0; i1 <= 32; i1++) {
-            for (int i2 = i1; i2 <= 32; i2++) {
-                const float a = sumx[i1] - sumx[0], b = sumx[i2] - sumx[i1], c = sumx[32] - sumx[i2];
-                const float aw = sumw[i1] - sumw[0], bw = sumw[i2] - sumw[i1], cw = sumw[32] - sumw[i2];
-                for (int s = 0; s < 2; s++) {
-                    const float *xs = s ? iq1_xm : iq1_xp;
-                    const float sumqx = a * xs[0] + b * xs[1] + c * xs[2];
-                    const float sumq2 = aw * xs[0] * xs[0] + bw * xs[1] * xs[1] + cw * xs[2] * xs[2];
-                    if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
-                        scale = sumqx / sumq2;
-                        best = scale * sumqx;
-                        b1 = i1; b2 = i2; shift = s ? -1 : 1;
-                    }
-                }
-            }
-        }
+        float scale = max;
+        int b1, b2, shift;
+        iq1s_split(sumx, sumw, &scale, &b1, &b2, &shift);
         if (b1 < 0 || b2 < 0 || shift == 0) continue;
         for (int j = 0; j < 32; j++) L[idx[j]] = (int8_t)(j < b1 ? 0 : j < b2 ? 1 : 2);
         if (scale < 0) {
@@ -680,6 +713,51 @@ static void iq1s_block(const lattice_t *t, const float *xbl, const float *qwb, u
     }
 }
 
+/* quantize_row_iq1_m_impl's split search over per-half prefix sums px/pw (17 entries, padded to
+ * 24): every (i1 <= i2) and sign combination k = 0..3, first strictly better wins; scored eight i2
+ * at a time and replayed one by one only where a lane passes (as iq1s_split). */
+LAT_CLONES static void iq1m_split(const float px[2][24], const float pw[2][24], float *pscale, int *pb1, int *pb2,
+                                  int *pbk) {
+    const float p2 = iq1_xp[2], m2 = iq1_xm[2];
+    const float cp1 = iq1_xp[0] * iq1_xp[0] - iq1_xp[1] * iq1_xp[1];
+    const float cp2 = iq1_xp[1] * iq1_xp[1] - iq1_xp[2] * iq1_xp[2];
+    const float cm1 = iq1_xm[0] * iq1_xm[0] - iq1_xm[1] * iq1_xm[1];
+    const float cm2 = iq1_xm[1] * iq1_xm[1] - iq1_xm[2] * iq1_xm[2];
+    const float txs[2] = {px[0][16], px[1][16]}, tws[2] = {pw[0][16], pw[1][16]};
+    const float tp[2] = {txs[0] * p2, txs[1] * p2}, tm[2] = {txs[0] * m2, txs[1] * m2};
+    const float wp[2] = {tws[0] * p2 * p2, tws[1] * p2 * p2}, wm[2] = {tws[0] * m2 * m2, tws[1] * m2 * m2};
+    float best = -FLT_MAX, scale = *pscale;
+    int b1 = -1, b2 = -1, bk = -1;
+    const lat_v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    for (int i1 = 0; i1 <= 16; i1++) {
+        float w1p[2], w1m[2];
+        for (int h = 0; h < 2; h++) { w1p[h] = wp[h] + pw[h][i1] * cp1; w1m[h] = wm[h] + pw[h][i1] * cm1; }
+        for (int i2 = i1; i2 <= 16; i2 += 8) {
+            lat_v8f qx_p[2], qx_m[2], q2_p[2], q2_m[2];
+            for (int h = 0; h < 2; h++) {
+                const lat_v8f sx = px[h][i1] + lat_load8(px[h] + i2), w2 = lat_load8(pw[h] + i2);
+                qx_p[h] = tp[h] - sx;
+                qx_m[h] = tm[h] - sx;
+                q2_p[h] = w1p[h] + w2 * cp2;
+                q2_m[h] = w1m[h] + w2 * cm2;
+            }
+            const lat_v8f sqx[4] = {qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1], qx_m[0] + qx_m[1]};
+            const lat_v8f sq2[4] = {q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1], q2_m[0] + q2_m[1]};
+            lat_v8i pass = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int k = 0; k < 4; k++) pass |= (sq2[k] > 0) & (sqx[k] * sqx[k] > best * sq2[k]);
+            if (!lat_any8(pass & (lane <= 16 - i2))) continue;
+            for (int l = 0; l < 8 && i2 + l <= 16; l++)
+                for (int k = 0; k < 4; k++)
+                    if (sq2[k][l] > 0 && sqx[k][l] * sqx[k][l] > best * sq2[k][l]) {
+                        scale = sqx[k][l] / sq2[k][l];
+                        best = scale * sqx[k][l];
+                        b1 = i1; b2 = i2 + l; bk = k;
+                    }
+        }
+    }
+    *pscale = scale; *pb1 = b1; *pb2 = b2; *pbk = bk;
+}
+
 /* IQ1_M weights: imatrix * sqrt(sigma2 + x^2), or x^2 without an imatrix */
 ALWAYS_INLINE void iq1m_weights(const float *xb, const float *qw, float sigma2, float *w) {
     if (qw) imatrix_weights(xb, qw, sigma2, w, 16);
@@ -697,11 +775,6 @@ static void iq1m_block(const lattice_t *t, const float *xbl, const float *qwb, u
     uint8_t *qs = y, *qh = y + 32, *sc = y + 48;
     float max_scale = 0.0f;
     const float sigma2 = 2 * sum_sq(xbl, QK_K) / QK_K;
-    const float p2 = iq1_xp[2], m2 = iq1_xm[2];
-    const float cp1 = iq1_xp[0] * iq1_xp[0] - iq1_xp[1] * iq1_xp[1];
-    const float cp2 = iq1_xp[1] * iq1_xp[1] - iq1_xp[2] * iq1_xp[2];
-    const float cm1 = iq1_xm[0] * iq1_xm[0] - iq1_xm[1] * iq1_xm[1];
-    const float cm2 = iq1_xm[1] * iq1_xm[1] - iq1_xm[2] * iq1_xm[2];
     for (int ib = 0; ib < 16; ib++) {
         const float *xb = xbl + 16 * ib;
         iq1m_weights(xb, qwb ? qwb + 16 * ib : NULL, sigma2, weight);
@@ -711,8 +784,9 @@ static void iq1m_block(const lattice_t *t, const float *xbl, const float *qwb, u
         shifts[ib] = 0;
         if (max < 1e-7f) continue;
         iq1_order(xb, 16, idx);
-        float px[2][17], pw[2][17];
+        float px[2][24], pw[2][24];
         px[0][0] = px[1][0] = pw[0][0] = pw[1][0] = 0.0f;
+        for (int j = 17; j < 24; j++) px[0][j] = px[1][j] = pw[0][j] = pw[1][j] = 0.0f;  /* masked lanes */
         for (int j = 0; j < 16; j++) {
             const int i = idx[j], h = i < 8 ? 0 : 1;
             px[h][j + 1] = px[h][j] + weight[i] * xb[i];
@@ -720,30 +794,9 @@ static void iq1m_block(const lattice_t *t, const float *xbl, const float *qwb, u
             pw[h][j + 1] = pw[h][j] + weight[i];
             pw[1 - h][j + 1] = pw[1 - h][j];
         }
-        const float txs[2] = {px[0][16], px[1][16]}, tws[2] = {pw[0][16], pw[1][16]};
-        float best = -FLT_MAX, scale = max;
-        int b1 = -1, b2 = -1, bk = -1;
-        for (int i1 = 0; i1 <= 16; i1++) {
-            for (int i2 = i1; i2 <= 16; i2++) {
-                float qx_p[2], qx_m[2], q2_p[2], q2_m[2];
-                for (int h = 0; h < 2; h++) {
-                    const float sx = px[h][i1] + px[h][i2];
-                    qx_p[h] = txs[h] * p2 - sx;
-                    qx_m[h] = txs[h] * m2 - sx;
-                    q2_p[h] = tws[h] * p2 * p2 + pw[h][i1] * cp1 + pw[h][i2] * cp2;
-                    q2_m[h] = tws[h] * m2 * m2 + pw[h][i1] * cm1 + pw[h][i2] * cm2;
-                }
-                const float sqx[4] = {qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1], qx_m[0] + qx_m[1]};
-                const float sq2[4] = {q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1], q2_m[0] + q2_m[1]};
-                for (int k = 0; k < 4; k++) {
-                    if (sq2[k] > 0 && sqx[k] * sqx[k] > best * sq2[k]) {
-                        scale = sqx[k] / sq2[k];
-                        best = scale * sqx[k];
-                        b1 = i1; b2 = i2; bk = k;
-                    }
-                }
-            }
-        }
+        float scale = max;
+        int b1, b2, bk;
+        iq1m_split(px, pw, &scale, &b1, &b2, &bk);
         if (b1 < 0 || b2 < 0 || bk < 0) continue;
         for (int j = 0; j < 16; j++) L[idx[j]] = (int8_t)(j < b1 ? 0 : j < b2 ? 1 : 2);
         if (scale < 0) {
