@@ -60,6 +60,7 @@ typedef struct {
     uint64_t *grid;             /* ggml's search grid: byte i = 2*l_i + 1 */
     uint16_t *code;             /* code[k] = sum(l_i << 2i) of grid point k */
     int32_t *map;               /* >= 0: grid index; < 0: -(1 + offset of the neighbour list) */
+    int32_t *map3;              /* map of the codes with every l <= 2, by sum(l_i 3^i): 26 KB, stays in L1 */
     uint16_t *nbr;              /* at each offset: count, then that many grid indices */
     uint16_t *nbr_code;         /* the same layout with code[index] (8 entries of padding) */
     int64_t nnbr;
@@ -69,10 +70,10 @@ typedef struct {
 enum { LAT_IQ2XXS, LAT_IQ2XS, LAT_IQ1S, LAT_IQ2S, LAT_COUNT };
 
 static lattice_t lattices[LAT_COUNT] = {
-    {iq2xxs_grid, 256, 2, 0, NULL, NULL, NULL, NULL, NULL, 0, 0},
-    {iq2xs_grid, 512, 2, 0, NULL, NULL, NULL, NULL, NULL, 0, 0},
-    {iq1s_grid, 2048, 3, 1, NULL, NULL, NULL, NULL, NULL, 0, 0},
-    {iq2s_grid, 1024, 1, 0, NULL, NULL, NULL, NULL, NULL, 0, 0},
+    {iq2xxs_grid, 256, 2, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0},
+    {iq2xs_grid, 512, 2, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0},
+    {iq1s_grid, 2048, 3, 1, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0},
+    {iq2s_grid, 1024, 1, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0},
 };
 
 /* Squared distances (exact small integers) from the point with coordinates p to every grid point:
@@ -163,7 +164,13 @@ static void lattice_build(lattice_t *t) {
         used += 1 + lattice_neighbours(d2, ng, t->nwant, nbr + used, tmp);
     }
     t->nbr_code = malloc((size_t)(used + 8) * 2);
-    if (!t->nbr_code) goto fail;
+    t->map3 = malloc(6561 * sizeof(int32_t));
+    if (!t->nbr_code || !t->map3) goto fail;
+    for (int v = 0; v < 6561; v++) {
+        int u = 0;
+        for (int i = 0, r = v; i < 8; i++, r /= 3) u |= (r % 3) << (2 * i);
+        t->map3[v] = t->map[u];
+    }
     for (int64_t i = 0; i < used + 8; i++) t->nbr_code[i] = i < used && nbr[i] < ng ? t->code[nbr[i]] : 0;
     t->nbr = nbr;
     t->nnbr = used;
@@ -171,7 +178,7 @@ static void lattice_build(lattice_t *t) {
     free(soa); free(d2); free(tmp);
     return;
 fail:
-    free(t->grid); free(t->code); free(t->map); free(soa); free(d2); free(tmp); free(nbr); free(t->nbr_code);
+    free(t->grid); free(t->code); free(t->map); free(soa); free(d2); free(tmp); free(nbr); free(t->nbr_code); free(t->map3);
     t->grid = NULL; t->code = NULL; t->map = NULL;
 }
 
@@ -278,13 +285,18 @@ ALWAYS_INLINE void iq1_terms(const float *xval, const float *w, float scale, con
     }
 }
 
+/* map entry of 8 lattice values in 0..2 */
+ALWAYS_INLINE int lat_lookup(const lattice_t *t, const int8_t *L) {
+    int v = 0;
+    for (int i = 7; i >= 0; i--) v = 3 * v + L[i];
+    return t->map3[v];
+}
+
 /* the grid point of L[0..7] (grid index), searching the neighbours when off the grid;
  * L is rewritten with the chosen point. *on = whether L was on the grid. */
 ALWAYS_INLINE int iq2_point(const lattice_t *t, int8_t *L, const float *xval, const float *waux, float scale,
                             int *on) {
-    unsigned u = 0;
-    for (int i = 0; i < 8; i++) u |= (unsigned)L[i] << (2 * i);
-    const int gi = t->map[u];
+    const int gi = lat_lookup(t, L);
     if (on) *on = gi >= 0;
     if (gi >= 0) return gi;
     float term[8][3];
@@ -567,9 +579,7 @@ static int iq1_points(const lattice_t *t, int ngroups, int8_t *L, const float *x
                       const float *const *xx, uint16_t *index) {
     int all = 1;
     for (int k = 0; k < ngroups; k++) {
-        unsigned u = 0;
-        for (int j = 0; j < 8; j++) u |= (unsigned)L[8 * k + j] << (2 * j);
-        int gi = t->map[u];
+        int gi = lat_lookup(t, L + 8 * k);
         if (gi < 0) {
             all = 0;
             float term[8][3];
