@@ -124,6 +124,12 @@ def test_threads_and_chunking_identical(qtype):
         assert not np.array_equal(plain, one)
 
 
+def test_block_sizes():
+    from gguf import GGML_QUANT_SIZES
+    for qtype in LATTICE:
+        assert native.supported(qtype) and native.block_info(qtype) == tuple(GGML_QUANT_SIZES[qtype])
+
+
 def test_imatrix_requirements(lib):
     """Refused without an imatrix exactly where ggml refuses (ggml_quantize_requires_imatrix)."""
     lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
