@@ -616,11 +616,7 @@ typedef float lat_v8f __attribute__((vector_size(32)));
 typedef int32_t lat_v8i __attribute__((vector_size(32)));
 
 ALWAYS_INLINE lat_v8f lat_load8(const float *p) { lat_v8f v; memcpy(&v, p, sizeof(v)); return v; }
-ALWAYS_INLINE int lat_bits8(lat_v8i m) {
-    int bits = 0;
-    for (int l = 0; l < 8; l++) bits |= (m[l] < 0) << l;
-    return bits;
-}
+ALWAYS_INLINE int lat_any8(lat_v8i m) { uint64_t q[4]; memcpy(q, &m, sizeof(q)); return (q[0] | q[1] | q[2] | q[3]) != 0; }
 
 /* quantize_row_iq1_s_impl's split search: for every (i1 <= i2) and shift (+ then -), the score
  * of the 3-level split of the sorted values, keeping the first strictly better one. Eight i2 at
@@ -644,14 +640,9 @@ LAT_CLONES static void iq1s_split(const float *sumx, const float *sumw, float *p
             const lat_v8f q2p = (awp + bw * xp1 * xp1) + cw * xp2 * xp2;
             const lat_v8f q2m = (awm + bw * xm1 * xm1) + cw * xm2 * xm2;
             const lat_v8i valid = lane <= 32 - i2;
-            int from = 0;
-            for (;;) {  /* the first lane (from `from` on) that passes against the current best */
-                const lat_v8i pass = valid & (lane >= from) &
-                                     (((q2p > 0) & (qxp * qxp > best * q2p)) | ((q2m > 0) & (qxm * qxm > best * q2m)));
-                const int bits = lat_bits8(pass);
-                if (!bits) break;
-                const int l = __builtin_ctz((unsigned)bits);
-                from = l + 1;
+            const lat_v8i pass = valid & (((q2p > 0) & (qxp * qxp > best * q2p)) | ((q2m > 0) & (qxm * qxm > best * q2m)));
+            if (!lat_any8(pass)) continue;
+            for (int l = 0; l < 8 && i2 + l <= 32; l++) {
                 if (q2p[l] > 0 && qxp[l] * qxp[l] > best * q2p[l]) {
                     scale = qxp[l] / q2p[l];
                     best = scale * qxp[l];
@@ -762,23 +753,16 @@ LAT_CLONES static void iq1m_split(const float px[2][24], const float pw[2][24], 
             }
             const lat_v8f sqx[4] = {qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1], qx_m[0] + qx_m[1]};
             const lat_v8f sq2[4] = {q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1], q2_m[0] + q2_m[1]};
-            const lat_v8i valid = lane <= 16 - i2;
-            int from = 0;
-            for (;;) {  /* the first lane (from `from` on) where some k passes against the current best */
-                lat_v8i pass = valid & (lane >= from);
-                lat_v8i any = {0, 0, 0, 0, 0, 0, 0, 0};
-                for (int k = 0; k < 4; k++) any |= (sq2[k] > 0) & (sqx[k] * sqx[k] > best * sq2[k]);
-                const int bits = lat_bits8(pass & any);
-                if (!bits) break;
-                const int l = __builtin_ctz((unsigned)bits);
-                from = l + 1;
+            lat_v8i pass = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int k = 0; k < 4; k++) pass |= (sq2[k] > 0) & (sqx[k] * sqx[k] > best * sq2[k]);
+            if (!lat_any8(pass & (lane <= 16 - i2))) continue;
+            for (int l = 0; l < 8 && i2 + l <= 16; l++)
                 for (int k = 0; k < 4; k++)
                     if (sq2[k][l] > 0 && sqx[k][l] * sqx[k][l] > best * sq2[k][l]) {
                         scale = sqx[k][l] / sq2[k][l];
                         best = scale * sqx[k][l];
                         b1 = i1; b2 = i2 + l; bk = k;
                     }
-            }
         }
     }
     *pscale = scale; *pb1 = b1; *pb2 = b2; *pbk = bk;
