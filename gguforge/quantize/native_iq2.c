@@ -370,7 +370,9 @@ static void iq2xxs_block(const lattice_t *t, const float *xbl, const float *qwb,
         float scale = make_qp_quants(32, 4, xval, (uint8_t *)L, weight);
         const float eff_max = scale * 3;
         if (eff_max <= 0) { scales[ib] = 0.0f; continue; }
-        float best = 0.0f;
+        float best = 0.0f, sumqx = 0.0f, sumq2 = 0.0f;
+        int8_t Lprev[32];
+        memset(Lprev, -1, 32);
         for (int is = -6; is <= 6; is++) {
             const float id = (5 + (float)is * 0.1f) / eff_max;
             const float this_scale = 1 / id;
@@ -378,8 +380,10 @@ static void iq2xxs_block(const lattice_t *t, const float *xbl, const float *qwb,
                 iq2_round8(xval + 8 * k, id, Laux + 8 * k);
                 iq2_point(t, Laux + 8 * k, xval + 8 * k, waux + 8 * k, this_scale, NULL);
             }
-            float sumqx, sumq2;
-            iq2_sums(32, weight, xval, Laux, &sumqx, &sumq2);
+            if (memcmp(Laux, Lprev, 32)) {  /* the sums depend on the chosen points only */
+                iq2_sums(32, weight, xval, Laux, &sumqx, &sumq2);
+                memcpy(Lprev, Laux, 32);
+            }
             if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
                 scale = sumqx / sumq2;
                 best = scale * sumqx;
@@ -392,7 +396,6 @@ static void iq2xxs_block(const lattice_t *t, const float *xbl, const float *qwb,
                 iq2_round8(xval + 8 * k, id, L + 8 * k);
                 iq2_point(t, L + 8 * k, xval + 8 * k, waux + 8 * k, scale, NULL);
             }
-            float sumqx, sumq2;
             iq2_sums(32, weight, xval, L, &sumqx, &sumq2);
             if (sumq2 > 0) scale = sumqx / sumq2;
         }
@@ -439,7 +442,9 @@ static float iq2_16(const lattice_t *t, const float *xb, const float *weight, in
     memset(L, 0, 16);
     gidx[0] = gidx[1] = -1;
     if (max < eps) return 0.0f;
-    float best = 0.0f, scale = max / 5;
+    float best = 0.0f, scale = max / 5, sumqx = 0.0f, sumq2 = 0.0f;
+    int8_t Lprev[16];
+    memset(Lprev, -1, 16);
     for (int is = -9; is <= 9; is++) {
         const float id = (5 + (float)is * 0.1f) / max;
         const float this_scale = 1 / id;
@@ -447,8 +452,10 @@ static float iq2_16(const lattice_t *t, const float *xb, const float *weight, in
             iq2_round8(xval + 8 * k, id, Laux + 8 * k);
             iq2_point(t, Laux + 8 * k, xval + 8 * k, waux + 8 * k, this_scale, &on_aux[k]);
         }
-        float sumqx, sumq2;
-        iq2_sums(16, weight, xval, Laux, &sumqx, &sumq2);
+        if (memcmp(Laux, Lprev, 16)) {  /* the sums depend on the chosen points only */
+            iq2_sums(16, weight, xval, Laux, &sumqx, &sumq2);
+            memcpy(Lprev, Laux, 16);
+        }
         if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
             scale = sumqx / sumq2;
             best = scale * sumqx;
@@ -464,7 +471,6 @@ static float iq2_16(const lattice_t *t, const float *xb, const float *weight, in
             iq2_round8(xval + 8 * k, id, L + 8 * k);
             iq2_point(t, L + 8 * k, xval + 8 * k, waux + 8 * k, scale, NULL);
         }
-        float sumqx, sumq2;
         iq2_sums(16, weight, xval, L, &sumqx, &sumq2);
         if (sumq2 > 0) scale = sumqx / sumq2;
     }
