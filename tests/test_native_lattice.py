@@ -75,8 +75,10 @@ def test_each_kind_matches_ggml(ggml, qtype):
         rng = np.random.default_rng(100 * ki + int(qtype))
         x = np.stack([case(kind, rng, 512) for _ in range(3)])
         for wkind, w in imatrices(qtype, rng, 512):
-            assert_same(ggml_quantize(ggml, x, qtype, w), native.quantize(x, qtype, threads=1, imatrix=w),
-                        f"{qtype.name} {kind}/{wkind}")
+            want = ggml_quantize(ggml, x, qtype, w)
+            for impl in native.IMPLS:   # the scalar loops (0) and the AVX2 / vector searches
+                assert_same(want, native.quantize(x, qtype, threads=1, impl=impl, imatrix=w),
+                            f"{qtype.name} {kind}/{wkind} impl={native.IMPLS[impl]}")
             cases += 1
     assert cases == len(kinds) * (len(WKINDS) + (qtype not in NEEDS_IMATRIX)) >= 13 * 6
 
@@ -84,7 +86,7 @@ def test_each_kind_matches_ggml(ggml, qtype):
 @pytest.mark.parametrize("qtype", LATTICE, ids=ids)
 def test_bf16_rows_and_mixed_scales_match_ggml(ggml, qtype):
     """Model-like rows: bf16 values (ties inside a block), rows of different scale, 4096 wide
-    (16 super-blocks), with a realistic imatrix, and plain where allowed."""
+    (16 super-blocks), with a realistic imatrix, and plain where allowed; scalar and vector paths."""
     rng = np.random.default_rng(31 + int(qtype))
     x = bf16_rows(rng, (6, 4096), rng.uniform(0.005, 0.2, (6, 1)))
     x[1, 256:512] = x[1, 256]  # a super-block of one repeated value
@@ -93,7 +95,9 @@ def test_bf16_rows_and_mixed_scales_match_ggml(ggml, qtype):
     for wkind, w in [("random", imatrix_of("random", rng, 4096)), ("none", None)]:
         if w is None and qtype in NEEDS_IMATRIX:
             continue
-        assert_same(ggml_quantize(ggml, x, qtype, w), native.quantize(x, qtype, imatrix=w), f"{qtype.name} {wkind}")
+        want = ggml_quantize(ggml, x, qtype, w)
+        for impl in native.IMPLS:
+            assert_same(want, native.quantize(x, qtype, impl=impl, imatrix=w), f"{qtype.name} {wkind} {impl}")
 
 
 @pytest.mark.parametrize("qtype", LATTICE, ids=ids)

@@ -1290,7 +1290,7 @@ static void quantize_blocks(int type, const float *x, uint8_t *y, int64_t nb, in
             return;
         }
     default:
-        iq2_quantize_rows(type, x, y, 1, nb * QK_K, NULL);
+        iq2_quantize_rows(type, x, y, 1, nb * QK_K, NULL, impl != IMPL_SCALAR);
     }
 }
 
@@ -1342,7 +1342,7 @@ static void quantize_rows_w(int type, const float *x, uint8_t *y, int64_t nrows,
             for (int64_t i = 0; i < nb; i++) q6k_block_w(xr + QK_K * i, qw + QK_K * i, yr + 210 * i);
             break;
         default:
-            iq2_quantize_rows(type, xr, yr, 1, n, qw);
+            iq2_quantize_rows(type, xr, yr, 1, n, qw, impl != IMPL_SCALAR);
         }
     }
 }

@@ -208,6 +208,10 @@ static const lattice_t *lattice_get(int type) {
     return lattices[li].ok ? &lattices[li] : NULL;
 }
 
+/* 0 while a call asked for the scalar implementation (impl 0): the searches below then run their
+ * plain loops instead of the AVX2 / vector-extension forms (same bytes; the tests compare them). */
+static _Thread_local int lat_vec = 1;
+
 /* ---------------------------------------------------------------------------------------------- */
 /* neighbour searches                                                                              */
 
@@ -244,7 +248,7 @@ static int lat_best_d2(const lattice_t *t, int64_t off, const float term[8][3], 
     float best = FLT_MAX;
     int gj = -1;
 #ifdef HAVE_X86_DISPATCH
-    if (lat_have_avx2()) {
+    if (lat_vec && lat_have_avx2()) {
         float d[2048 + 8];
         lat_d2_avx2(codes, n, term, d);
         for (int j = 0; j < n; j++)
@@ -324,6 +328,31 @@ ALWAYS_INLINE void iq2_sums(int n, const float *w, const float *xval, const int8
     *sq2 = sumq2;
 }
 
+/* One scale trial of the IQ2 searches over n values (groups of 8): round with id, snap each group
+ * to the grid (neighbours scored at 1/id; on[k] = whether group k was on it), then the weighted
+ * sums, reused while the chosen points repeat (Lprev, sums[2]). Keeps the trial in L when
+ * strictly better than *best (ggml's sumqx^2 > best*sumq2) and returns 1 then. */
+ALWAYS_INLINE int iq2_trial(const lattice_t *t, int n, float id, const float *xval, const float *waux,
+                            const float *weight, int8_t *Laux, int8_t *Lprev, float *sums, float *best,
+                            float *scale, int8_t *L, int *on) {
+    const float this_scale = 1 / id;
+    for (int k = 0; k < n / 8; k++) {
+        iq2_round8(xval + 8 * k, id, Laux + 8 * k);
+        iq2_point(t, Laux + 8 * k, xval + 8 * k, waux + 8 * k, this_scale, on ? on + k : NULL);
+    }
+    if (memcmp(Laux, Lprev, (size_t)n)) {  /* the sums depend on the chosen points only */
+        iq2_sums(n, weight, xval, Laux, &sums[0], &sums[1]);
+        memcpy(Lprev, Laux, (size_t)n);
+    }
+    if (sums[1] > 0 && sums[0] * sums[0] > *best * sums[1]) {
+        *scale = sums[0] / sums[1];
+        *best = *scale * sums[0];
+        memcpy(L, Laux, (size_t)n);
+        return 1;
+    }
+    return 0;
+}
+
 /* |x| with the sign bits of a group of 8 (IQ2_XXS/IQ2_XS: an even number of them, flipping the
  * least important value when odd). Returns the 7 stored bits (or 8 for IQ2_S, parity = 0). */
 ALWAYS_INLINE uint8_t iq2_signs8(const float *xb, const float *w, float *xval, int parity) {
@@ -370,32 +399,19 @@ static void iq2xxs_block(const lattice_t *t, const float *xbl, const float *qwb,
         float scale = make_qp_quants(32, 4, xval, (uint8_t *)L, weight);
         const float eff_max = scale * 3;
         if (eff_max <= 0) { scales[ib] = 0.0f; continue; }
-        float best = 0.0f, sumqx = 0.0f, sumq2 = 0.0f;
+        float best = 0.0f, sums[2] = {0.0f, 0.0f};
         int8_t Lprev[32];
         memset(Lprev, -1, 32);
-        for (int is = -6; is <= 6; is++) {
-            const float id = (5 + (float)is * 0.1f) / eff_max;
-            const float this_scale = 1 / id;
-            for (int k = 0; k < 4; k++) {
-                iq2_round8(xval + 8 * k, id, Laux + 8 * k);
-                iq2_point(t, Laux + 8 * k, xval + 8 * k, waux + 8 * k, this_scale, NULL);
-            }
-            if (memcmp(Laux, Lprev, 32)) {  /* the sums depend on the chosen points only */
-                iq2_sums(32, weight, xval, Laux, &sumqx, &sumq2);
-                memcpy(Lprev, Laux, 32);
-            }
-            if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
-                scale = sumqx / sumq2;
-                best = scale * sumqx;
-                memcpy(L, Laux, 32);
-            }
-        }
+        for (int is = -6; is <= 6; is++)
+            iq2_trial(t, 32, (5 + (float)is * 0.1f) / eff_max, xval, waux, weight, Laux, Lprev, sums, &best, &scale,
+                      L, NULL);
         if (scale > 0) {
             const float id = 1 / scale;
             for (int k = 0; k < 4; k++) {
                 iq2_round8(xval + 8 * k, id, L + 8 * k);
                 iq2_point(t, L + 8 * k, xval + 8 * k, waux + 8 * k, scale, NULL);
             }
+            float sumqx, sumq2;
             iq2_sums(32, weight, xval, L, &sumqx, &sumq2);
             if (sumq2 > 0) scale = sumqx / sumq2;
         }
@@ -442,28 +458,15 @@ static float iq2_16(const lattice_t *t, const float *xb, const float *weight, in
     memset(L, 0, 16);
     gidx[0] = gidx[1] = -1;
     if (max < eps) return 0.0f;
-    float best = 0.0f, scale = max / 5, sumqx = 0.0f, sumq2 = 0.0f;
+    float best = 0.0f, scale = max / 5, sums[2] = {0.0f, 0.0f};
     int8_t Lprev[16];
     memset(Lprev, -1, 16);
-    for (int is = -9; is <= 9; is++) {
-        const float id = (5 + (float)is * 0.1f) / max;
-        const float this_scale = 1 / id;
-        for (int k = 0; k < 2; k++) {
-            iq2_round8(xval + 8 * k, id, Laux + 8 * k);
-            iq2_point(t, Laux + 8 * k, xval + 8 * k, waux + 8 * k, this_scale, &on_aux[k]);
-        }
-        if (memcmp(Laux, Lprev, 16)) {  /* the sums depend on the chosen points only */
-            iq2_sums(16, weight, xval, Laux, &sumqx, &sumq2);
-            memcpy(Lprev, Laux, 16);
-        }
-        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
-            scale = sumqx / sumq2;
-            best = scale * sumqx;
-            memcpy(L, Laux, 16);
+    for (int is = -9; is <= 9; is++)
+        if (iq2_trial(t, 16, (5 + (float)is * 0.1f) / max, xval, waux, weight, Laux, Lprev, sums, &best, &scale, L,
+                      on_aux)) {
             on[0] = on_aux[0];
             on[1] = on_aux[1];
         }
-    }
     if ((!on[0] || !on[1]) && scale > 0) {
         const float id = 1 / scale;
         for (int k = 0; k < 2; k++) {
@@ -471,6 +474,7 @@ static float iq2_16(const lattice_t *t, const float *xb, const float *weight, in
             iq2_round8(xval + 8 * k, id, L + 8 * k);
             iq2_point(t, L + 8 * k, xval + 8 * k, waux + 8 * k, scale, NULL);
         }
+        float sumqx, sumq2;
         iq2_sums(16, weight, xval, L, &sumqx, &sumq2);
         if (sumq2 > 0) scale = sumqx / sumq2;
     }
@@ -624,6 +628,56 @@ typedef int32_t lat_v8i __attribute__((vector_size(32)));
 ALWAYS_INLINE lat_v8f lat_load8(const float *p) { lat_v8f v; memcpy(&v, p, sizeof(v)); return v; }
 ALWAYS_INLINE int lat_any8(lat_v8i m) { uint64_t q[4]; memcpy(q, &m, sizeof(q)); return (q[0] | q[1] | q[2] | q[3]) != 0; }
 
+/* ggml's acceptance step of the split searches: strictly better than best (sumqx^2 > best*sumq2) */
+ALWAYS_INLINE int iq1_accept(float sqx, float sq2, float *best, float *scale) {
+    if (!(sq2 > 0 && sqx * sqx > *best * sq2)) return 0;
+    *scale = sqx / sq2;
+    *best = *scale * sqx;
+    return 1;
+}
+
+/* the split searches as ggml writes them, one candidate at a time (impl 0) */
+static void iq1s_split_scalar(const float *sumx, const float *sumw, float *pscale, int *pb1, int *pb2, int *pshift) {
+    float best = -FLT_MAX;
+    for (int i1 = 0; i1 <= 32; i1++)
+        for (int i2 = i1; i2 <= 32; i2++) {
+            const float a = sumx[i1] - sumx[0], b = sumx[i2] - sumx[i1], c = sumx[32] - sumx[i2];
+            const float aw = sumw[i1] - sumw[0], bw = sumw[i2] - sumw[i1], cw = sumw[32] - sumw[i2];
+            for (int s = 0; s < 2; s++) {
+                const float *xs = s ? iq1_xm : iq1_xp;
+                if (iq1_accept(a * xs[0] + b * xs[1] + c * xs[2],
+                               aw * xs[0] * xs[0] + bw * xs[1] * xs[1] + cw * xs[2] * xs[2], &best, pscale)) {
+                    *pb1 = i1; *pb2 = i2; *pshift = s ? -1 : 1;
+                }
+            }
+        }
+}
+
+static void iq1m_split_scalar(const float px[2][24], const float pw[2][24], float *pscale, int *pb1, int *pb2,
+                              int *pbk) {
+    const float p2 = iq1_xp[2], m2 = iq1_xm[2];
+    const float cp1 = iq1_xp[0] * iq1_xp[0] - iq1_xp[1] * iq1_xp[1];
+    const float cp2 = iq1_xp[1] * iq1_xp[1] - iq1_xp[2] * iq1_xp[2];
+    const float cm1 = iq1_xm[0] * iq1_xm[0] - iq1_xm[1] * iq1_xm[1];
+    const float cm2 = iq1_xm[1] * iq1_xm[1] - iq1_xm[2] * iq1_xm[2];
+    float best = -FLT_MAX;
+    for (int i1 = 0; i1 <= 16; i1++)
+        for (int i2 = i1; i2 <= 16; i2++) {
+            float qx_p[2], qx_m[2], q2_p[2], q2_m[2];
+            for (int h = 0; h < 2; h++) {
+                const float sx = px[h][i1] + px[h][i2];
+                qx_p[h] = px[h][16] * p2 - sx;
+                qx_m[h] = px[h][16] * m2 - sx;
+                q2_p[h] = pw[h][16] * p2 * p2 + pw[h][i1] * cp1 + pw[h][i2] * cp2;
+                q2_m[h] = pw[h][16] * m2 * m2 + pw[h][i1] * cm1 + pw[h][i2] * cm2;
+            }
+            const float sqx[4] = {qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1], qx_m[0] + qx_m[1]};
+            const float sq2[4] = {q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1], q2_m[0] + q2_m[1]};
+            for (int k = 0; k < 4; k++)
+                if (iq1_accept(sqx[k], sq2[k], &best, pscale)) { *pb1 = i1; *pb2 = i2; *pbk = k; }
+        }
+}
+
 /* quantize_row_iq1_s_impl's split search: for every (i1 <= i2) and shift (+ then -), the score
  * of the 3-level split of the sorted values, keeping the first strictly better one. Eight i2 at
  * a time are scored with the same float expressions; a run of eight is replayed one by one (in
@@ -649,16 +703,8 @@ LAT_CLONES static void iq1s_split(const float *sumx, const float *sumw, float *p
             const lat_v8i pass = valid & (((q2p > 0) & (qxp * qxp > best * q2p)) | ((q2m > 0) & (qxm * qxm > best * q2m)));
             if (!lat_any8(pass)) continue;
             for (int l = 0; l < 8 && i2 + l <= 32; l++) {
-                if (q2p[l] > 0 && qxp[l] * qxp[l] > best * q2p[l]) {
-                    scale = qxp[l] / q2p[l];
-                    best = scale * qxp[l];
-                    b1 = i1; b2 = i2 + l; shift = 1;
-                }
-                if (q2m[l] > 0 && qxm[l] * qxm[l] > best * q2m[l]) {
-                    scale = qxm[l] / q2m[l];
-                    best = scale * qxm[l];
-                    b1 = i1; b2 = i2 + l; shift = -1;
-                }
+                if (iq1_accept(qxp[l], q2p[l], &best, &scale)) { b1 = i1; b2 = i2 + l; shift = 1; }
+                if (iq1_accept(qxm[l], q2m[l], &best, &scale)) { b1 = i1; b2 = i2 + l; shift = -1; }
             }
         }
     }
@@ -693,7 +739,10 @@ static void iq1s_block(const lattice_t *t, const float *xbl, const float *qwb, u
         }
         float scale = max;
         int b1, b2, shift;
-        iq1s_split(sumx, sumw, &scale, &b1, &b2, &shift);
+        b1 = b2 = -1;
+        shift = 0;
+        if (lat_vec) iq1s_split(sumx, sumw, &scale, &b1, &b2, &shift);
+        else iq1s_split_scalar(sumx, sumw, &scale, &b1, &b2, &shift);
         if (b1 < 0 || b2 < 0 || shift == 0) continue;
         for (int j = 0; j < 32; j++) L[idx[j]] = (int8_t)(j < b1 ? 0 : j < b2 ? 1 : 2);
         if (scale < 0) {
@@ -764,11 +813,7 @@ LAT_CLONES static void iq1m_split(const float px[2][24], const float pw[2][24], 
             if (!lat_any8(pass & (lane <= 16 - i2))) continue;
             for (int l = 0; l < 8 && i2 + l <= 16; l++)
                 for (int k = 0; k < 4; k++)
-                    if (sq2[k][l] > 0 && sqx[k][l] * sqx[k][l] > best * sq2[k][l]) {
-                        scale = sqx[k][l] / sq2[k][l];
-                        best = scale * sqx[k][l];
-                        b1 = i1; b2 = i2 + l; bk = k;
-                    }
+                    if (iq1_accept(sqx[k][l], sq2[k][l], &best, &scale)) { b1 = i1; b2 = i2 + l; bk = k; }
         }
     }
     *pscale = scale; *pb1 = b1; *pb2 = b2; *pbk = bk;
@@ -812,7 +857,9 @@ static void iq1m_block(const lattice_t *t, const float *xbl, const float *qwb, u
         }
         float scale = max;
         int b1, b2, bk;
-        iq1m_split(px, pw, &scale, &b1, &b2, &bk);
+        b1 = b2 = bk = -1;
+        if (lat_vec) iq1m_split(px, pw, &scale, &b1, &b2, &bk);
+        else iq1m_split_scalar(px, pw, &scale, &b1, &b2, &bk);
         if (b1 < 0 || b2 < 0 || bk < 0) continue;
         for (int j = 0; j < 16; j++) L[idx[j]] = (int8_t)(j < b1 ? 0 : j < b2 ? 1 : 2);
         if (scale < 0) {
@@ -878,9 +925,11 @@ static int iq2_requires_imatrix(int type) { return type == T_IQ2_XXS || type == 
 
 /* nrows rows of n (a multiple of 256) with the imatrix qw[0..n-1] (NULL: only IQ2_S / IQ1_M).
  * Returns 0, or -1 when the tables could not be allocated. */
-static int iq2_quantize_rows(int type, const float *x, uint8_t *y, int64_t nrows, int64_t n, const float *qw) {
+static int iq2_quantize_rows(int type, const float *x, uint8_t *y, int64_t nrows, int64_t n, const float *qw,
+                             int vec) {
     const lattice_t *t = lattice_get(type);
     if (!t) return -1;
+    lat_vec = vec;
     int blck = QK_K, bytes = 0;
     iq2_block_info(type, &blck, &bytes);
     const int64_t nb = n / QK_K;
