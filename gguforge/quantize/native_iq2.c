@@ -353,6 +353,30 @@ ALWAYS_INLINE int iq2_trial(const lattice_t *t, int n, float id, const float *xv
     return 0;
 }
 
+/* ggml's re-fit after the trials: the groups (all, or those with on[k] == 0) rounded again at
+ * 1/scale and snapped to the grid at scale, then the least-squares scale of the chosen points
+ * (the old one when sumq2 <= 0). */
+static float iq2_refit(const lattice_t *t, int n, int8_t *L, const float *xval, const float *waux, const float *weight,
+                       const int *on, float scale) {
+    const float id = 1 / scale;
+    for (int k = 0; k < n / 8; k++) {
+        if (on && on[k]) continue;
+        iq2_round8(xval + 8 * k, id, L + 8 * k);
+        iq2_point(t, L + 8 * k, xval + 8 * k, waux + 8 * k, scale, NULL);
+    }
+    float sumqx, sumq2;
+    iq2_sums(n, weight, xval, L, &sumqx, &sumq2);
+    return sumq2 > 0 ? sumqx / sumq2 : scale;
+}
+
+/* grid index of a group's final points (always on the grid; where ggml would abort, 0) */
+ALWAYS_INLINE int iq2_index(const lattice_t *t, const int8_t *L) {
+    unsigned u = 0;
+    for (int i = 0; i < 8; i++) u |= (unsigned)(uint8_t)L[i] << (2 * i);
+    const int gi = u < LAT_MAP_SIZE ? t->map[u] : -1;
+    return gi < 0 ? 0 : gi;
+}
+
 /* |x| with the sign bits of a group of 8 (IQ2_XXS/IQ2_XS: an even number of them, flipping the
  * least important value when odd). Returns the 7 stored bits (or 8 for IQ2_S, parity = 0). */
 ALWAYS_INLINE uint8_t iq2_signs8(const float *xb, const float *w, float *xval, int parity) {
@@ -405,25 +429,13 @@ static void iq2xxs_block(const lattice_t *t, const float *xbl, const float *qwb,
         for (int is = -6; is <= 6; is++)
             iq2_trial(t, 32, (5 + (float)is * 0.1f) / eff_max, xval, waux, weight, Laux, Lprev, sums, &best, &scale,
                       L, NULL);
-        if (scale > 0) {
-            const float id = 1 / scale;
-            for (int k = 0; k < 4; k++) {
-                iq2_round8(xval + 8 * k, id, L + 8 * k);
-                iq2_point(t, L + 8 * k, xval + 8 * k, waux + 8 * k, scale, NULL);
-            }
-            float sumqx, sumq2;
-            iq2_sums(32, weight, xval, L, &sumqx, &sumq2);
-            if (sumq2 > 0) scale = sumqx / sumq2;
-        }
+        if (scale > 0) scale = iq2_refit(t, 32, L, xval, waux, weight, NULL, scale);
         if (scale < 0) {
             scale = -scale;
             for (int k = 0; k < 4; k++) signs[k] = (uint8_t)(~signs[k] & 127);
         }
         for (int k = 0; k < 4; k++) {
-            unsigned u = 0;
-            for (int i = 0; i < 8; i++) u |= (unsigned)(uint8_t)L[8 * k + i] << (2 * i);
-            const int gi = u < LAT_MAP_SIZE ? t->map[u] : -1;  /* off the grid: ggml aborts */
-            q2[2 * ib] |= (uint32_t)(gi < 0 ? 0 : gi) << (8 * k);
+            q2[2 * ib] |= (uint32_t)iq2_index(t, L + 8 * k) << (8 * k);
             q2[2 * ib + 1] |= (uint32_t)signs[k] << (7 * k);
         }
         scales[ib] = scale;
@@ -467,27 +479,12 @@ static float iq2_16(const lattice_t *t, const float *xb, const float *weight, in
             on[0] = on_aux[0];
             on[1] = on_aux[1];
         }
-    if ((!on[0] || !on[1]) && scale > 0) {
-        const float id = 1 / scale;
-        for (int k = 0; k < 2; k++) {
-            if (on[k]) continue;
-            iq2_round8(xval + 8 * k, id, L + 8 * k);
-            iq2_point(t, L + 8 * k, xval + 8 * k, waux + 8 * k, scale, NULL);
-        }
-        float sumqx, sumq2;
-        iq2_sums(16, weight, xval, L, &sumqx, &sumq2);
-        if (sumq2 > 0) scale = sumqx / sumq2;
-    }
+    if ((!on[0] || !on[1]) && scale > 0) scale = iq2_refit(t, 16, L, xval, waux, weight, on, scale);
     if (scale < 0) {
         scale = -scale;
         for (int k = 0; k < 2; k++) signs[k] = (uint8_t)(parity ? ~signs[k] & 127 : ~signs[k]);
     }
-    for (int k = 0; k < 2; k++) {
-        unsigned u = 0;
-        for (int i = 0; i < 8; i++) u |= (unsigned)(uint8_t)L[8 * k + i] << (2 * i);
-        const int gi = u < LAT_MAP_SIZE ? t->map[u] : -1;  /* off the grid: ggml aborts */
-        gidx[k] = gi < 0 ? 0 : gi;
-    }
+    for (int k = 0; k < 2; k++) gidx[k] = iq2_index(t, L + 8 * k);
     return scale;
 }
 
