@@ -6,6 +6,10 @@ quantizers (`quantize_row_*_ref`), and for IQ4_NL / IQ4_XS `quantize_iq4_nl` /
 `quantize_row_iq4_nl_ref`). Blocks are independent, so the bytes never
 depend on thread count or chunking.
 
+The lattice i-quants IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S and IQ1_M (native_iq2.c) are ggml_quantize_chunk's
+bytes too; IQ2_XXS, IQ2_XS and IQ1_S need an imatrix (requires_imatrix), IQ2_S and IQ1_M take one
+or not.
+
 With `imatrix=` the bytes are those of llama-quantize --imatrix, i.e. ggml_quantize_chunk with an
 importance matrix (the weighted `quantize_row_*_impl`); Q4_0/Q4_1/Q5_0/Q5_1 weigh by a sigma2 over
 the whole row, so that path splits work by whole rows.

@@ -21,10 +21,13 @@
  * Speed without changing a float operation: a neighbour search evaluates
  * sum_i w_i*(scale*q_i - x_i)^2 over many grid points; each term depends only on (i, l_i), so the
  * 3 possible terms per position are computed once (the same IEEE products) and every candidate
- * sums 8 looked-up terms in index order. The IQ1 split searches score every candidate split
- * with the same float expressions and skip a run of candidates only when none of them can pass
- * the strict `>` test against the current best (checked with the same products), so the
- * sequence of accepted candidates is ggml's.
+ * sums its 8 looked-up terms in index order (8 candidates per AVX2 step, vpermps picking the
+ * terms). Grid lookups go through a base-3 map of the 6561 codes the searches can produce (26 KB).
+ * The IQ1 split searches score eight candidate splits per vector with the same float expressions
+ * and replay a vector one candidate at a time, in ggml's order, only when one of its lanes passes
+ * the strict `>` test against the current best, so the accepted sequence is ggml's. A scale trial
+ * that picks the same grid points as the previous one reuses its sums. impl 0 (scalar) runs the
+ * plain loops instead of the AVX2 / vector forms; the tests hold every impl to ggml's bytes.
  *
  * Ties in the IQ1 sorts: ggml sorts (value, index) pairs with qsort and a comparator that looks at
  * the value only, so equal values keep whatever order the C library's qsort gives them. Without
