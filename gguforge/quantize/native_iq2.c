@@ -565,22 +565,21 @@ static int iq1_cmp(const void *a, const void *b) {
 
 /* idx[j] = index of the j-th smallest xb (ggml's qsort order: see the header comment). */
 static void iq1_order(const float *xb, int n, int *idx) {
-    iq1_pair p[32];
+    /* branch-free ranks: rank_j = #{k: x_k < x_j}; each x_j equal to itself only, else a tie (or NaN) */
     int tie = 0;
     for (int j = 0; j < n; j++) {
         const float v = xb[j];
-        int k = j;
-        while (k > 0 && p[k - 1].v > v) { p[k] = p[k - 1]; k--; }
-        if ((k > 0 && !(p[k - 1].v < v)) || v != v) tie = 1;
-        p[k].v = v;
-        p[k].i = j;
+        int r = 0, eq = 0;
+        for (int k = 0; k < n; k++) { r += xb[k] < v; eq += xb[k] == v; }
+        tie |= eq != 1;
+        idx[r & 31] = j;
     }
-    for (int j = 0; !tie && j + 1 < n; j++) tie = !(p[j].v < p[j + 1].v);
     if (tie) {
+        iq1_pair p[32];
         for (int j = 0; j < n; j++) { p[j].v = xb[j]; p[j].i = j; }
         qsort(p, (size_t)n, sizeof(iq1_pair), iq1_cmp);
+        for (int j = 0; j < n; j++) idx[j] = p[j].i;
     }
-    for (int j = 0; j < n; j++) idx[j] = p[j].i;
 }
 
 /* grid indices of groups of 8 with L in 0..2 and level values xx[k] per group; returns whether all
