@@ -293,17 +293,20 @@ ALWAYS_INLINE void iq1_terms(const float *xval, const float *w, float scale, con
 }
 
 /* map entry of 8 lattice values in 0..2 */
+ALWAYS_INLINE int lat_code3(const int *l) {  /* two independent halves: a short dependency chain */
+    return (l[0] + 3 * l[1] + 9 * l[2] + 27 * l[3]) + 81 * (l[4] + 3 * l[5] + 9 * l[6] + 27 * l[7]);
+}
 ALWAYS_INLINE int lat_lookup(const lattice_t *t, const int8_t *L) {
-    int v = 0;
-    for (int i = 7; i >= 0; i--) v = 3 * v + L[i];
-    return t->map3[v];
+    int l[8];
+    for (int i = 0; i < 8; i++) l[i] = L[i];
+    return t->map3[lat_code3(l)];
 }
 
 /* the grid point of L[0..7] (grid index), searching the neighbours when off the grid;
  * L is rewritten with the chosen point. *on = whether L was on the grid. */
 ALWAYS_INLINE int iq2_point(const lattice_t *t, int8_t *L, const float *xval, const float *waux, float scale,
-                            int *on) {
-    const int gi = lat_lookup(t, L);
+                            int *on, int v) {
+    const int gi = t->map3[v];
     if (on) *on = gi >= 0;
     if (gi >= 0) return gi;
     float term[8][3];
@@ -312,11 +315,14 @@ ALWAYS_INLINE int iq2_point(const lattice_t *t, int8_t *L, const float *xval, co
 }
 
 /* L_i = clamp(nearest_int(0.5*(id*x_i - 1)), 0, 2) for 8 values */
-ALWAYS_INLINE void iq2_round8(const float *xval, float id, int8_t *L) {
+/* ... and returns their base-3 code for lat_lookup's table */
+ALWAYS_INLINE int iq2_round8(const float *xval, float id, int8_t *L) {
+    int l[8];
     for (int i = 0; i < 8; i++) {
-        const int l = nearest_int(0.5f * (id * xval[i] - 1.0f));
-        L[i] = (int8_t)MAXI(0, MINI(2, l));
+        l[i] = MAXI(0, MINI(2, nearest_int(0.5f * (id * xval[i] - 1.0f))));
+        L[i] = (int8_t)l[i];
     }
+    return lat_code3(l);
 }
 
 /* sumqx = sum w*x*q, sumq2 = sum w*q*q with q = 2L+1, in index order */
@@ -340,8 +346,8 @@ ALWAYS_INLINE int iq2_trial(const lattice_t *t, int n, float id, const float *xv
                             float *scale, int8_t *L, int *on) {
     const float this_scale = 1 / id;
     for (int k = 0; k < n / 8; k++) {
-        iq2_round8(xval + 8 * k, id, Laux + 8 * k);
-        iq2_point(t, Laux + 8 * k, xval + 8 * k, waux + 8 * k, this_scale, on ? on + k : NULL);
+        const int v = iq2_round8(xval + 8 * k, id, Laux + 8 * k);
+        iq2_point(t, Laux + 8 * k, xval + 8 * k, waux + 8 * k, this_scale, on ? on + k : NULL, v);
     }
     if (memcmp(Laux, Lprev, (size_t)n)) {  /* the sums depend on the chosen points only */
         iq2_sums(n, weight, xval, Laux, &sums[0], &sums[1]);
@@ -364,8 +370,8 @@ static float iq2_refit(const lattice_t *t, int n, int8_t *L, const float *xval, 
     const float id = 1 / scale;
     for (int k = 0; k < n / 8; k++) {
         if (on && on[k]) continue;
-        iq2_round8(xval + 8 * k, id, L + 8 * k);
-        iq2_point(t, L + 8 * k, xval + 8 * k, waux + 8 * k, scale, NULL);
+        const int v = iq2_round8(xval + 8 * k, id, L + 8 * k);
+        iq2_point(t, L + 8 * k, xval + 8 * k, waux + 8 * k, scale, NULL, v);
     }
     float sumqx, sumq2;
     iq2_sums(n, weight, xval, L, &sumqx, &sumq2);
