@@ -8,6 +8,9 @@ setup(
         Extension(
             "gguforge.quantize._native",
             sources=["gguforge/quantize/_native.c", "gguforge/quantize/native_misc.c", "gguforge/quantize/native_iq3.c"],
+            depends=["gguforge/quantize/native_iq2.c", "gguforge/quantize/native_iq2_grids.h",
+                     "gguforge/quantize/native_prims.h", "gguforge/quantize/native_ext.h",
+                     "gguforge/quantize/native_iq3_tables.h"],
             extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi"],
         )
     ]

@@ -24,7 +24,8 @@ from gguf import GGMLQuantizationType as T
 from gguforge.quantize import native
 
 
-def ggml_fn():
+def ggml_path() -> str | None:
+    """GGUFORGE_GGML_LIB, else llama-cpp-python's libggml-base.so, else None."""
     path = os.environ.get("GGUFORGE_GGML_LIB")
     if not path:
         spec = importlib.util.find_spec("llama_cpp")
@@ -34,6 +35,13 @@ def ggml_fn():
         if not libs:
             return None
         path = str(libs[0])
+    return path
+
+
+def ggml_fn():
+    path = ggml_path()
+    if path is None:
+        return None
     f = ctypes.CDLL(path).ggml_quantize_chunk
     f.restype = ctypes.c_size_t
     f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,

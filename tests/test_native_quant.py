@@ -638,7 +638,7 @@ def test_block_info_and_supported():
         assert native.block_info(qtype) == tuple(gguf_quants.GGML_QUANT_SIZES[qtype])
         assert native.supported(qtype) and native.supported(int(qtype))
     assert native.block_info(T.F32) == (1, 4) and native.block_info(T.BF16) == (1, 2)
-    assert not native.supported(T.IQ2_XXS) and not native.supported(999)
+    assert not native.supported(T.Q8_1) and not native.supported(999)
 
 
 def test_shapes_and_float_types():

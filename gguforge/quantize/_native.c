@@ -1080,6 +1080,8 @@ static void iq4_batched_w(iq4_scales_fn scales_of, int xs, const float *x, uint8
 #pragma GCC pop_options
 #endif
 
+#include "native_iq2.c"  /* IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M */
+
 enum { IMPL_SCALAR = 0, IMPL_BASE = 1, IMPL_AVX2 = 2, IMPL_AVX512 = 3 };
 
 static int impl_available(int impl) {
@@ -1119,7 +1121,7 @@ static int block_info(int type, int *blck, int *bytes) {
     case T_Q4_K: *blck = 256; *bytes = 144; return 1;
     case T_Q5_K: *blck = 256; *bytes = 176; return 1;
     case T_Q6_K: *blck = 256; *bytes = 210; return 1;
-    default: return ext_block_info(type, blck, bytes);
+    default: return ext_block_info(type, blck, bytes) || iq2_block_info(type, blck, bytes);
     }
 }
 
@@ -1229,6 +1231,8 @@ static void quantize_blocks(int type, const float *x, uint8_t *y, int64_t nb, in
             for (int64_t i = 0; i < nb; i++) q6k_block_scalar(x + QK_K * i, y + 210 * i);
             return;
         }
+    default:
+        iq2_quantize_rows(type, x, y, 1, nb * QK_K, NULL, impl != IMPL_SCALAR);
     }
 }
 
@@ -1239,7 +1243,7 @@ static int uses_imatrix(int type) {
     switch (type) {
     case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_IQ4_NL: case T_IQ4_XS:
     case T_Q2_K: case T_Q3_K: case T_Q4_K: case T_Q5_K: case T_Q6_K: return 1;
-    default: return ext_uses_imatrix(type);
+    default: return ext_uses_imatrix(type) || iq2_block_info(type, &(int){0}, &(int){0});
     }
 }
 
@@ -1280,6 +1284,8 @@ static void quantize_rows_w(int type, const float *x, uint8_t *y, int64_t nrows,
         case T_Q6_K:
             for (int64_t i = 0; i < nb; i++) q6k_block_w(xr + QK_K * i, qw + QK_K * i, yr + 210 * i);
             break;
+        default:
+            iq2_quantize_rows(type, xr, yr, 1, n, qw, impl != IMPL_SCALAR);
         }
     }
 }
@@ -1478,6 +1484,11 @@ static void dequantize_blocks(int type, const uint8_t *x, float *y, int64_t nb) 
                 }
             break;
         }
+        default: {
+            int blck, bytes;
+            iq2_block_info(type, &blck, &bytes);
+            iq2_dequantize_block(type, x + bytes * i, y + QK_K * i);
+        }
         }
     }
 }
@@ -1505,6 +1516,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     if (!block_info(type, &blck, &bytes)) return PyErr_Format(PyExc_ValueError, "unsupported type %d", type);
     if (impl < 0) impl = best_impl();
     if (!impl_available(impl)) return PyErr_Format(PyExc_ValueError, "implementation %d not available", impl);
+    if (iq2_prepare(type, 0) < 0) return NULL;
     buf_t s, d;
     if (get_buf(so, &s, 0) < 0) return NULL;
     if (get_buf(dob, &d, 1) < 0) { rel_buf(&s); return NULL; }
@@ -1531,6 +1543,7 @@ static PyObject *py_quantize_w(PyObject *self, PyObject *args) {
     if (impl < 0) impl = best_impl();
     if (!impl_available(impl)) return PyErr_Format(PyExc_ValueError, "implementation %d not available", impl);
     if (n <= 0 || n % blck) return PyErr_Format(PyExc_ValueError, "row length %zd is not a multiple of %d", n, blck);
+    if (iq2_prepare(type, 1) < 0) return NULL;
     buf_t s, d, w;
     if (get_buf(so, &s, 0) < 0) return NULL;
     if (get_buf(dob, &d, 1) < 0) { rel_buf(&s); return NULL; }
@@ -1702,6 +1715,8 @@ static PyMethodDef methods[] = {
     {"bf16_to_f16", py_bf16_to_f16, METH_VARARGS, "bf16_to_f16(src_u16, dst_u16)"},
     {"impls", py_impls, METH_NOARGS, "available implementations as (id, name)"},
     {"best_impl", py_best_impl, METH_NOARGS, "id of the fastest available implementation"},
+    {"lattice_tables", py_lattice_tables, METH_VARARGS, "lattice_tables(type) -> (grid, map, neighbours) bytes"},
+    {"requires_imatrix", py_requires_imatrix, METH_VARARGS, "requires_imatrix(type) -> bool"},
     {NULL, NULL, 0, NULL},
 };
 

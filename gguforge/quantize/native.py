@@ -7,6 +7,10 @@ quantizers (`quantize_row_*_ref`), and for IQ4_NL / IQ4_XS `quantize_iq4_nl` /
 (native_iq3.c) as ggml_quantize_chunk writes them. Blocks are independent, so the bytes never
 depend on thread count or chunking.
 
+The lattice i-quants IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S and IQ1_M (native_iq2.c) are ggml_quantize_chunk's
+bytes too; IQ2_XXS, IQ2_XS and IQ1_S need an imatrix (requires_imatrix), IQ2_S and IQ1_M take one
+or not.
+
 With `imatrix=` the bytes are those of llama-quantize --imatrix, i.e. ggml_quantize_chunk with an
 importance matrix (the weighted `quantize_row_*_impl`); Q4_0/Q4_1/Q5_0/Q5_1 weigh by a sigma2 over
 the whole row, so that path splits work by whole rows.
@@ -46,6 +50,12 @@ _BLOCKS = {
     T.TQ2_0: (256, 66),
     T.IQ3_XXS: (256, 98),
     T.IQ3_S: (256, 110),
+    # the lattice i-quants (native_iq2.c); IQ2_XXS, IQ2_XS and IQ1_S need an imatrix
+    T.IQ2_XXS: (256, 66),
+    T.IQ2_XS: (256, 74),
+    T.IQ2_S: (256, 82),
+    T.IQ1_S: (256, 50),
+    T.IQ1_M: (256, 56),
 }
 # ggml types gguf-py does not name yet, by number (gguf 0.19 lacks Q2_0).
 GGML_Q2_0 = 42
@@ -106,6 +116,12 @@ def uses_imatrix(qtype) -> bool:
     return bool(_native.uses_imatrix(_qtype(qtype)))
 
 
+def requires_imatrix(qtype) -> bool:
+    """True for the types ggml refuses to quantize without an importance matrix (IQ2_XXS, IQ2_XS,
+    IQ1_S: ggml_quantize_requires_imatrix)."""
+    return bool(_native.requires_imatrix(_qtype(qtype)))
+
+
 def _check_imatrix(imatrix, x: np.ndarray) -> np.ndarray:
     """The imatrix as float32 (n_per_row,), or (n_expert, n_per_row) for a 3-D x; ValueError otherwise."""
     w = np.asarray(imatrix)
@@ -148,6 +164,8 @@ def quantize(x: np.ndarray, qtype, threads: int | None = None, impl: int | None 
         raise ValueError(f"row length {n} is not a multiple of the {_name(q)} block size {blck}")
     out = np.empty(x.shape[:-1] + (n // blck * nbytes,), dtype=np.uint8)
     impl = BEST_IMPL if impl is None else impl
+    if imatrix is None and requires_imatrix(q):
+        raise ValueError(f"{_name(q)} cannot be quantized without an importance matrix")
     if imatrix is not None:
         w = _check_imatrix(imatrix, x)
         if uses_imatrix(q):
