@@ -174,7 +174,7 @@ def test_refusals(mocks, tmp_path, capsys):
     f32 = mocks["dense"].f32
     cases = [("IQ3_XXS", (), "without an importance matrix"),
              ("Q2_0", (), "Q2_0"),
-             ("IQ3_S", ("--tensor-type", "attn_v=nvfp4"), "no quantizer for NVFP4")]
+             ("IQ3_S", ("--tensor-type", "attn_v=nvfp4"), "cannot write NVFP4")]
     for preset, extra, needle in cases:
         out = tmp_path / f"{preset}.gguf"
         assert main(["quantize", str(f32), str(out), preset, "-q", *extra]) == 2
