@@ -1,0 +1,536 @@
+"""Quantized checkpoints as sources (FP8, GPTQ, AWQ, compressed-tensors, modelopt): dequantized as
+llama.cpp's converter does, byte for byte.
+
+Each quantized mock is made here from a float mock (scripts/make_mocks.py) the way its format stores it:
+FP8 through torch's float8 dtypes, int formats packed into int32 words. The float values each format
+means are computed here too, independently of gguforge (`expected`), for the formats the reference
+converter lacks (AWQ) and for the logits check in llama.cpp.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import gguforge, read_gguf, run_reference_converter
+
+torch = pytest.importorskip("torch")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from gguforge.cli import main  # noqa: E402
+
+AUX_SUFFIXES = ("_scale_inv", "weight_scale", "qscale_weight", ".qweight", ".qzeros", ".scales", ".g_idx",
+                "weight_packed", "weight_shape", "weight_zero_point", "input_scale", "activation_scale")
+
+
+# -- making quantized mocks -------------------------------------------------------------------------
+
+def quantizable(name: str, t) -> bool:
+    """The linear weights a quantized release stores quantized (routers, norms, embeddings, convs stay)."""
+    return ("visual" not in name and t.ndim >= 2
+            and (name.endswith("proj.weight") or name.endswith(("experts.gate_up_proj", "experts.down_proj"))))
+
+
+def pack_int32(values: np.ndarray, bits: int, axis: int, order=None) -> np.ndarray:
+    """Pack unsigned `bits`-bit values into int32 along `axis`, element j of each word at shift bits*j
+    (or element order[j] there)."""
+    per = 32 // bits
+    v = np.moveaxis(np.asarray(values, np.int64), axis, -1)
+    pad = -v.shape[-1] % per
+    v = np.concatenate([v, np.zeros(v.shape[:-1] + (pad,), np.int64)], axis=-1) if pad else v
+    v = v.reshape(v.shape[:-1] + (-1, per))
+    if order is not None:
+        v = v[..., order]
+    words = np.zeros(v.shape[:-1], np.uint64)
+    for j in range(per):
+        words |= (v[..., j].astype(np.uint64) & ((1 << bits) - 1)) << np.uint64(bits * j)
+    return np.moveaxis(words.astype(np.uint32).view(np.int32), -1, axis)
+
+
+def fp8_blocks(w, block, fp8, scale_dtype):
+    """(fp8 weight, scale_inv): one scale per block of the last two axes (blocks overhanging the
+    weight are padded with zeros), or per output row when block is None."""
+    fmax = torch.finfo(fp8).max
+    w = w.float()
+    if block is None:
+        scale = (w.abs().amax(dim=-1, keepdim=True) / fmax).clamp(min=1e-12).to(scale_dtype)
+        return (w / scale.float()).to(fp8), scale
+    (br, bc), (r, c) = block, w.shape[-2:]
+    gr, gc = -(-r // br), -(-c // bc)
+    padded = torch.zeros(*w.shape[:-2], gr * br, gc * bc)
+    padded[..., :r, :c] = w
+    amax = padded.reshape(*w.shape[:-2], gr, br, gc, bc).abs().amax(dim=(-3, -1))
+    scale = (amax / fmax).clamp(min=1e-12).to(scale_dtype)
+    full = scale.float().repeat_interleave(br, -2).repeat_interleave(bc, -1)[..., :r, :c]
+    return (w / full).to(fp8), scale
+
+
+def fp8_expected(q, scale, block):
+    s = scale.float()
+    if block is not None:
+        s = s.repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)[..., :q.shape[-2], :q.shape[-1]]
+    return q.float() * s
+
+
+def gptq(w: np.ndarray, bits: int, group: int, v2: bool, rng, desc_act: bool):
+    """GPTQ tensors of a [out, in] weight, and the float values they mean."""
+    n, k = w.shape
+    maxq = (1 << bits) - 1
+    g_idx = (np.arange(k) // group).astype(np.int32)
+    if desc_act:
+        g_idx = rng.permutation(g_idx).astype(np.int32)
+    wt = w.T
+    groups = k // group
+    scales = np.empty((groups, n), np.float16)
+    zeros = np.empty((groups, n), np.int64)
+    for g in range(groups):
+        rows = wt[g_idx == g]
+        lo, hi = np.minimum(rows.min(0), 0), np.maximum(rows.max(0), 0)
+        s = np.maximum((hi - lo) / maxq, 1e-4).astype(np.float16)
+        scales[g] = s
+        zeros[g] = np.clip(np.round(-lo / s.astype(np.float32)), 1, maxq)  # >= 1: gptq stores zero - 1
+    q = np.clip(np.round(wt / scales[g_idx].astype(np.float32)) + zeros[g_idx], 0, maxq).astype(np.int64)
+    tensors = {"qweight": pack_int32(q, bits, 0), "qzeros": pack_int32(zeros - (0 if v2 else 1), bits, 1),
+               "scales": scales, "g_idx": g_idx}
+    expected = (scales[g_idx].astype(np.float32) * (q - zeros[g_idx]).astype(np.float32)).T
+    return tensors, expected
+
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's packing order of 8 output columns in a word
+
+
+def awq(w: np.ndarray, group: int):
+    """AutoAWQ GEMM tensors of a [out, in] weight, and the float16 values AutoAWQ computes from them."""
+    wt = w.T  # [in, out]
+    k, n = wt.shape
+    g = wt.reshape(k // group, group, n)
+    lo, hi = np.minimum(g.min(1), 0), np.maximum(g.max(1), 0)
+    scales = np.maximum((hi - lo) / 15, 1e-4).astype(np.float16)
+    zeros = np.clip(np.round(-lo / scales.astype(np.float32)), 0, 15).astype(np.int64)
+    q = np.clip(np.round(g / scales[:, None].astype(np.float32)) + zeros[:, None], 0, 15).astype(np.int64)
+    q = q.reshape(k, n)
+    tensors = {"qweight": pack_int32(q, 4, 1, AWQ_ORDER), "qzeros": pack_int32(zeros, 4, 1, AWQ_ORDER),
+               "scales": scales}
+    diff = (q - np.repeat(zeros, group, axis=0)).astype(np.float16)
+    return tensors, (diff * np.repeat(scales, group, axis=0)).T
+
+
+def pack_quantized(w: np.ndarray, group: int, asym: bool):
+    """compressed-tensors pack-quantized int4 groups of a [out, in] weight, and their float values."""
+    r, c = w.shape
+    g = w.reshape(r, c // group, group)
+    if asym:
+        lo, hi = np.minimum(g.min(-1), 0), np.maximum(g.max(-1), 0)
+        scale = torch.tensor(np.maximum((hi - lo) / 15, 1e-4)).to(torch.bfloat16)
+        sf = scale.float().numpy()
+        zero = np.clip(np.round(-lo / sf), 0, 15).astype(np.int64)
+    else:
+        scale = torch.tensor(np.maximum(np.abs(g).max(-1) / 7, 1e-4)).to(torch.bfloat16)
+        sf = scale.float().numpy()
+        zero = np.full(sf.shape, 8, np.int64)
+    q = np.clip(np.round(g / sf[..., None]) + zero[..., None], 0, 15).astype(np.int64)
+    tensors = {"weight_packed": torch.from_numpy(pack_int32(q.reshape(r, c), 4, 1)), "weight_scale": scale,
+               "weight_shape": torch.tensor([r, c], dtype=torch.int64)}
+    if asym:
+        tensors["weight_zero_point"] = torch.from_numpy(pack_int32(zero, 4, 0))
+    expected = ((q - zero[..., None]).astype(np.float32) * sf[..., None]).reshape(r, c)
+    return tensors, expected
+
+
+METHODS = {
+    "fp8-block": dict(quant_method="fp8", weight_block_size=[32, 48], activation_scheme="dynamic"),
+    "fp8-e5m2-channel": dict(quant_method="fp8", activation_scheme="dynamic"),
+    "gptq4-desc": dict(quant_method="gptq", bits=4, group_size=16, desc_act=True, sym=False),
+    "gptq2-v2": dict(quant_method="gptq", bits=2, group_size=32, checkpoint_format="gptq_v2"),
+    "gptq8": dict(quant_method="gptq", bits=8, group_size=64),
+    "awq": dict(quant_method="awq", bits=4, group_size=32, version="gemm", zero_point=True),
+    "ct-fp8-block": dict(quant_method="compressed-tensors", format="float-quantized", config_groups={"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "block",
+                                           "block_structure": [16, 48], "symmetric": True}}}),
+    "ct-int8-channel": dict(quant_method="compressed-tensors", format="int-quantized", config_groups={"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True}}}),
+    "ct-pack4-asym": dict(quant_method="compressed-tensors", format="pack-quantized", config_groups={"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32,
+                                           "symmetric": False}}}),
+    "ct-pack4-sym": dict(quant_method="compressed-tensors", format="pack-quantized", config_groups={"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 16,
+                                           "symmetric": True}}}),
+    "modelopt-fp8": None,  # hf_quant_config.json, no quantization_config
+}
+
+
+def quantize_tensor(method: str, name: str, w, rng) -> tuple[dict, object]:
+    """{checkpoint name: stored tensor} for one float weight, and the float values they mean."""
+    qc = METHODS[method] or {}
+    base = name.removesuffix(".weight")
+    a = w.float().numpy()
+    if method.startswith("fp8"):
+        block = qc.get("weight_block_size")
+        fp8 = torch.float8_e5m2 if "e5m2" in method else torch.float8_e4m3fn
+        q, s = fp8_blocks(w, block, fp8, torch.bfloat16 if block is None else torch.float32)
+        out = {name: q, name + "_scale_inv": s}
+        if name.endswith(".weight"):
+            out[base + ".activation_scale"] = torch.tensor([1.5])  # unused by the converters: dropped
+        return out, fp8_expected(q, s, block)
+    if method == "modelopt-fp8":
+        scale = (w.float().abs().max() / 448).reshape(())
+        q = (w.float() / scale).to(torch.float8_e4m3fn)
+        return {name: q, base + ".weight_scale": scale, base + ".input_scale": torch.tensor(0.5)}, q.float() * scale
+    if method.startswith("gptq"):
+        t, expected = gptq(a, qc["bits"], qc["group_size"], qc.get("checkpoint_format") == "gptq_v2", rng,
+                           qc.get("desc_act", False))
+        return {f"{base}.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in t.items()}, expected
+    if method == "awq":
+        t, expected = awq(a, qc["group_size"])
+        return {f"{base}.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in t.items()}, expected
+    if method == "ct-fp8-block":
+        block = qc["config_groups"]["group_0"]["weights"]["block_structure"]
+        q, s = fp8_blocks(w, block, torch.float8_e4m3fn, torch.bfloat16)
+        return {name: q, name + "_scale": s}, fp8_expected(q, s, block)
+    if method == "ct-int8-channel":
+        s = (w.float().abs().amax(-1, keepdim=True) / 127).to(torch.float32)
+        q = torch.round(w.float() / s).clamp(-128, 127).to(torch.int8)
+        return {name: q, name + "_scale": s}, q.float() * s
+    group = qc["config_groups"]["group_0"]["weights"]["group_size"]
+    t, expected = pack_quantized(a, group, method.endswith("asym"))
+    return {f"{base}.{k}": v for k, v in t.items()}, expected
+
+
+def quantize_checkpoint(src: Path, dst: Path, method: str, seed: int = 0) -> tuple[Path, dict]:
+    """`src` (a float mock) stored the way `method` stores it, in `dst`; and {weight name: the float
+    values the quantized tensors mean} for the weights that were quantized."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    rng = np.random.default_rng(seed)
+    out, meant = {}, {}
+    for name, t in tensors.items():
+        if quantizable(name, t) and (t.ndim == 2 or method.startswith("fp8")):
+            stored, values = quantize_tensor(method, name, t, rng)
+            out.update(stored)
+            meant[name] = values
+        else:
+            out[name] = t
+    save_file({k: v.contiguous() for k, v in out.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    if METHODS[method] is None:
+        (dst / "hf_quant_config.json").write_text(json.dumps(
+            {"producer": {"name": "modelopt", "version": "0.29"}, "quantization": {"quant_algo": "FP8"}}))
+    else:
+        config["quantization_config"] = METHODS[method]
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst, meant
+
+
+def float_twin(src: Path, dst: Path, meant: dict) -> Path:
+    """The float mock with each quantized weight replaced by the values its quantized form means: what
+    a perfect dequantization gives (for transformers, which cannot run most of these formats on CPU)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    for name, values in meant.items():
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(np.asarray(values, np.float32)))
+    save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    config["dtype"] = config["torch_dtype"] = "float32"
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst
+
+
+# -- the checks ------------------------------------------------------------------------------------------
+
+def assert_same_as_reference(tree, model: Path, tmp_path: Path, outtype: str, pre: str, *extra: str) -> Path:
+    from test_vs_llama_converter import assert_same_metadata
+    tag = outtype + "".join(extra)
+    ours, ref = tmp_path / f"ours-{tag}.gguf", tmp_path / f"ref-{tag}.gguf"
+    r = gguforge("convert-hf", str(model), "--outfile", str(ours), "--outtype", outtype, "--quiet", *extra)
+    assert r.returncode == 0, r.stderr
+    r = run_reference_converter(tree, model, ref, outtype, pre, *extra)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = read_gguf(ours), read_gguf(ref)
+    assert list(a) == list(b), (tag, sorted(a.keys() ^ b.keys()))  # same tensors, same order
+    for name in b:
+        assert (a[name].tensor_type, list(a[name].shape)) == (b[name].tensor_type, list(b[name].shape)), (tag, name)
+        assert a[name].data.tobytes() == b[name].data.tobytes(), (tag, name)
+    assert assert_same_metadata(ours, ref, tag) == []
+    return ours
+
+
+def no_aux_tensors(path: Path) -> None:
+    names = list(read_gguf(path))
+    assert not [n for n in names if n.endswith(AUX_SUFFIXES) or "scale" in n], names
+
+
+REFERENCE_CASES = [  # (arch, layout, method, [(outtype, extra flags)])
+    ("qwen3", "causal", "fp8-block", [("f32", ()), ("q8_0", ()), ("bf16", ("--fp8-as-q8",))]),
+    ("qwen3moe", "causal", "fp8-e5m2-channel", [("bf16", ()), ("f16", ("--fp8-as-q8",))]),
+    ("qwen35moe", "hub", "fp8-block", [("bf16", ()), ("auto", ()), ("q8_0", ("--fp8-as-q8",))]),
+    ("qwen3", "causal", "modelopt-fp8", [("f32", ("--fp8-as-q8",))]),
+    ("qwen3", "causal", "gptq4-desc", [("f32", ()), ("q8_0", ())]),
+    ("qwen3moe", "causal", "gptq2-v2", [("bf16", ())]),
+    ("qwen3", "causal", "gptq8", [("f16", ())]),
+    ("qwen3", "causal", "ct-fp8-block", [("f32", ()), ("bf16", ("--fp8-as-q8",))]),
+    ("qwen3moe", "causal", "ct-int8-channel", [("f32", ())]),
+    ("qwen3", "causal", "ct-pack4-asym", [("f32", ())]),
+    ("qwen35", "causal", "ct-pack4-sym", [("bf16", ())]),
+]
+
+
+@pytest.mark.parametrize("arch,layout,method,runs", REFERENCE_CASES,
+                         ids=[f"{a}-{b}-{m}" for a, b, m, _ in REFERENCE_CASES])
+def test_same_file_as_reference_converter(tree, mock_model, tmp_path, arch, layout, method, runs):
+    src = mock_model(arch, layout=layout)
+    model, meant = quantize_checkpoint(src, tmp_path / "quantized", method)
+    assert meant
+    pre = "qwen35" if arch.startswith("qwen35") else "qwen2"
+    extra = ("--no-mtp",) if arch.startswith("qwen35") and layout == "causal" else ()
+    for outtype, flags in runs:
+        ours = assert_same_as_reference(tree, model, tmp_path, outtype, pre, *flags, *extra)
+        no_aux_tensors(ours)
+    if "--fp8-as-q8" in runs[-1][1]:  # it did keep the FP8 weights as Q8_0
+        from gguf import GGMLQuantizationType as T
+        assert sum(t.tensor_type == T.Q8_0 for t in read_gguf(ours).values()) >= len(meant) // 2
+
+
+def _f32_tensor(path: Path, name: str) -> np.ndarray:
+    t = read_gguf(path)[name]
+    return np.asarray(t.data, np.float32).reshape(list(reversed([int(d) for d in t.shape])))
+
+
+def test_awq_values_are_autoawqs(mock_model, tmp_path):
+    """No reference converter reads AWQ: every weight equals AutoAWQ's float16 dequantization, computed
+    here from the integers before packing (so a wrong packing order or zero point cannot cancel out)."""
+    src = mock_model("qwen3")
+    model, meant = quantize_checkpoint(src, tmp_path / "awq", "awq")
+    out = tmp_path / "awq-f32.gguf"
+    r = gguforge("convert-hf", str(model), "--outfile", str(out), "--outtype", "f32", "--quiet")
+    assert r.returncode == 0, r.stderr
+    no_aux_tensors(out)
+    names = {"self_attn.q_proj": "attn_q", "mlp.down_proj": "ffn_down", "self_attn.o_proj": "attn_output"}
+    checked = 0
+    for hf, gg in names.items():
+        for layer in (0, 1):
+            want = meant[f"model.layers.{layer}.{hf}.weight"].astype(np.float32)
+            got = _f32_tensor(out, f"blk.{layer}.{gg}.weight")
+            np.testing.assert_array_equal(got, want)
+            checked += 1
+    assert checked == 6
+
+
+@pytest.mark.parametrize("arch,layout,method,outtype,bound", [
+    ("qwen3", "causal", "fp8-block", "f32", 1e-6),
+    ("qwen3moe", "causal", "gptq4-desc", "f32", 1e-6),
+    ("qwen3", "causal", "awq", "f32", 1e-6),
+    ("qwen35moe", "hub", "fp8-block", "bf16", 1e-3),
+])
+def test_llama_cpp_runs_the_dequantized_model(quiet_llama, mock_model, tmp_path, arch, layout, method, outtype, bound):
+    """llama.cpp loads the converted file and its logits match transformers running the float values the
+    quantized checkpoint means (transformers runs none of these formats on a CPU without extra packages)."""
+    from gguforge.verify import verify
+    src = mock_model(arch, layout=layout)
+    model, meant = quantize_checkpoint(src, tmp_path / "q", method)
+    twin = float_twin(src, tmp_path / "twin", meant)
+    out = tmp_path / "m.gguf"
+    r = gguforge("convert-hf", str(model), "--outfile", str(out), "--outtype", outtype, "--quiet")
+    assert r.returncode == 0, r.stderr
+    report = verify(twin, out)
+    assert report.nmse <= bound and report.top1_agreement >= 0.9, report.format()
+
+
+def test_dry_run_shows_each_dequantization(mock_model, tmp_path):
+    src = mock_model("qwen35moe", layout="hub")
+    model, meant = quantize_checkpoint(src, tmp_path / "q", "fp8-block")
+    r = gguforge("convert-hf", str(model), "--dry-run", "--outtype", "bf16")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    gate = next(line for line in lines if line.startswith("blk.0.ffn_gate_exps.weight"))
+    assert "dequant fp8 e4m3 * scale_inv (32x48)" in gate and "gate half" in gate, gate
+    q = next(line for line in lines if line.startswith("blk.3.attn_q.weight"))
+    assert "dequant fp8 e4m3" in q, q
+    embd = next(line for line in lines if line.startswith("token_embd.weight"))
+    assert "dequant" not in embd
+    summary = next(line for line in lines if line.startswith("source: fp8"))
+    assert f"{len(meant)} weights dequantized" in summary, summary
+    assert not [line for line in lines if "scale_inv" in line.split()[0]]
+
+
+# -- refusals -----------------------------------------------------------------------------------------
+
+def _edit(model: Path, drop=(), replace=None, config=None) -> None:
+    path = model / "model.safetensors"
+    tensors = {k: v for k, v in load_file(str(path)).items() if k not in drop}
+    tensors.update(replace or {})
+    save_file(tensors, str(path))
+    if config is not None:
+        c = json.loads((model / "config.json").read_text())
+        c["quantization_config"] = config
+        (model / "config.json").write_text(json.dumps(c))
+
+
+W = "model.layers.1.self_attn.k_proj.weight"
+
+
+@pytest.mark.parametrize("case,method,message", [
+    ("missing scale", "fp8-block", f"{W}: F8_E4M3 weight without a scale tensor"),
+    ("scale shape", "fp8-block", f"{W}_scale_inv: shape [2, 2] does not fit weight {W} [32, 64] with "
+                                 "weight_block_size [32, 48] (expected [1, 2])"),
+    ("block size", "fp8-block", f"{W}_scale_inv: shape [1, 2] does not fit weight {W} [32, 64] with "
+                                "weight_block_size [16, 16] (expected [2, 4])"),
+    ("bad block", "fp8-block", "weight_block_size must be a list of positive integers, got [0, 128]"),
+    ("missing qzeros", "gptq4-desc", "model.layers.1.self_attn.k_proj.qweight: gptq weight without its qzeros"),
+    ("unknown method", "fp8-block", "quantization_config.quant_method 'bitsandbytes' is not supported"),
+    ("nvfp4", "fp8-block", "NVFP4 weights is not supported"),
+    ("gptq 3-bit", "gptq4-desc", "gptq with 3-bit weights is not supported"),
+])
+def test_bad_quantized_checkpoints_are_one_line(mock_model, tmp_path, case, method, message):
+    model, _ = quantize_checkpoint(mock_model("qwen3"), tmp_path / "q", method)
+    qc = dict(METHODS[method])
+    if case == "missing scale":
+        _edit(model, drop=[W + "_scale_inv"])
+    elif case == "scale shape":
+        _edit(model, replace={W + "_scale_inv": torch.ones(2, 2)})
+    elif case == "block size":
+        _edit(model, config=dict(qc, weight_block_size=[16, 16]))
+    elif case == "bad block":
+        _edit(model, config=dict(qc, weight_block_size=[0, 128]))
+    elif case == "missing qzeros":
+        _edit(model, drop=["model.layers.1.self_attn.k_proj.qzeros"])
+    elif case == "unknown method":
+        _edit(model, config={"quant_method": "bitsandbytes", "load_in_4bit": True})
+    elif case == "nvfp4":
+        _edit(model, config={"quant_method": "modelopt", "quant_algo": "NVFP4"})
+    elif case == "gptq 3-bit":
+        _edit(model, config=dict(qc, bits=3))
+    out = tmp_path / "out.gguf"
+    r = gguforge("convert-hf", str(model), "--outfile", str(out), "--outtype", "f32")
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr
+    assert not out.exists() and not list(tmp_path.glob("*.gguf"))
+
+
+def test_unsupported_line_names_what_is_supported(mock_model, tmp_path):
+    model, _ = quantize_checkpoint(mock_model("qwen3"), tmp_path / "q", "fp8-block")
+    _edit(model, config={"quant_method": "bitsandbytes"})
+    r = gguforge("convert-hf", str(model), "--outfile", str(tmp_path / "o.gguf"))
+    assert r.returncode == 2 and "fp8, gptq" in r.stderr and "compressed-tensors" in r.stderr, r.stderr
+
+
+def test_fp8_as_q8_with_a_preset_is_refused(mock_model, tmp_path):
+    model, _ = quantize_checkpoint(mock_model("qwen3"), tmp_path / "q", "fp8-block")
+    r = gguforge("convert-hf", str(model), "--outfile", str(tmp_path / "o.gguf"), "--outtype", "Q4_K_M",
+                 "--fp8-as-q8")
+    assert r.returncode == 2 and "--fp8-as-q8" in r.stderr, r.stderr
+
+
+# -- values --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,name", [(torch.float8_e4m3fn, "F8_E4M3"), (torch.float8_e5m2, "F8_E5M2")])
+def test_fp8_table_is_torchs_for_every_code(dtype, name):
+    from gguforge.checkpoint.dequant import FP8_TABLES
+    codes = torch.arange(256, dtype=torch.uint8)
+    want = codes.view(dtype).float().numpy()
+    got = FP8_TABLES[name]
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    assert np.array_equal(got[ok].view(np.uint32), want[ok].view(np.uint32))  # -0.0, subnormals, infinities
+
+
+def test_one_pass_preset_equals_llama_quantize_of_the_f32_file(quiet_llama, mock_model, tmp_path):
+    """A preset from a quantized source quantizes the dequantized float32 values: the same bytes as
+    llama-quantize run on gguforge's (reference-identical) F32 file."""
+    from helpers import llama_quantize
+    model, _ = quantize_checkpoint(mock_model("qwen3moe"), tmp_path / "q", "fp8-block")
+    f32, one_pass, theirs = tmp_path / "f32.gguf", tmp_path / "one.gguf", tmp_path / "theirs.gguf"
+    assert main(["convert-hf", str(model), "--outfile", str(f32), "--outtype", "f32", "--quiet"]) == 0
+    assert main(["convert-hf", str(model), "--outfile", str(one_pass), "--outtype", "Q4_K_M", "--quiet"]) == 0
+    llama_quantize(f32, theirs, "Q4_K_M")
+    a, b = read_gguf(one_pass), read_gguf(theirs)
+    assert list(a) == list(b)
+    for name in b:
+        assert a[name].tensor_type == b[name].tensor_type, name
+        assert a[name].data.tobytes() == b[name].data.tobytes(), name
+
+
+# -- memory ----------------------------------------------------------------------------------------------
+
+def fp8_checkpoint(root: Path, hidden: int, ffn: int, layers: int) -> Path:
+    """A dense Qwen3 FP8 checkpoint of real-sized matrices, written with numpy (random fp8 codes,
+    NaN codes avoided; one float32 scale per 128x128 block)."""
+    from helpers import qwen2moe_config, write_checkpoint
+    rng = np.random.default_rng(0)
+    hd, heads, kv = 128, hidden // 128, max(1, hidden // 512)
+    config = qwen2moe_config(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=hidden,
+                             intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                             num_key_value_heads=kv, head_dim=hd, vocab_size=512,
+                             quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):
+        del config[key]
+    t = {"model.embed_tokens.weight": rng.standard_normal((512, hidden), np.float32) * 0.02,
+         "model.norm.weight": np.ones(hidden, np.float32), "lm_head.weight": rng.standard_normal((512, hidden), np.float32)}
+    shapes = {"self_attn.q_proj": (heads * hd, hidden), "self_attn.k_proj": (kv * hd, hidden),
+              "self_attn.v_proj": (kv * hd, hidden), "self_attn.o_proj": (hidden, heads * hd),
+              "mlp.gate_proj": (ffn, hidden), "mlp.up_proj": (ffn, hidden), "mlp.down_proj": (hidden, ffn)}
+    root.mkdir(parents=True, exist_ok=True)
+    codes = rng.integers(0, 0x7E, size=1 << 22, dtype=np.uint8)  # positive finite codes; signs below
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = np.ones(hidden, np.float32)
+        t[p + "post_attention_layernorm.weight"] = np.ones(hidden, np.float32)
+        t[p + "self_attn.q_norm.weight"] = np.ones(hd, np.float32)
+        t[p + "self_attn.k_norm.weight"] = np.ones(hd, np.float32)
+        for leaf, (r, c) in shapes.items():
+            n = r * c
+            w = np.resize(codes, n) | (np.arange(n, dtype=np.uint32) % 2 << 7).astype(np.uint8)
+            t[p + leaf + ".weight"] = w.reshape(r, c)
+            t[p + leaf + ".weight_scale_inv"] = rng.random((-(-r // 128), -(-c // 128)), np.float32) * 1e-3
+    write_checkpoint(root, config, t)
+    _relabel_fp8(root / "model.safetensors")
+    return root
+
+
+def _relabel_fp8(path: Path) -> None:
+    """safetensors-numpy writes uint8: call the weights F8_E4M3 (the bytes are the codes)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    for k, v in header.items():
+        if k != "__metadata__" and v["dtype"] == "U8":
+            v["dtype"] = "F8_E4M3"
+    new = json.dumps(header).encode()
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+
+
+def peak_rss_of(cmd: list[str]) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_convert
+    return bench_convert.measure(cmd)[1]
+
+
+# CI: 218 MB of FP8, one matrix alone 235 MB as float32; by hand: 4096, 14336, 10 (2.1 GB).
+@pytest.mark.parametrize("hidden,ffn,layers", [(4096, 14336, 1)])
+def test_fp8_conversion_memory_stays_bounded(tmp_path, hidden, ffn, layers):
+    """Peak memory converting FP8 to bf16 stays far below the dequantized float32 size of the model
+    (the same chunk-streaming bound as float checkpoints: see scripts/bench_convert.py)."""
+    model = fp8_checkpoint(tmp_path / "fp8", hidden, ffn, layers)
+    out = tmp_path / "out.gguf"
+    cmd = [sys.executable, "-m", "gguforge", "convert-hf", str(model), "--outfile", str(out), "--outtype", "bf16",
+           "--quiet", "--threads", "2"]
+    rss = peak_rss_of(cmd)
+    fp8_bytes = sum(v.stat().st_size for v in model.glob("*.safetensors"))
+    float32_bytes = 4 * fp8_bytes
+    baseline = peak_rss_of([sys.executable, "-c", "import gguforge.convert.pipeline, gguforge.cli"])
+    assert out.stat().st_size > 2 * fp8_bytes * 0.9
+    # 2 threads: a few 16 MB chunks in flight at once, whatever the model size
+    assert rss - baseline < 160 << 20, (rss >> 20, baseline >> 20, float32_bytes >> 20)
