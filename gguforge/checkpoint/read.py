@@ -132,7 +132,9 @@ class Shard:
             raise UserError(f"{path}: safetensors header is not a JSON object")
         data_start = 8 + n
         data_size = size - data_start
-        for name, info in header.items():
+        # by name, as safetensors lists them (and llama.cpp's converter reads them): the header itself
+        # groups tensors of one dtype together, so a quantized checkpoint's header order is not the name order
+        for name, info in sorted(header.items()):
             if name == "__metadata__":
                 continue
             self.tensors[name] = self._tensor_from_header(name, info, data_start, data_size)
@@ -199,7 +201,7 @@ class Shard:
 class Checkpoint:
     root: Path
     config: dict  # config.json as written
-    tensors: dict[str, SourceTensor]  # in file order: shards sorted, header order within a shard
+    tensors: dict[str, SourceTensor]  # in file order: shards sorted, names sorted within a shard
     quantization: object = None  # dequant.QuantSource when the weights were stored quantized
 
     @property

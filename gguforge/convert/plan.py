@@ -253,8 +253,10 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
 
     if mapped is None:
         mapped = [] if options.vocab_only else map_tensors(checkpoint, arch)
-    q8 = fp8_as_q8(checkpoint, options, preset, plan_warnings := [])
-    tensors = [PlannedTensor(name, t.shape, q8(name, t) or float_type(name, t, ggml_out, arch), t) for name, t in mapped]
+    plan_warnings: list[str] = []
+    q8 = fp8_as_q8(checkpoint, options, preset, plan_warnings)
+    tensors = [PlannedTensor(name, t.shape, q8(name, t) or float_type(name, t, ggml_out, arch), t)
+               for name, t in mapped]
 
     counts = count_params(tensors)
     general = general_info(checkpoint.root, checkpoint.config, model_id_for(checkpoint.root, display_name),
