@@ -4,9 +4,10 @@ matrices (today's bound) and llama.cpp's converter on the same FP8 files. Nothin
 
 Generates a dense Qwen3 checkpoint with real matrix sizes (default hidden 4096, ffn 14336, 10 layers:
 2.2 GB of e4m3 weights with one float32 scale per 128x128 block), converts it to bf16, and prints wall
-time, peak RSS and the ratios.
+time, peak RSS and the ratios. The output type (default f16) makes every job compute its values a chunk
+at a time (bf16 -> bf16 would be a plain copy).
 
-    python scripts/bench_fp8.py                       # 2.2 GB FP8 vs a 4-layer bf16 twin
+    python scripts/bench_fp8.py                       # 2.2 GB FP8 vs a 4-layer bf16 twin, to f16
     python scripts/bench_fp8.py --layers 2 --no-reference
 """
 
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--bf16-layers", type=int, default=4, help="layers of the bf16 twin (disk: 2 bytes a weight)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--outtype", default="f16")
     ap.add_argument("--no-reference", action="store_true")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
@@ -97,15 +99,15 @@ def main(argv=None) -> int:
         fp8 = big_checkpoint(tmp / "fp8", args.hidden, args.ffn, args.layers)
         size = (fp8 / "model.safetensors").stat().st_size
         ours = [sys.executable, "-m", "gguforge", "convert-hf", "--quiet", "--force", "--threads", str(args.threads),
-                "--outtype", "bf16", "--outfile"]
+                "--outtype", args.outtype, "--outfile"]
         rows = []
         t, rss = bench_convert.measure(ours + [str(tmp / "a.gguf"), str(fp8)])
-        rows.append((f"gguforge FP8 {size / 1e9:.2f} GB -> bf16", t, rss))
+        rows.append((f"gguforge FP8 {size / 1e9:.2f} GB -> {args.outtype}", t, rss))
         (tmp / "a.gguf").unlink()
         twin = big_checkpoint(tmp / "bf16", args.hidden, args.ffn, args.bf16_layers, fp8=False)
         bsize = (twin / "model.safetensors").stat().st_size
         t, rss = bench_convert.measure(ours + [str(tmp / "b.gguf"), str(twin)])
-        rows.append((f"gguforge bf16 {bsize / 1e9:.2f} GB -> bf16 (today's bound)", t, rss))
+        rows.append((f"gguforge bf16 {bsize / 1e9:.2f} GB -> {args.outtype} (today's bound)", t, rss))
         (tmp / "b.gguf").unlink()
         if not args.no_reference:
             from helpers import _REFERENCE_RUNNER, llama_cpp_tree
@@ -113,8 +115,8 @@ def main(argv=None) -> int:
             env = {**__import__("os").environ, "PYTHONPATH": str(tree / "gguf-py")}
             t, rss = bench_convert.measure([sys.executable, "-c", _REFERENCE_RUNNER, str(tree), "qwen2",
                                             str(tree / "convert_hf_to_gguf.py"), str(fp8), "--outfile",
-                                            str(tmp / "c.gguf"), "--outtype", "bf16"], env=env)
-            rows.append((f"llama.cpp convert_hf_to_gguf.py FP8 {size / 1e9:.2f} GB -> bf16", t, rss))
+                                            str(tmp / "c.gguf"), "--outtype", args.outtype], env=env)
+            rows.append((f"llama.cpp convert_hf_to_gguf.py FP8 {size / 1e9:.2f} GB -> {args.outtype}", t, rss))
     print("| job | wall s | peak RSS | RSS / gguforge FP8 |")
     print("|---|---|---|---|")
     for job, t, rss in rows:

@@ -456,13 +456,14 @@ def test_one_pass_preset_equals_llama_quantize_of_the_f32_file(quiet_llama, mock
     """A preset from a quantized source quantizes the dequantized float32 values: the same bytes as
     llama-quantize run on gguforge's (reference-identical) F32 file."""
     from helpers import llama_quantize
-    model, _ = quantize_checkpoint(mock_model("qwen3moe"), tmp_path / "q", "fp8-block")
+    model, _ = quantize_checkpoint(mock_model("qwen35", size="q256"), tmp_path / "q", "fp8-block")
     f32, one_pass, theirs = tmp_path / "f32.gguf", tmp_path / "one.gguf", tmp_path / "theirs.gguf"
     assert main(["convert-hf", str(model), "--outfile", str(f32), "--outtype", "f32", "--quiet"]) == 0
     assert main(["convert-hf", str(model), "--outfile", str(one_pass), "--outtype", "Q4_K_M", "--quiet"]) == 0
     llama_quantize(f32, theirs, "Q4_K_M")
     a, b = read_gguf(one_pass), read_gguf(theirs)
-    assert list(a) == list(b)
+    assert sorted(a) == sorted(b) and list(a) == list(read_gguf(f32))  # the converter's order
+    assert sum(t.tensor_type.name == "Q4_K" for t in b.values()) >= 4
     for name in b:
         assert a[name].tensor_type == b[name].tensor_type, name
         assert a[name].data.tobytes() == b[name].data.tobytes(), name
@@ -478,18 +479,18 @@ def peak_rss_of(cmd: list[str]) -> int:
 # CI: 218 MB of FP8 (one matrix alone is 235 MB as float32); by hand, scripts/bench_fp8.py: 2.2 GB.
 @pytest.mark.parametrize("hidden,ffn,layers", [(4096, 14336, 1)])
 def test_fp8_conversion_memory_stays_within_todays_bound(tmp_path, hidden, ffn, layers):
-    """Converting FP8 to bf16 peaks no higher than converting a bf16 checkpoint of the same matrices (the
-    chunk-streaming bound of float checkpoints), and far below the model's dequantized float32 size."""
+    """Converting FP8 to f16 peaks no higher than converting a bf16 checkpoint of the same matrices to f16
+    (today's chunk-streaming bound), and far below the size of one dequantized matrix."""
     from bench_fp8 import big_checkpoint
     peaks = {}
     for kind in ("fp8", "bf16"):
         model = big_checkpoint(tmp_path / kind, hidden, ffn, layers, fp8=kind == "fp8")
         out = tmp_path / f"{kind}.gguf"
         peaks[kind] = peak_rss_of([sys.executable, "-m", "gguforge", "convert-hf", str(model), "--outfile", str(out),
-                                   "--outtype", "bf16", "--quiet", "--threads", "2"])
+                                   "--outtype", "f16", "--quiet", "--threads", "2"])
         assert out.stat().st_size > 2 * hidden * ffn * 3 * layers
         if kind == "fp8":
             float32_bytes = 4 * (model / "model.safetensors").stat().st_size
         out.unlink()
-    assert peaks["fp8"] <= 1.2 * peaks["bf16"] + (16 << 20), {k: v >> 20 for k, v in peaks.items()}
-    assert peaks["fp8"] < float32_bytes / 2, (peaks["fp8"] >> 20, float32_bytes >> 20)
+    assert peaks["fp8"] <= 1.1 * peaks["bf16"] + (16 << 20), {k: v >> 20 for k, v in peaks.items()}
+    assert peaks["fp8"] < float32_bytes / 4, (peaks["fp8"] >> 20, float32_bytes >> 20)

@@ -29,7 +29,7 @@ Activation scales (`activation_scale`, `input_scale`, `qscale_act`, `k_scale`, `
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -138,7 +138,6 @@ class QuantSource:
     dropped: int = 0
     fp8: frozenset = frozenset()  # checkpoint names of weights dequantized from FP8
     auto_type: str | None = None  # stored float type 'auto' follows (BF16/F16), looked up before dequantizing
-    notes: list = field(default_factory=list)
 
     def summary(self) -> str:
         return (f"source: {self.method} ({self.detail}): {self.dequantized} weights dequantized to float, "
