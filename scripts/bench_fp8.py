@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--outtype", default="f16")
     ap.add_argument("--no-reference", action="store_true")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         fp8 = big_checkpoint(tmp / "fp8", args.hidden, args.ffn, args.layers)
         size = (fp8 / "model.safetensors").stat().st_size

@@ -146,6 +146,7 @@ METHODS = {
     "fp8-block": dict(quant_method="fp8", weight_block_size=[32, 48], activation_scheme="dynamic"),
     "fp8-e5m2-channel": dict(quant_method="fp8", activation_scheme="dynamic"),
     "fp8-b32": dict(quant_method="fp8", weight_block_size=[32, 32], activation_scheme="dynamic"),  # divides the mocks
+    "fp8-qscale": dict(quant_method="fp8"),  # Mistral's naming: per-tensor qscale_weight, qscale_act
     "gptq4-desc": dict(quant_method="gptq", bits=4, group_size=16, desc_act=True, sym=False),
     "gptq2-v2": dict(quant_method="gptq", bits=2, group_size=32, checkpoint_format="gptq_v2"),
     "gptq8": dict(quant_method="gptq", bits=8, group_size=64),
@@ -178,6 +179,10 @@ def quantize_tensor(method: str, name: str, w, rng) -> tuple[dict, object]:
         if name.endswith(".weight"):
             out[base + ".activation_scale"] = torch.tensor([1.5])  # unused by the converters: dropped
         return out, fp8_expected(q, s, block)
+    if method == "fp8-qscale":
+        scale = (w.float().abs().max() / 448).reshape(1)
+        q = (w.float() / scale).to(torch.float8_e4m3fn)
+        return {name: q, base + ".qscale_weight": scale, base + ".qscale_act": torch.tensor([0.5])}, q.float() * scale
     if method == "modelopt-fp8":
         scale = (w.float().abs().max() / 448).reshape(())
         q = (w.float() / scale).to(torch.float8_e4m3fn)
@@ -311,24 +316,25 @@ def _f32_tensor(path: Path, name: str) -> np.ndarray:
     return np.asarray(t.data, np.float32).reshape(list(reversed([int(d) for d in t.shape])))
 
 
-def test_awq_values_are_autoawqs(mock_model, tmp_path):
-    """No reference converter reads AWQ: every weight equals AutoAWQ's float16 dequantization, computed
-    here from the integers before packing (so a wrong packing order or zero point cannot cancel out)."""
+@pytest.mark.parametrize("method", ["awq", "fp8-qscale"])
+def test_values_are_what_the_format_means(mock_model, tmp_path, method):
+    """Where the reference converter cannot be run (it has no AWQ) or a format only exists elsewhere
+    (Mistral's qscale_weight naming): every weight of the F32 file equals the values computed here from
+    the integers or codes before they were packed (AutoAWQ's float16 dequantization for AWQ), so a wrong
+    packing order or zero point cannot cancel out."""
     src = mock_model("qwen3")
-    model, meant = quantize_checkpoint(src, tmp_path / "awq", "awq")
-    out = tmp_path / "awq-f32.gguf"
-    r = gguforge("convert-hf", str(model), "--outfile", str(out), "--outtype", "f32", "--quiet")
-    assert r.returncode == 0, r.stderr
+    model, meant = quantize_checkpoint(src, tmp_path / "q", method)
+    out = tmp_path / "f32.gguf"
+    assert main(["convert-hf", str(model), "--outfile", str(out), "--outtype", "f32", "--quiet"]) == 0
     no_aux_tensors(out)
-    names = {"self_attn.q_proj": "attn_q", "mlp.down_proj": "ffn_down", "self_attn.o_proj": "attn_output"}
-    checked = 0
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
     for hf, gg in names.items():
         for layer in (0, 1):
-            want = meant[f"model.layers.{layer}.{hf}.weight"].astype(np.float32)
-            got = _f32_tensor(out, f"blk.{layer}.{gg}.weight")
-            np.testing.assert_array_equal(got, want)
-            checked += 1
-    assert checked == 6
+            want = np.asarray(meant[f"model.layers.{layer}.{hf}.weight"], np.float32)
+            np.testing.assert_array_equal(_f32_tensor(out, f"blk.{layer}.{gg}.weight"), want, err_msg=hf)
+    assert len(meant) == 2 * len(names)
 
 
 @pytest.mark.parametrize("arch,layout,method,outtype,bound,against", [
@@ -352,12 +358,12 @@ def test_llama_cpp_runs_the_dequantized_model(quiet_llama, mock_model, tmp_path,
     assert report.nmse <= bound and report.top1_agreement >= 0.9, report.format()
 
 
-def test_dry_run_shows_each_dequantization(mock_model, tmp_path):
+def test_dry_run_shows_each_dequantization(mock_model, tmp_path, capsys):
     src = mock_model("qwen35moe", layout="hub")
     model, meant = quantize_checkpoint(src, tmp_path / "q", "fp8-block")
-    r = gguforge("convert-hf", str(model), "--dry-run", "--outtype", "bf16")
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+    capsys.readouterr()
+    assert main(["convert-hf", str(model), "--dry-run", "--outtype", "bf16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     gate = next(line for line in lines if line.startswith("blk.0.ffn_gate_exps.weight"))
     assert "dequant fp8 e4m3 * scale_inv (32x48)" in gate and "gate half" in gate, gate
     q = next(line for line in lines if line.startswith("blk.3.attn_q.weight"))
@@ -398,7 +404,7 @@ W = "model.layers.1.self_attn.k_proj.weight"
     ("nvfp4", "fp8-block", "NVFP4 weights is not supported"),
     ("gptq 3-bit", "gptq4-desc", "gptq with 3-bit weights is not supported"),
 ])
-def test_bad_quantized_checkpoints_are_one_line(mock_model, tmp_path, case, method, message):
+def test_bad_quantized_checkpoints_are_one_line(mock_model, tmp_path, capsys, case, method, message):
     model, _ = quantize_checkpoint(mock_model("qwen3"), tmp_path / "q", method)
     qc = dict(METHODS[method])
     if case == "missing scale":
@@ -418,25 +424,29 @@ def test_bad_quantized_checkpoints_are_one_line(mock_model, tmp_path, case, meth
     elif case == "gptq 3-bit":
         _edit(model, config=dict(qc, bits=3))
     out = tmp_path / "out.gguf"
-    r = gguforge("convert-hf", str(model), "--outfile", str(out), "--outtype", "f32")
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr
+    capsys.readouterr()
+    assert main(["convert-hf", str(model), "--outfile", str(out), "--outtype", "f32"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: "), err
+    assert len(err.strip().splitlines()) <= 2, err  # the error and at most a hint
     assert not out.exists() and not list(tmp_path.glob("*.gguf"))
 
 
 def test_unsupported_line_names_what_is_supported(mock_model, tmp_path):
+    """As users see it (a subprocess): exit 2, the method named, the supported ones listed, no traceback."""
     model, _ = quantize_checkpoint(mock_model("qwen3"), tmp_path / "q", "fp8-block")
     _edit(model, config={"quant_method": "bitsandbytes"})
     r = gguforge("convert-hf", str(model), "--outfile", str(tmp_path / "o.gguf"))
-    assert r.returncode == 2 and "fp8, gptq" in r.stderr and "compressed-tensors" in r.stderr, r.stderr
+    assert r.returncode == 2 and "'bitsandbytes' is not supported" in r.stderr, r.stderr
+    assert "fp8, gptq" in r.stderr and "awq" in r.stderr and "compressed-tensors" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not list(tmp_path.glob("*.gguf"))
 
 
-def test_fp8_as_q8_with_a_preset_is_refused(mock_model, tmp_path):
+def test_fp8_as_q8_with_a_preset_is_refused(mock_model, tmp_path, capsys):
     model, _ = quantize_checkpoint(mock_model("qwen3"), tmp_path / "q", "fp8-block")
-    r = gguforge("convert-hf", str(model), "--outfile", str(tmp_path / "o.gguf"), "--outtype", "Q4_K_M",
-                 "--fp8-as-q8")
-    assert r.returncode == 2 and "--fp8-as-q8" in r.stderr, r.stderr
+    assert main(["convert-hf", str(model), "--outfile", str(tmp_path / "o.gguf"), "--outtype", "Q4_K_M",
+                 "--fp8-as-q8"]) == 2
+    assert "--fp8-as-q8 applies to the converter's own types" in capsys.readouterr().err
 
 
 # -- values --------------------------------------------------------------------------------------------
