@@ -255,8 +255,8 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
         mapped = [] if options.vocab_only else map_tensors(checkpoint, arch)
     plan_warnings: list[str] = []
     q8 = fp8_as_q8(checkpoint, options, preset, plan_warnings)
-    tensors = [PlannedTensor(name, t.shape, q8(name, t) or float_type(name, t, ggml_out, arch), t)
-               for name, t in mapped]
+    tensors = [PlannedTensor(name, t.shape, forced if (forced := q8(name, t)) is not None
+                             else float_type(name, t, ggml_out, arch), t) for name, t in mapped]
 
     counts = count_params(tensors)
     general = general_info(checkpoint.root, checkpoint.config, model_id_for(checkpoint.root, display_name),
