@@ -284,11 +284,9 @@ def scaled(weight: SourceTensor, scale: SourceTensor, block: tuple[int, ...] | N
     if not wshape:
         raise UserError(f"{weight.name}: a quantized weight cannot be a scalar")
     if block is not None:
-        offset = len(sshape) - len(block)
-        want = tuple(sshape[:offset]) + tuple(-(-wshape[offset + i] // b) for i, b in enumerate(block))
-        if offset < 0 or len(sshape) != len(wshape) or tuple(sshape) != tuple(wshape[:offset]) + want[offset:]:
-            expected = list(wshape[:len(wshape) - len(block)]) + [-(-d // b) for d, b in
-                                                                   zip(wshape[len(wshape) - len(block):], block)]
+        lead = len(wshape) - len(block)  # axes before the blocked ones: one scale per index
+        expected = list(wshape[:max(lead, 0)]) + [-(-d // b) for d, b in zip(wshape[max(lead, 0):], block)]
+        if lead < 0 or list(sshape) != expected:
             raise UserError(f"{scale.name}: shape {list(sshape)} does not fit weight {weight.name} {list(wshape)} "
                             f"with {key} {list(block)} (expected {expected})",
                             hint=f"the scales were made with another block size than {key} says, or the "
@@ -605,9 +603,3 @@ def _awq_weight(name: str, qweight, qzeros, scales, group: int) -> Dequantized:
 
     return Dequantized(name, (n, k), "F16", rows, (qweight.name, qzeros.name, scales.name),
                        f"dequant awq int4 gemm (qzeros, scales, group {group}, float16) >> transpose")
-
-
-def fp8_weights(checkpoint: Checkpoint) -> frozenset:
-    q = getattr(checkpoint, "quantization", None)
-    return q.fp8 if q is not None else frozenset()
-
