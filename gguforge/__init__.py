@@ -30,7 +30,7 @@ def convert_hf(model: str | Path, outfile: str | Path | None = None, *, outtype:
     outfile: a file, a directory, or a template with {ftype}; None: llama.cpp's file naming in the
     current directory. Other keyword arguments are `ConvertOptions` fields (threads, model_name,
     no_mtp, mtp_only, fuse_qkv, fuse_gate_up_exps, pre_tokenizer, metadata_overrides, vocab_only,
-    allow_nonfinite, allow_pickle, mmproj: write the vision encoder as an mmproj file); imatrix: an
+    allow_nonfinite, allow_pickle, mmproj: write the vision encoder as an mmproj file, fp8_as_q8); imatrix: an
     importance-matrix file for a quantize preset (with include_weights, exclude_weights, imatrix_missing).
     revision: of a hub id; remote=True (or a gguforge.checkpoint.remote.RemoteOptions): read the hub id
     over HTTP range requests without a local copy (docs/remote.md).

@@ -153,6 +153,8 @@ def convert_hf_cmd(
                                                  help="--imatrix-text: use at most this many chunks"),
     mmproj: bool = typer.Option(False, "--mmproj", help="write the vision encoder as mmproj-<name>-<TYPE>.gguf "
                                 "(for llama.cpp's mtmd) instead of the text model"),
+    fp8_as_q8: bool = typer.Option(False, "--fp8-as-q8", help="store weights dequantized from FP8 as Q8_0 "
+                                   "instead of the outtype (f32/f16/bf16)"),
     list_archs: bool = typer.Option(False, "--list-archs", help="list supported architectures and exit"),
     split_max_size: Optional[str] = typer.Option(None, "--split-max-size", metavar="N[K|M|G]",
                                                  help="split the output into shards of at most this size "
@@ -202,7 +204,7 @@ def convert_hf_cmd(
                              metadata_overrides=overrides, threads=threads,
                              fuse_gate_up_exps=fuse_gate_up_exps, fuse_qkv=fuse_qkv, allow_nonfinite=allow_nonfinite,
                              vocab_only=vocab_only, mtp_only=mtp_only, no_mtp=no_mtp,
-                             allow_pickle=allow_pickle, mmproj=mmproj,
+                             allow_pickle=allow_pickle, mmproj=mmproj, fp8_as_q8=fp8_as_q8,
                              imatrix=_imatrix_options(imatrix or imatrix_text, include_weights, exclude_weights,
                                                       imatrix_missing))
     source = model or str(embedded_model_dir())
@@ -322,6 +324,8 @@ def _print_plan(plan, target) -> None:
             detail += f"  [{note}]"
         _echo(plan_line(t.name, t.shape, t.ggml_type.name, t.nbytes, detail))
     n, size = plan.n_params, plan.nbytes
+    if (source := getattr(plan, "source", None)) is not None:
+        _echo(source.summary())
     _echo(f"{len(plan.tensors)} tensors, {n:,d} parameters, {size:,d} bytes, "
                f"{8 * size / max(n, 1):.2f} bits per weight -> {target} (dry run: nothing written)")
 

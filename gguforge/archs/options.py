@@ -20,5 +20,6 @@ class ConvertOptions:
     vocab_only: bool = False
     allow_pickle: bool = False  # load pytorch_model*.bin with torch (weights only)
     mmproj: bool = False  # write the vision encoder (a clip GGUF), not the text model
+    fp8_as_q8: bool = False  # weights dequantized from FP8 are written as Q8_0 (llama.cpp's --fp8-as-q8)
     # --imatrix FILE with a quantize preset as --outtype: a quantize.imatrix.ImatrixOptions
     imatrix: object = None

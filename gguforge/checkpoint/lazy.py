@@ -46,6 +46,8 @@ class Lazy:
     # -- construction -----------------------------------------------------
     @classmethod
     def from_source(cls, t: SourceTensor) -> "Lazy":
+        if getattr(t, "computed", False):  # a dequantized weight (dequant.py): values only, no stored bits
+            return cls(t.shape, t.compute_dtype, t.rows, (t.name,)).noted(t.note)
         return cls(t.shape, t.compute_dtype, t.rows, (t.name,), source=t, stored=(t.dtype, t.raw_rows))
 
     def _moved(self, fn: Callable[[np.ndarray], np.ndarray], shape) -> "Lazy":

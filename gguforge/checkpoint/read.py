@@ -33,6 +33,8 @@ SAFETENSORS_DTYPES = {
     "I8": np.dtype("i1"),
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
+    "F8_E4M3": np.dtype("u1"),  # raw bits; quantized checkpoints (checkpoint/dequant.py) decode them
+    "F8_E5M2": np.dtype("u1"),
 }
 FLOAT_DTYPES = tuple(t.name for t in FLOAT_TYPES)  # safetensors names of the GGUF float types
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -144,7 +146,9 @@ class Shard:
             raise UserError(f"{path}: safetensors header is not a JSON object")
         data_start = 8 + n
         data_size = size - data_start
-        for name, info in header.items():
+        # by name, as safetensors lists them (and llama.cpp's converter reads them): the header itself
+        # groups tensors of one dtype together, so a quantized checkpoint's header order is not the name order
+        for name, info in sorted(header.items()):
             if name == "__metadata__":
                 continue
             self.tensors[name] = self._tensor_from_header(name, info, data_start, data_size)
@@ -211,7 +215,8 @@ class Shard:
 class Checkpoint:
     root: Path
     config: dict  # config.json as written
-    tensors: dict[str, SourceTensor]  # in file order: shards sorted, header order within a shard
+    tensors: dict[str, SourceTensor]  # in file order: shards sorted, names sorted within a shard
+    quantization: object = None  # dequant.QuantSource when the weights were stored quantized
 
     @property
     def hparams(self) -> dict:
@@ -322,8 +327,8 @@ def open_checkpoint(root: Path, allow_pickle: bool = False) -> Checkpoint:
         raise UserError(f"{root}: not a directory")
     config = load_config(root)
     if allow_pickle and not any(root.glob("*.safetensors")) and (pickles := pickle_files(root)):
-        return Checkpoint(root, config, load_pickled_tensors(pickles))
-    return Checkpoint(root, config, shard_tensors((Shard(path), expected) for path, expected in _index_shards(root)))
+        return dequantize(Checkpoint(root, config, load_pickled_tensors(pickles)))
+    return dequantize(Checkpoint(root, config, shard_tensors((Shard(path), expected) for path, expected in _index_shards(root))))
 
 
 def shard_tensors(shards) -> dict[str, SourceTensor]:
@@ -350,10 +355,17 @@ def shard_tensors(shards) -> dict[str, SourceTensor]:
     return tensors
 
 
+def dequantize(checkpoint: Checkpoint) -> Checkpoint:
+    """Quantized weights (quantization_config) read as float values: checkpoint/dequant.py."""
+    from .dequant import dequantize as step
+    return step(checkpoint)
+
+
 # -- pickle checkpoints (only with --allow-pickle) ----------------------------------------------
 
 TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
-                "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+                "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+                "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
 
 
 def pickle_files(root: Path) -> list[Path]:

@@ -40,7 +40,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import UserError
-from .read import HUB_ID, HUB_PATTERNS, Checkpoint, Shard, _index_shards, header_length, load_config, shard_tensors
+from .read import (HUB_ID, HUB_PATTERNS, Checkpoint, Shard, _index_shards, dequantize, header_length, load_config,
+                   shard_tensors)
 
 MAX_BACKOFF = 30.0  # seconds: the longest wait between two tries (Retry-After included)
 MAX_BLOCK = 16 << 20  # bytes per range request at most
@@ -630,7 +631,7 @@ def open_remote(model: str, options: RemoteOptions) -> Iterator[RemoteCheckpoint
             source = RemoteSource(http, files)
             opened = list(pool.map(lambda i: RemoteShard(files[i], i, source), range(len(files))))
         tensors = shard_tensors(zip(opened, [expected for _, expected in shards]))
-        yield RemoteCheckpoint(root, config, tensors, source=source, repo=model, commit=commit)
+        yield dequantize(RemoteCheckpoint(root, config, tensors, source=source, repo=model, commit=commit))
     finally:
         if source is not None:
             source.close()

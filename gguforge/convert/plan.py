@@ -72,6 +72,7 @@ class Plan:
     warnings: list = field(default_factory=list)  # one line each, for the CLI to print
     refusal: str | None = None  # why this plan cannot be written (a dry run shows it as a warning)
     mapped: list = field(default_factory=list, repr=False)  # map_tensors' (name, Lazy) list, for plan_conversion
+    source: object = None  # a quantized checkpoint's checkpoint.dequant.QuantSource (--dry-run shows it)
 
     @property
     def n_params(self) -> int:
@@ -125,12 +126,30 @@ def map_tensors(checkpoint: Checkpoint, arch: DecoderArch) -> list[tuple[str, La
         raise UserError(f"no {arch.gguf_arch} rule for tensor {unmapped[0]}" + (more if len(unmapped) > 1 else ""),
                         hint="the checkpoint does not match its config.json architecture, or holds extra tensors")
     fusion.check_something_fused(arch, arch.options, fused)
-    return list(outputs.items())
+    return [(name, dequant_noted(t, checkpoint)) for name, t in outputs.items()]
+
+
+def dequant_noted(tensor: Lazy, checkpoint: Checkpoint) -> Lazy:
+    """`tensor` with the dequantization steps of its sources first among its notes (for --dry-run; a
+    stack or split of dequantized weights does not carry them)."""
+    if checkpoint.quantization is None:
+        return tensor
+    parts = [checkpoint.tensors.get(s) for s in tensor.sources]
+    steps = dict.fromkeys(t.note for t in parts if getattr(t, "computed", False))
+    missing = tuple(n for n in steps if n not in tensor.notes)
+    if not missing:
+        return tensor
+    out = tensor.noted()
+    out.notes = missing + tensor.notes
+    return out
 
 
 def checkpoint_float_type(checkpoint: Checkpoint) -> str | None:
     """The stored type of the first tensor with two or more dimensions ('F32', 'F16', 'BF16'), as
-    llama.cpp's converter picks it for 'auto'."""
+    llama.cpp's converter picks it for 'auto' (of a quantized checkpoint: the first BF16 or F16 one among
+    the stored tensors, which it looks at before dequantizing)."""
+    if checkpoint.quantization is not None:
+        return checkpoint.quantization.auto_type
     for t in checkpoint.tensors.values():
         if len(t.shape) >= 2:
             return t.dtype
@@ -146,7 +165,10 @@ def resolve_outtype(outtype: str, checkpoint: Checkpoint) -> str:
 
 def preset_base(checkpoint: Checkpoint) -> T:
     """The float GGUF a one-pass preset equals llama-quantize of: the checkpoint's own float type, so
-    values are quantized as stored (float32 stays float32; bf16/f16 are widened exactly)."""
+    values are quantized as stored (float32 stays float32; bf16/f16 are widened exactly). Dequantized
+    weights are float32 values: the F32 file, so that nothing is rounded before the preset."""
+    if checkpoint.quantization is not None:
+        return T.F32
     return {"BF16": T.BF16, "F16": T.F16}.get(checkpoint_float_type(checkpoint) or "", T.F32)
 
 
@@ -164,6 +186,30 @@ def float_type(gguf_name: str, tensor: Lazy, outtype: T, arch: DecoderArch) -> T
     if tensor.shape[-1] % block:
         return T.F16  # as llama.cpp's converter: rows that do not fill whole blocks stay F16
     return outtype
+
+
+def fp8_as_q8(checkpoint: Checkpoint, options: ConvertOptions, preset, warnings: list):
+    """--fp8-as-q8 (llama.cpp's converter: tensor_force_quant): a tensor whose source (the last of them in
+    file order, the one the converter is handling when it writes the tensor) was dequantized from FP8 is
+    written as Q8_0 whatever the outtype, unless it is 1-D or a norm; rows that do not fill Q8_0 blocks
+    fall back to F16 as the converter's quantizer does. Returns name, tensor -> forced type or None."""
+    if not options.fp8_as_q8:
+        return lambda name, t: None
+    if preset is not None:
+        raise UserError("--fp8-as-q8 applies to the converter's own types (f32, f16, bf16, q8_0), not to a "
+                        f"quantize preset ({options.outtype})", hint="a preset already chooses every tensor's type")
+    q = checkpoint.quantization
+    fp8 = q.fp8 if q is not None else frozenset()
+    if not fp8:
+        warnings.append("--fp8-as-q8: the checkpoint has no FP8 weights; nothing is kept as Q8_0")
+    order = {name: i for i, name in enumerate(checkpoint.tensors)}
+
+    def forced(name: str, t: Lazy) -> T | None:
+        last = max(t.sources, key=lambda s: order.get(s, -1), default=None)
+        if last not in fp8 or t.ndim < 2 or name.endswith("_norm.weight"):
+            return None
+        return T.F16 if t.shape[-1] % block_size(T.Q8_0)[0] else T.Q8_0
+    return forced
 
 
 def count_params(tensors: list[PlannedTensor]) -> tuple[int, int, int, int]:
@@ -208,7 +254,10 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
 
     if mapped is None:
         mapped = [] if options.vocab_only else map_tensors(checkpoint, arch)
-    tensors = [PlannedTensor(name, t.shape, float_type(name, t, ggml_out, arch), t) for name, t in mapped]
+    plan_warnings: list[str] = []
+    q8 = fp8_as_q8(checkpoint, options, preset, plan_warnings)
+    tensors = [PlannedTensor(name, t.shape, forced if (forced := q8(name, t)) is not None
+                             else float_type(name, t, ggml_out, arch), t) for name, t in mapped]
 
     counts = count_params(tensors)
     general = general_info(checkpoint.root, checkpoint.config, model_id_for(checkpoint.root, display_name),
@@ -233,6 +282,8 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
                         hint="f16/bf16/q8_0 do not use an importance matrix")
     im = loaded or (load_imatrix(options.imatrix) if options.imatrix is not None else None)
     plan = Plan(arch, md, tensors, file_type, outtype.upper(), name, label, general, options.vocab_only)
+    plan.warnings.extend(plan_warnings)
+    plan.source = checkpoint.quantization
     plan.imatrix = im
     plan.warnings.extend(arch.notes())
     if preset is not None:
