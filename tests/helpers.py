@@ -207,3 +207,12 @@ def llama_tool(name: str) -> Path:
     """Path of one of llama.cpp's programs (llama-quantize, llama-imatrix, ...), built with cmake from
     the pinned sdist's llama.cpp tree and cached under ~/.cache/gguforge-tests (scripts/llama_tools.py)."""
     return _llama_tools().llama_tools(name)[name]
+
+
+def llama_cpp_source() -> Path:
+    """The whole llama.cpp tree of the pinned sdist (incl. models/ggml-vocab-*), unpacked once
+    (scripts/llama_tools.py, where the tools are built from)."""
+    tools = _llama_tools()
+    root = tools.build_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    return tools._source_tree(root)

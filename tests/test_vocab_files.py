@@ -1,0 +1,194 @@
+"""llama.cpp's own tokenizer test data (models/ggml-vocab-*.gguf with .inp/.out in the pinned tree),
+rebuilt as the tokenizer files each model family publishes, converted back by gguforge.
+
+For each vocabulary: tokenizer.json (or tokenizer.model) is written from the vocab file's tokens and
+merges with the pre-tokenizer definition that family's tokenizer.json has; the HF tokenizers library
+must tokenize every .inp test to the .out ids with it (so the definition here is the real one), then
+gguforge must name the pre-tokenizer as llama.cpp does, write the same tokens, types, scores and merges,
+and llama.cpp must tokenize every test input to the expected ids with gguforge's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import gguf
+import pytest
+
+from gguforge.convert.vocab import vocabulary
+from gguforge.format.writer import Metadata, encode_header
+
+from helpers import llama_cpp_source
+
+tokenizers = pytest.importorskip("tokenizers")
+
+
+def byte_level(use_regex: bool | None) -> dict:
+    step = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True}
+    return step if use_regex is None else {**step, "use_regex": use_regex}
+
+
+def split(regex: str) -> dict:
+    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+
+def seq(*steps) -> dict:
+    return {"type": "Sequence", "pretokenizers": list(steps)}
+
+
+NFC = {"type": "NFC"}
+DIGIT_BYTES = seq({"type": "Digits", "individual_digits": True}, byte_level(True))
+CJK = "[一-龥ࠀ-一가-퟿]+"
+# (config.json model_type, normalizer, pre_tokenizer) as the family's published tokenizer.json has them
+FAMILIES = {
+    "llama-bpe": ("llama", None, seq(split(
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+        "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"), byte_level(False))),
+    "qwen2": ("qwen2", NFC, seq(split(
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+        "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"), byte_level(False))),
+    "gpt-2": ("gpt2", None, byte_level(True)),
+    "mpt": ("mpt", NFC, byte_level(None)),  # GPT-NeoX's tokenizer.json
+    "starcoder": ("starcoder2", None, DIGIT_BYTES),
+    "refact": ("gpt_refact", None, DIGIT_BYTES),
+    "command-r": ("cohere", NFC, DIGIT_BYTES),
+    "falcon": ("falcon", None, seq({"type": "Punctuation", "behavior": "Contiguous"}, byte_level(True),
+                                   {"type": "Digits", "individual_digits": False}, split("[0-9][0-9][0-9]"))),
+    "deepseek-coder": ("llama", None, seq(split("[\r\n]"), split("\\s?\\p{L}+"), split("\\s?\\p{P}+"), split(CJK),
+                                          {"type": "Digits", "individual_digits": True}, byte_level(False))),
+}
+
+
+def source_tree() -> Path:
+    return llama_cpp_source()
+
+
+def vocab_file(name: str) -> Path:
+    path = source_tree() / "models" / f"ggml-vocab-{name}.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path.name} is not in the pinned llama.cpp tree")
+    return path
+
+
+def field(reader, key):
+    return reader.fields[key].contents() if key in reader.fields else None
+
+
+def tests_of(path: Path) -> list[tuple[str, list[int]]]:
+    """(text, expected ids) pairs of test-tokenizer-0's .inp/.out files."""
+    sep = "\n__ggml_vocab_test__\n"
+    raw = path.with_name(path.name + ".inp").read_text(encoding="utf-8")
+    texts = raw.removesuffix(sep).split(sep)  # as read_tests() in tests/test-tokenizer-0.cpp
+    outs = path.with_name(path.name + ".out").read_text(encoding="utf-8").splitlines()
+    assert len(texts) == len(outs)
+    return [(t, [int(x) for x in o.split()]) for t, o in zip(texts, outs)]
+
+
+def rebuild_bpe(ref, family: str, out: Path) -> dict:
+    """tokenizer.json, tokenizer_config.json and config.json of the vocabulary in `ref`."""
+    model_type, normalizer, pre = FAMILIES[family]
+    tokens, types = field(ref, "tokenizer.ggml.tokens"), field(ref, "tokenizer.ggml.token_type")
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": ty != 3, "special": ty == 3}
+             for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)]
+    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty not in (3, 4)}
+    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": normalizer,
+           "pre_tokenizer": pre, "post_processor": byte_level(False) | {"trim_offsets": False},
+           "decoder": byte_level(True),
+           "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                     "ignore_merges": family == "llama-bpe", "vocab": vocab,
+                     "merges": field(ref, "tokenizer.ggml.merges")}}
+    (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+    config = {"model_type": model_type, "vocab_size": len(tokens)}
+    config.update({f"{k}_token_id": field(ref, f"tokenizer.ggml.{k}_token_id")
+                   for k in ("bos", "eos") if field(ref, f"tokenizer.ggml.{k}_token_id") is not None})
+    (out / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return tok
+
+
+def sentencepiece_model(tokens, scores, types) -> bytes:
+    """A ModelProto with just its pieces (field 1: piece = 1, score = 2, type = 3), written by hand."""
+    def varint(n: int) -> bytes:
+        out = b""
+        while True:
+            out += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
+            n >>= 7
+            if not n:
+                return out
+
+    def length_delimited(number: int, payload: bytes) -> bytes:
+        return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+    body = b""
+    for t, s, ty in zip(tokens, scores, types):
+        piece = length_delimited(1, t.encode("utf-8")) + varint(2 << 3 | 5) + struct.pack("<f", s) + varint(3 << 3) + varint(ty)
+        body += length_delimited(1, piece)
+    return body
+
+
+def write_vocab_gguf(ref, kind: str, model_dir: Path, out: Path) -> Metadata:
+    """A vocab-only GGUF: the reference's model keys, then gguforge's tokenizer keys."""
+    hparams = json.loads((model_dir / "config.json").read_text())
+    md = Metadata()
+    for key, f in ref.fields.items():
+        if key.startswith(("GGUF.", "tokenizer.")):
+            continue
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            md.set(key, f.contents(), f.types[0], f.types[-1])
+        else:
+            md.set(key, f.contents(), f.types[0])
+    vocabulary(kind)(model_dir, hparams, None)(md)
+    out.write_bytes(encode_header(md, []))
+    return md
+
+
+def assert_llama_cpp_tokenizes(path: Path, cases) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    wrong = [(text, model.tokenize(text.encode(), add_bos=False, special=False), ids) for text, ids in cases
+             if model.tokenize(text.encode(), add_bos=False, special=False) != ids]
+    assert not wrong, wrong[:3]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_bpe_vocab_files(family, tmp_path):
+    path = vocab_file(family)
+    ref = gguf.GGUFReader(path)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    tok = rebuild_bpe(ref, family, model_dir)
+    cases = tests_of(path)
+    hf = tokenizers.Tokenizer.from_str(json.dumps(tok))
+    assert [hf.encode(t, add_special_tokens=False).ids for t, _ in cases] == [ids for _, ids in cases]
+
+    out = tmp_path / "vocab.gguf"
+    md = write_vocab_gguf(ref, "bpe", model_dir, out)
+    assert md.get("tokenizer.ggml.pre") == field(ref, "tokenizer.ggml.pre")
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
+        assert md.get(key) == field(ref, key), key
+    assert_llama_cpp_tokenizes(out, cases)
+
+
+def test_sentencepiece_vocab_file(tmp_path):
+    path = vocab_file("llama-spm")
+    ref = gguf.GGUFReader(path)
+    tokens, scores, types = (field(ref, f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "tokenizer.model").write_bytes(sentencepiece_model(tokens, scores, types))
+    ids = {k: field(ref, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown")}
+    (model_dir / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": len(tokens), "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
+        "unk_token_id": ids["unknown"]}))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": field(ref, "tokenizer.ggml.add_bos_token"),
+        "add_eos_token": field(ref, "tokenizer.ggml.add_eos_token")}))
+    out = tmp_path / "vocab.gguf"
+    md = write_vocab_gguf(ref, "llama", model_dir, out)
+    for key in ("model", "pre", "tokens", "scores", "token_type", "bos_token_id", "eos_token_id",
+                "unknown_token_id", "add_bos_token", "add_eos_token"):
+        assert md.get(f"tokenizer.ggml.{key}") == pytest.approx(field(ref, f"tokenizer.ggml.{key}")), key
+    assert_llama_cpp_tokenizes(out, tests_of(path))
