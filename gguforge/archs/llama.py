@@ -89,12 +89,12 @@ class Llama(DecoderArch):
     def attention_rules(self, layer: int) -> Iterator[Rule]:
         nH = self.dim("num_attention_heads", "n_heads").size
         nKV = self.dim("num_key_value_heads", "n_kv_heads", default=None)
-        nKV = nH if nKV is None else nKV.size
+        nKV, hd = nH if nKV is None else nKV.size, self.head_dim().size
         for rule in super().attention_rules(layer):
             if rule.hf.startswith("self_attn.q_proj."):
-                rule = rule.then(RopePairs.of(nH, rule.expected.shapes[0][0], "q"))
+                rule = rule.then(RopePairs.of(nH, nH * hd, "q"))
             elif rule.hf.startswith("self_attn.k_proj."):
-                rule = rule.then(RopePairs.of(nKV, rule.expected.shapes[0][0], "k"))
+                rule = rule.then(RopePairs.of(nKV, nKV * hd, "k"))
             yield rule
 
     def mlp_rules(self, layer: int) -> Iterator[Rule]:

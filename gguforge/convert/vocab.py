@@ -300,6 +300,13 @@ def bpe_vocabulary(root: Path, hparams: dict, pre_tokenizer: str | None) -> Call
     return lambda md: add_vocab_metadata(md, vocab)
 
 
+def load_vocab_of(kind: str, root: Path, hparams: dict, pre_tokenizer: str | None = None) -> Vocab:
+    """The vocabulary of a built-in kind as data (for tokenizing: its BOS and add flags)."""
+    from . import spm
+    loaders = {"llama": spm.load_llama_family, "spm": lambda r, h, p: spm.load_sentencepiece(r, h)}
+    return loaders.get(kind, load_vocab)(root, hparams, pre_tokenizer)
+
+
 def vocabulary(kind: str) -> VocabLoader:
     from . import spm  # noqa: F401  (registers the SentencePiece kinds)
     if kind not in VOCABULARIES:
