@@ -216,12 +216,3 @@ def llama_cpp_source() -> Path:
     root = tools.build_dir()
     root.mkdir(parents=True, exist_ok=True)
     return tools._source_tree(root)
-
-
-def llama_cpp_source() -> Path:
-    """The whole llama.cpp tree of the pinned sdist (incl. models/ggml-vocab-*), unpacked once
-    (scripts/llama_tools.py, where the tools are built from)."""
-    tools = _llama_tools()
-    root = tools.build_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    return tools._source_tree(root)
