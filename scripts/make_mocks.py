@@ -32,9 +32,10 @@ from pathlib import Path
 
 
 def arch_classes() -> dict:
-    """gguf arch name -> the architecture class, for every registered class with a mock spec."""
+    """mock name (the gguf arch unless the spec names one) -> the architecture class, for every registered
+    class with a mock spec."""
     from gguforge.archs import registered
-    return {cls.gguf_arch: cls for cls in registered().values() if cls.mock is not None}
+    return {cls.mock.name or cls.gguf_arch: cls for cls in registered().values() if cls.mock is not None}
 
 
 ARCHS = tuple(sorted(arch_classes()))

@@ -25,6 +25,9 @@ VARIANTS = [  # (arch, mock kwargs)
     ("qwen3moe", {"tied": True, "num_experts": 8}),
     ("llama", {}),  # GQA 8:1, head_dim != hidden/heads, llama3 rope scaling -> rope_freqs
     ("llama", {"tied": True, "full_precision": False, "rope_scaling": {"rope_type": "default"}}),
+    ("mistral", {}),
+    ("mixtral", {}),
+    ("mixtral", {"tied": True, "num_experts": 8}),
 ]
 IDS = [a + "".join(f"-{k}" for k in kw) for a, kw in VARIANTS]
 

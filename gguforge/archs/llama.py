@@ -60,7 +60,7 @@ def llama3_rope_factors(rope: dict, dim: int) -> np.ndarray:
     return np.array(out, dtype=f32)
 
 
-@register("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
+@register("LlamaForCausalLM")
 class Llama(DecoderArch):
     gguf_arch = "llama"
     vocab = "llama"
@@ -155,7 +155,28 @@ class Llama(DecoderArch):
         md.u32(f"{a}.vocab_size", self.hp("vocab_size"))
         md.u32(f"{a}.rope.dimension_count", self.head_dim().size)
 
-    # -- mock ---------------------------------------------------------------------------------------
-    @staticmethod
-    def mock_experts(s: MockSizes) -> dict:
-        return dict(num_local_experts=s.experts, num_experts_per_tok=2, intermediate_size=s.expert_ffn)
+
+
+@register("MistralForCausalLM")
+class Mistral(Llama):
+    """Mistral 7B in the HF layout: Llama's tensors (its sliding window is not read, as by llama.cpp's converter)."""
+
+    mock = MockSpec(("MistralConfig", "MistralForCausalLM"), tokenizer="llama-bpe", name="mistral")
+
+    @classmethod
+    def mock_config(cls, s: MockSizes) -> dict:
+        return dict(super().mock_config(s), num_key_value_heads=2, sliding_window=None,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+
+
+@register("MixtralForCausalLM")
+class Mixtral(Llama):
+    """Mixtral: Llama with per-expert w1/w2/w3 (block_sparse_moe) stacked into ffn_*_exps."""
+
+    mock = MockSpec(("MixtralConfig", "MixtralForCausalLM"), tokenizer="llama-bpe", name="mixtral")
+
+    @classmethod
+    def mock_config(cls, s: MockSizes) -> dict:
+        return dict(super().mock_config(s), num_local_experts=s.experts, num_experts_per_tok=2,
+                    intermediate_size=s.expert_ffn, router_jitter_noise=0.0,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6})
