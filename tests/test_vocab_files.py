@@ -18,6 +18,7 @@ import gguf
 import pytest
 
 from gguforge.convert.vocab import vocabulary
+from gguforge.format.reader import open_reader  # gguf.GGUFReader, with arrays parsed in one pass
 from gguforge.format.writer import Metadata, encode_header
 
 from helpers import llama_cpp_source
@@ -48,6 +49,9 @@ FAMILIES = {
         "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"), byte_level(False))),
     "qwen2": ("qwen2", NFC, seq(split(
         "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+        "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"), byte_level(False))),
+    "qwen35": ("qwen2", None, seq(split(
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?[\\p{L}\\p{M}]+|\\p{N}| ?[^\\s\\p{L}\\p{M}\\p{N}]+[\\r\\n]*"
         "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"), byte_level(False))),
     "gpt-2": ("gpt2", None, byte_level(True)),
     "mpt": ("mpt", NFC, byte_level(None)),  # GPT-NeoX's tokenizer.json
@@ -167,7 +171,7 @@ def assert_llama_cpp_tokenizes(path: Path, cases) -> None:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_bpe_vocab_files(family, tmp_path):
     path = vocab_file(family)
-    ref = gguf.GGUFReader(path)
+    ref = open_reader(path)
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     tok = rebuild_bpe(ref, family, model_dir)
@@ -187,7 +191,7 @@ def test_bpe_vocab_files(family, tmp_path):
 
 def test_sentencepiece_vocab_file(tmp_path):
     path = vocab_file("llama-spm")
-    ref = gguf.GGUFReader(path)
+    ref = open_reader(path)
     tokens, scores, types = (field(ref, f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
     model_dir = tmp_path / "model"
     model_dir.mkdir()

@@ -11,6 +11,12 @@ Several llama.cpp names share one definition (they differ in the model they came
 they split text): the table gives the name llama.cpp writes for a family, picked by config.json's
 model_type, and a default. DeepSeek-R1-Distill-Qwen keeps Qwen2's definition with DeepSeek's special
 tokens: its BOS `<｜begin▁of▁sentence｜>` picks `deepseek-r1-qwen`, as llama.cpp's hash does.
+
+Not here: names whose tokenizer.json definition the pinned tree does not record and that are not
+verified against llama.cpp's test data (deepseek-llm: llama-vocab.cpp's letter class is an adapted
+one the HF tokenizers library cannot even compile; bloom/poro/viking, chameleon, kimi-k2 (tiktoken),
+superbpe, afmoe, youtu, spark2_5, laguna, gemma4/sarvam-moe (SentencePiece-style BPE)): they stay an
+error naming --pre-tokenizer.
 """
 
 from __future__ import annotations
@@ -50,10 +56,6 @@ MINICPM5_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+
 UFAKZEKA_REGEX = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 TINY_AYA_DIGITS = r"\d{1,3}(?=(?:\d{3})*\b)"
 DEEPSEEK_CJK = "[一-龥ࠀ-一가-퟿]+"
-DEEPSEEK_LLM_LETTERS = (
-    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+"
-)
-DEEPSEEK_LLM_PUNCT = "\\s?[!-/:-~！-／：-～‘-‟　-。]+"
 DEEPSEEK3_WORDS = ("[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
                    "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+")
 
@@ -95,8 +97,6 @@ TABLE: tuple[PreTokenizer, ...] = (
     PreTokenizer("qwen2", (split(QWEN2_REGEX), BYTES),
                  families={"stablelm": "stablelm2", "hunyuan_v1_moe": "hunyuan"}),
     PreTokenizer("qwen35", (split(QWEN35_REGEX), BYTES)),
-    PreTokenizer("deepseek-llm", (split("[\r\n]"), split(DEEPSEEK_LLM_LETTERS), split(DEEPSEEK_LLM_PUNCT),
-                                  split("\\s+$"), split(DEEPSEEK_CJK), ("Digits", False), BYTES)),
     PreTokenizer("deepseek-coder", (split("[\r\n]"), split("\\s?\\p{L}+"), split("\\s?\\p{P}+"),
                                     split(DEEPSEEK_CJK), ("Digits", True), BYTES)),
     PreTokenizer("deepseek-v3", (split("\\p{N}{1,3}"), split("[一-龥぀-ゟ゠-ヿ]+"), split(DEEPSEEK3_WORDS), BYTES),
