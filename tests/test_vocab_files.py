@@ -114,7 +114,8 @@ def rebuild_bpe(ref, family: str, out: Path) -> dict:
 
 
 def sentencepiece_model(tokens, scores, types) -> bytes:
-    """A ModelProto with just its pieces (field 1: piece = 1, score = 2, type = 3), written by hand."""
+    """A ModelProto written by hand: its pieces (field 1: piece = 1, score = 2, type = 3) and a trainer spec
+    (field 2) saying BPE (model_type = 3: 2) with byte fallback (byte_fallback = 35), as Llama 2's has."""
     def varint(n: int) -> bytes:
         out = b""
         while True:
@@ -130,7 +131,7 @@ def sentencepiece_model(tokens, scores, types) -> bytes:
     for t, s, ty in zip(tokens, scores, types):
         piece = length_delimited(1, t.encode("utf-8")) + varint(2 << 3 | 5) + struct.pack("<f", s) + varint(3 << 3) + varint(ty)
         body += length_delimited(1, piece)
-    return body
+    return body + length_delimited(2, varint(3 << 3) + varint(2) + varint(35 << 3) + varint(1))
 
 
 def write_vocab_gguf(ref, kind: str, model_dir: Path, out: Path) -> Metadata:
@@ -209,3 +210,35 @@ def test_sentencepiece_vocab_file(tmp_path):
                 "unknown_token_id", "add_bos_token", "add_eos_token"):
         assert md.get(f"tokenizer.ggml.{key}") == pytest.approx(field(ref, f"tokenizer.ggml.{key}")), key
     assert_llama_cpp_tokenizes(out, cases_of(path))
+
+
+def test_llama_with_tokenizer_model_equals_reference_converter(tree, mock_model, tmp_path):
+    """A Llama 2 layout (tokenizer.model, no tokenizer.json; added_tokens.json; added_tokens_decoder with
+    a special and a user-defined token; add_prefix_space): the whole file equals llama.cpp's converter's."""
+    import shutil
+
+    from gguforge.cli import main
+
+    from helpers import run_reference_converter
+    pytest.importorskip("sentencepiece")  # the reference reads tokenizer.model with it
+    ref_vocab = open_reader(vocab_file("llama-spm"))
+    model = tmp_path / "model"
+    shutil.copytree(mock_model("llama"), model)
+    (model / "tokenizer.json").unlink()
+    tokens, scores, types = (field(ref_vocab, f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
+    (model / "tokenizer.model").write_bytes(sentencepiece_model(tokens, scores, types))
+    (model / "added_tokens.json").write_text(json.dumps({"<extra_a>": 509}))
+    (model / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "add_prefix_space": True, "bos_token": "<s>",
+        "eos_token": "</s>", "unk_token": "<unk>",
+        "added_tokens_decoder": {"1": {"content": "<s>", "special": True},
+                                 "510": {"content": "<|tool|>", "special": False},
+                                 "511": {"content": "\u2581user\u2581text", "special": False}}}))
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    assert main(["convert-hf", str(model), "--outfile", str(ours), "--outtype", "f16", "--quiet"]) == 0
+    r = run_reference_converter(tree, model, ref, "f16", "default")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = open_reader(ours)
+    assert field(a, "tokenizer.ggml.token_type")[509:512] == [4, 3, 4]
+    assert field(a, "tokenizer.ggml.tokens")[511] == " user text"
+    assert ours.read_bytes() == ref.read_bytes()
