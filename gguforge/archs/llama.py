@@ -5,7 +5,8 @@ All are llama.cpp's `llama` architecture (conversion/llama.py `LlamaModel`):
   (k with the KV head count): `RopePairs`;
 - `llama3` rope scaling is not metadata but a `rope_freqs` tensor of per-frequency factors;
 - `rope.dimension_count` and `vocab_size` follow the common keys; head_dim may differ from hidden/heads;
-- Mixtral's per-expert w1/w2/w3 are stacked into ffn_gate/down/up_exps (in that order), its router F32;
+- Mixtral's per-expert w1/w2/w3 are stacked into ffn_gate/down/up_exps (in that order), its router F32
+  (read under transformers' in-memory names, mlp.experts.N.{gate,down,up}_proj, so imatrix finds them);
 - the vocabulary is the family's: tokenizer.model, a byte-fallback tokenizer.json or a byte-level one.
 """
 
@@ -21,8 +22,12 @@ import numpy as np
 from .api import (ANY, DecoderArch, Emitted, Lazy, Metadata, MockSizes, MockSpec, Rule, SelectRows, UserError,
                   register, stack)
 
-EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
-EXPERT_OUT = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}  # written in this order
+EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|down|up)_proj\.weight$")
+EXPERT_OUT = {"gate": "ffn_gate_exps", "down": "ffn_down_exps", "up": "ffn_up_exps"}  # w1, w2, w3: this order
+# Mixtral's checkpoint names -> the names transformers gives the modules in memory (the names importance
+# matrices are collected under): block_sparse_moe.{gate, experts.N.w1/w2/w3} -> mlp.{gate, experts.N.*_proj}
+MIXTRAL_NAME = re.compile(r"\.block_sparse_moe\.(?:experts\.(\d+)\.(w[123])|gate)\.weight$")
+MIXTRAL_PROJ = {"w1": "gate", "w2": "down", "w3": "up"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,6 +91,13 @@ class Llama(DecoderArch):
         return int(self.hp("num_local_experts", default=0))
 
     # -- rules ------------------------------------------------------------------------------------
+    def rename(self, name: str) -> str | None:
+        name = super().rename(name)
+        if name is None or (m := MIXTRAL_NAME.search(name)) is None:
+            return name
+        leaf = f"experts.{m.group(1)}.{MIXTRAL_PROJ[m.group(2)]}_proj.weight" if m.group(1) else "gate.weight"
+        return name[:m.start()] + ".mlp." + leaf
+
     def attention_rules(self, layer: int) -> Iterator[Rule]:
         nH = self.dim("num_attention_heads", "n_heads").size
         nKV = self.dim("num_key_value_heads", "n_kv_heads", default=None)
@@ -103,10 +115,10 @@ class Llama(DecoderArch):
             return
         H, E = self.hidden, self.dim("num_local_experts")
         F = self.dim("intermediate_size", default=ANY)
-        yield Rule("block_sparse_moe.gate.weight", "ffn_gate_inp.weight", (E, H))
+        yield Rule("mlp.gate.weight", "ffn_gate_inp.weight", (E, H))
         for e in range(E.size):
-            for w, shape in (("w1", (F, H)), ("w2", (H, F)), ("w3", (F, H))):
-                yield Rule(f"block_sparse_moe.experts.{e}.{w}.weight", None, shape)
+            for proj, shape in (("gate", (F, H)), ("down", (H, F)), ("up", (F, H))):
+                yield Rule(f"mlp.experts.{e}.{proj}_proj.weight", None, shape)
 
     # -- Mixtral's experts ----------------------------------------------------------------------------
     def transform(self, name: str, tensor: Lazy) -> Emitted:
@@ -128,8 +140,8 @@ class Llama(DecoderArch):
         yield from super().finish()
         if self._experts:
             layer, got = next(iter(self._experts.items()))
-            missing = [f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight" for w in EXPERT_OUT
-                       for e in range(self.n_experts) if (w, e) not in got]
+            missing = [f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight" for w, p in MIXTRAL_PROJ.items()
+                       for e in range(self.n_experts) if (p, e) not in got]
             raise UserError(f"incomplete experts: {missing[0]} is missing"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
