@@ -23,10 +23,8 @@ VARIANTS = [  # (arch, mock kwargs)
                                               "original_max_position_embeddings": 1024}}),
     ("qwen3moe", {}),
     ("qwen3moe", {"tied": True, "num_experts": 8}),
-    ("llama", {}),  # GQA 8:1, head_dim != hidden/heads, llama3 rope scaling -> rope_freqs
-    ("llama", {"tied": True, "full_precision": False, "rope_scaling": {"rope_type": "default"}}),
+    ("llama", {"tied": True}),  # GQA 8:1, head_dim != hidden/heads, llama3 rope scaling -> rope_freqs
     ("mistral", {}),
-    ("mixtral", {}),
     ("mixtral", {"tied": True, "num_experts": 8}),
 ]
 IDS = [a + "".join(f"-{k}" for k in kw) for a, kw in VARIANTS]
@@ -35,7 +33,7 @@ IDS = [a + "".join(f"-{k}" for k in kw) for a, kw in VARIANTS]
 
 @pytest.mark.parametrize("arch,kw", VARIANTS, ids=IDS)
 def test_whole_file_equals_reference_converter(tree, mock_model, tmp_path, arch, kw):
-    model = mock_model(arch, **{"full_precision": True, **kw})
+    model = mock_model(arch, full_precision=True, **kw)
     for outtype in ("q8_0", "f16"):
         ours, ref = tmp_path / f"ours-{outtype}.gguf", tmp_path / f"ref-{outtype}.gguf"
         assert main(["convert-hf", str(model), "--outfile", str(ours), "--outtype", outtype, "--quiet"]) == 0
@@ -54,7 +52,7 @@ def test_whole_file_equals_reference_converter(tree, mock_model, tmp_path, arch,
 def test_llama_cpp_logits_match_transformers(mock_model, tmp_path, arch, kw, outtype, bound):
     pytest.importorskip("llama_cpp")
     from gguforge.verify import verify
-    model = mock_model(arch, **{k: v for k, v in kw.items() if k != "full_precision"})
+    model = mock_model(arch, **kw)
     out = tmp_path / "m.gguf"
     assert main(["convert-hf", str(model), "--outfile", str(out), "--outtype", outtype, "--quiet"]) == 0
     report = verify(model, out)
