@@ -242,3 +242,47 @@ def test_llama_with_tokenizer_model_equals_reference_converter(tree, mock_model,
     assert field(a, "tokenizer.ggml.token_type")[509:512] == [4, 3, 4]
     assert field(a, "tokenizer.ggml.tokens")[511] == " user text"
     assert ours.read_bytes() == ref.read_bytes()
+
+
+def _edited_copy(src: Path, dst: Path, tokenizer_edit=None, config_edit=None) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    for name, edit in (("tokenizer.json", tokenizer_edit), ("tokenizer_config.json", config_edit)):
+        if edit is not None:
+            data = json.loads((dst / name).read_text(encoding="utf-8"))
+            edit(data)
+            (dst / name).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return dst
+
+
+def test_deepseek_r1_distill_qwen_is_named_by_its_bos(mock_model, tmp_path):
+    """Qwen2's definition with DeepSeek's BOS: llama.cpp's hash names it deepseek-r1-qwen; so does gguforge."""
+    pytest.importorskip("torch")
+    src = mock_model("qwen2")
+    model = _edited_copy(src, tmp_path / "m", config_edit=lambda c: c.update(bos_token="<｜begin▁of▁sentence｜>"))
+    hparams = json.loads((model / "config.json").read_text())
+    for path, name in ((src, "qwen2"), (model, "deepseek-r1-qwen")):
+        md = Metadata()
+        vocabulary("bpe")(path, hparams, None)(md)
+        assert md.get("tokenizer.ggml.pre") == name
+
+
+def test_imatrix_names_the_pre_tokenizer_option_it_has(mock_model, tmp_path):
+    """An unknown definition: `gguforge imatrix` says to use --pre-tokenizer, and accepts it."""
+    import subprocess
+    import sys
+    pytest.importorskip("torch")
+
+    def other_digits(tok):
+        tok["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] += "|\\p{N}{1,7}"
+
+    model = _edited_copy(mock_model("qwen2"), tmp_path / "m", tokenizer_edit=other_digits)
+    text = tmp_path / "calib.txt"
+    text.write_text("Hello world, 1234 tokens of calibration text. " * 12)
+    run = [sys.executable, "-m", "gguforge", "imatrix", str(model), "-f", str(text), "-c", "64", "-q"]
+    r = subprocess.run(run + ["-o", str(tmp_path / "a.gguf")], capture_output=True, text=True)
+    assert r.returncode == 2 and "--pre-tokenizer" in r.stderr and len(r.stderr.strip().splitlines()) <= 2
+    assert not (tmp_path / "a.gguf").exists()
+    r = subprocess.run(run + ["-o", str(tmp_path / "b.gguf"), "--pre-tokenizer", "qwen2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "b.gguf").is_file()
