@@ -286,3 +286,44 @@ def test_imatrix_names_the_pre_tokenizer_option_it_has(mock_model, tmp_path):
     r = subprocess.run(run + ["-o", str(tmp_path / "b.gguf"), "--pre-tokenizer", "qwen2"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "b.gguf").is_file()
+
+
+def byte_fallback_tokenizer(corpus) -> dict:
+    """A Llama-2-style tokenizer.json: BPE over '▁'-joined text with <0xXX> byte fallback, <unk>/<s>/</s>
+    added at ids 0-2, a Sequence decoder."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False, special_tokens=["<unk>", "<s>", "</s>", *byte_pieces])
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens([AddedToken("<tool>", special=False, normalized=False)])
+    tok.add_special_tokens([AddedToken("<pad>", special=True, normalized=False)])
+    data = json.loads(tok.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in byte_pieces]  # plain pieces
+    return data
+
+
+def test_llama_with_byte_fallback_tokenizer_json_equals_reference_converter(tree, mock_model, tmp_path):
+    import shutil
+
+    import make_mocks
+    from gguforge.cli import main
+
+    from helpers import run_reference_converter
+    model = tmp_path / "model"
+    shutil.copytree(mock_model("llama"), model)
+    tok = byte_fallback_tokenizer(make_mocks.CORPUS * 4)
+    (model / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+    (model / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": "<pad>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    assert main(["convert-hf", str(model), "--outfile", str(ours), "--outtype", "f16", "--quiet"]) == 0
+    r = run_reference_converter(tree, model, ref, "f16", "default")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = open_reader(ours)
+    assert field(a, "tokenizer.ggml.model") == "llama" and field(a, "tokenizer.ggml.token_type")[3] == 6
+    assert ours.read_bytes() == ref.read_bytes()
