@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["UserError", "__version__", "compute_imatrix", "convert_hf", "quantize"]  # quantize: see __getattr__
+__all__ = ["UserError", "__version__", "compute_imatrix", "convert_hf", "evaluate", "quantize"]  # quantize: see __getattr__
 
 
 def convert_hf(model: str | Path, outfile: str | Path | None = None, *, outtype: str = "auto", force: bool = False,
@@ -32,6 +32,8 @@ def convert_hf(model: str | Path, outfile: str | Path | None = None, *, outtype:
     no_mtp, mtp_only, fuse_qkv, fuse_gate_up_exps, pre_tokenizer, metadata_overrides, vocab_only,
     allow_nonfinite, allow_pickle, mmproj: write the vision encoder as an mmproj file); imatrix: an
     importance-matrix file for a quantize preset (with include_weights, exclude_weights, imatrix_missing).
+    revision: of a hub id; remote=True (or a gguforge.checkpoint.remote.RemoteOptions): read the hub id
+    over HTTP range requests without a local copy (docs/remote.md).
     """
     from .archs.options import ConvertOptions
     from .convert.pipeline import convert_hf as run
@@ -42,13 +44,18 @@ def convert_hf(model: str | Path, outfile: str | Path | None = None, *, outtype:
                              options.pop("exclude_weights", ()), options.pop("imatrix_missing", "static"))
     if imatrix is not None:
         options["imatrix"] = imatrix
+    hub = {"revision": options.pop("revision", None), "remote": options.pop("remote", None) or None}
+    if hub["remote"] is True:
+        from .checkpoint.remote import RemoteOptions
+        hub["remote"] = RemoteOptions(revision=hub["revision"])
     opts = ConvertOptions(outtype=outtype, **options)
     split = SplitOptions(split_max_size, split_max_tensors)
     if "," in outtype:  # several types in one pass: the list of paths
         from .convert.pipeline import convert_hf_many
-        outputs = convert_hf_many(str(model), None if outfile is None else str(outfile), opts, force=force, split=split)
+        outputs = convert_hf_many(str(model), None if outfile is None else str(outfile), opts, force=force, split=split,
+                                  **hub)
         return [plan.shards[0].path for plan, _ in outputs]
-    plan, target = run(str(model), None if outfile is None else str(outfile), opts, force=force, split=split)
+    plan, target = run(str(model), None if outfile is None else str(outfile), opts, force=force, split=split, **hub)
     return plan.shards[0].path
 
 
@@ -73,6 +80,16 @@ def compute_imatrix(model: str | Path, text_file: str | Path, outfile: str | Pat
     with replacing(force):
         write_imatrix(outfile, result, output_format)
     return Path(outfile)
+
+
+def evaluate(base: str | Path | None, candidates, text_file: str | Path, **options):
+    """KL divergence, top-token agreement and perplexity of GGUF candidates against `base` (a Hugging Face
+    checkpoint run in torch, or a GGUF run in llama.cpp; None with base_file=...), with llama-perplexity's
+    statistics; returns gguforge.eval.EvalResult (`.candidates`: one dict per file, the JSON report's
+    fields). Options are gguforge.eval.EvalOptions fields: ctx_size, chunks, threads, n_gpu_layers,
+    batch_size, device, dtype, save_base, base_file, force."""
+    from .eval import evaluate as run
+    return run(None if base is None else str(base), [str(c) for c in candidates], text_file, **options)
 
 
 def __getattr__(name: str):

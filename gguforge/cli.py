@@ -159,6 +159,24 @@ def convert_hf_cmd(
                                                  "(decimal units: K=1000)"),
     split_max_tensors: int = typer.Option(0, "--split-max-tensors", help="split the output into shards of at "
                                           "most this many tensors"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="hub id: branch, tag or commit to convert "
+                                           "(default main; with --remote resolved once to a commit for the whole run)"),
+    remote: bool = typer.Option(False, "--remote", help="hub id: read the safetensors over HTTP (range requests) "
+                                "without downloading them; only config and tokenizer files touch the disk"),
+    remote_connections: Optional[int] = typer.Option(None, "--remote-connections", min=1, max=64, metavar="N",
+                                                     help="--remote: range requests in flight (default 8)"),
+    remote_retries: Optional[int] = typer.Option(None, "--remote-retries", min=0, metavar="N",
+                                                 help="--remote: failures in a row before giving up (default 5)"),
+    remote_window: Optional[str] = typer.Option(None, "--remote-window", metavar="N[K|M|G]",
+                                                help="--remote: bytes fetched ahead of the conversion (default 256M)"),
+    remote_timeout: Optional[float] = typer.Option(None, "--remote-timeout", min=0.1, metavar="SECONDS",
+                                                   help="--remote: seconds without data before a request is "
+                                                   "retried (default 30)"),
+    remote_backoff: Optional[float] = typer.Option(None, "--remote-backoff", min=0.0, metavar="SECONDS",
+                                                   help="--remote: wait before the first retry, doubled for each "
+                                                   "further one (default 1; a server's Retry-After wins)"),
+    resume: bool = typer.Option(False, "--resume", help="--remote: keep the finished tensors if the run is interrupted "
+                                "or fails, and continue from them (checked by SHA-256) when run again the same way"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="tracebacks for internal errors"),
 ):
@@ -188,6 +206,9 @@ def convert_hf_cmd(
                              imatrix=_imatrix_options(imatrix or imatrix_text, include_weights, exclude_weights,
                                                       imatrix_missing))
     source = model or str(embedded_model_dir())
+    hub = dict(revision=revision, remote=_remote_options(remote, model, revision, imatrix_text, allow_pickle,
+                                                         remote_connections, remote_retries, remote_window,
+                                                         remote_timeout, remote_backoff, resume))
     if imatrix_text is not None:
         options.imatrix = _computed_imatrix(source, imatrix_text, imatrix, options, imatrix_ctx, imatrix_chunks,
                                             quiet)
@@ -201,11 +222,11 @@ def convert_hf_cmd(
         from .convert.pipeline import convert_hf_many
         outputs = convert_hf_many(source, outfile, options, force=force, dry_run=dry_run,
                                   progress_factory=progress_factory(quiet),
-                                  display_name=EMBEDDED_MODEL if model is None else None, split=split)
+                                  display_name=EMBEDDED_MODEL if model is None else None, split=split, **hub)
     else:
         outputs = [convert_hf(source, outfile, options, force=force, dry_run=dry_run,
                               progress_factory=progress_factory(quiet),
-                              display_name=EMBEDDED_MODEL if model is None else None, split=split)]
+                              display_name=EMBEDDED_MODEL if model is None else None, split=split, **hub)]
     for plan, target in outputs:
         shards = plan.shards
         if dry_run:
@@ -245,6 +266,39 @@ def _computed_imatrix(source: str, text: str, imatrix: Optional[str], options, c
         _say(f"imatrix: {len(im.entries)} entries from {im.chunk_count} chunks of {im.chunk_size} tokens "
              f"({run.n_tokens / max(run.seconds, 1e-9):,.0f} tokens/s)")
     return replace(options.imatrix, computed=run.imatrix)
+
+
+def _remote_options(remote: bool, model: Optional[str], revision: Optional[str], imatrix_text, allow_pickle: bool,
+                    connections, retries, window, timeout, backoff, resume: bool = False):
+    """convert-hf --remote and its --remote-* settings (None without --remote)."""
+    given = {"--remote-connections": connections, "--remote-retries": retries, "--remote-window": window,
+             "--remote-timeout": timeout, "--remote-backoff": backoff, "--resume": resume or None}
+    if not remote:
+        if any(v is not None for v in given.values()):
+            raise UserError(f"{next(k for k, v in given.items() if v is not None)} needs --remote")
+        return None
+    if model is None:
+        raise UserError("--remote needs a hub model id (Org/Name)")
+    for flag, used in (("--imatrix-text", imatrix_text is not None), ("--allow-pickle", allow_pickle)):
+        if used:
+            raise UserError(f"--remote cannot be combined with {flag}", hint="download the model first (without "
+                            "--remote), or compute the importance matrix with `gguforge imatrix`")
+    from .checkpoint.remote import RemoteOptions
+    from .format.split import parse_size
+    options = RemoteOptions(revision=revision, resume=resume)
+    if window is not None:
+        try:
+            window = parse_size(window)
+        except UserError:
+            window = 0
+        if window <= 0:
+            raise UserError(f"--remote-window {given['--remote-window']!r}: expected a positive whole number with "
+                            "an optional K, M or G (for example 64M)")
+    for name, value in (("connections", connections), ("retries", retries), ("timeout", timeout),
+                        ("backoff", backoff), ("window", window)):
+        if value is not None:
+            setattr(options, name, value)
+    return options
 
 
 def _split_options(max_size: Optional[str], max_tensors: int):
@@ -581,6 +635,65 @@ def imatrix_cmd(
              f"{run.n_tokens / max(run.seconds, 1e-9):,.0f} tokens/s")
 
 
+@app.command("eval")
+def eval_cmd(
+    inputs: List[str] = typer.Argument(..., metavar="BASE CANDIDATE.gguf...", help="the base (HF model directory, "
+                                       "hub id or GGUF; left out with --base-file) and the GGUF files to measure"),
+    text_file: Path = typer.Option(..., "-f", "--file", help="evaluation text (UTF-8), as llama-perplexity -f"),
+    ctx_size: int = typer.Option(512, "-c", "--ctx-size", min=1, help="tokens per chunk (llama-perplexity -c)"),
+    chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="use at most this many chunks"),
+    batch_size: int = typer.Option(2048, "-b", "--batch-size", min=1, help="llama-perplexity -b (chunks "
+                                   "decoded together)"),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, max=MAX_THREADS, help="CPU threads"),
+    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", min=0, help="llama.cpp layers on the GPU"),
+    device: str = typer.Option("cpu", "--device", metavar="cpu|cuda|auto", help="HF base: where torch runs it"),
+    dtype: str = typer.Option("auto", "--dtype", metavar="auto|float32|bfloat16|float16",
+                              help="HF base: what it runs in (auto: float32 on CPU, the checkpoint's type on GPU)"),
+    json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE", help="every statistic, per file"),
+    markdown: Optional[str] = typer.Option(None, "--markdown", metavar="FILE", help="a table for a model card"),
+    plot: Optional[str] = typer.Option(None, "--plot", metavar="FILE.png", help="mean and 99.9% KLD against "
+                                       "bits per weight (needs matplotlib)"),
+    save_base: Optional[str] = typer.Option(None, "--save-base", metavar="FILE", help="keep the computed base"),
+    base_file: Optional[str] = typer.Option(None, "--base-file", metavar="FILE", help="reuse a --save-base file "
+                                            "(same text, tokenizer and --ctx-size)"),
+    details: bool = typer.Option(False, "--details", help="also print every statistic as llama-perplexity does"),
+    force: bool = typer.Option(False, "--force", help="overwrite existing output files"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="tracebacks for internal errors"),
+):
+    """KL divergence, top-token agreement and perplexity of GGUF files against their base model, with
+    llama-perplexity's statistics, in one run."""
+    _state["verbose"] = verbose
+    base, candidates = (None, inputs) if base_file else (inputs[0], inputs[1:])
+    if not candidates:
+        raise UserError("give the base and at least one candidate GGUF" if not base_file else
+                        "give at least one candidate GGUF")
+    outputs = [(flag, v) for flag, v in (("--json", json_out), ("--markdown", markdown), ("--plot", plot),
+                                         ("--save-base", save_base)) if v is not None]
+    _check_not_empty(*outputs)
+    for flag, value in outputs:
+        _check_output_arg(value, flag)
+        target = Path(value)
+        if target.exists() and not force:
+            raise UserError(f"{target} already exists", hint="pass --force to overwrite it")
+        if not target.absolute().parent.is_dir():
+            raise UserError(f"{flag} {value}: directory {target.absolute().parent} does not exist")
+    from .eval.report import check_plot_available, details as detail_lines, table, write_reports
+    if plot is not None:
+        check_plot_available()
+    _require("eval", ("llama_cpp",), hint='pip install "gguforge[verify]"')
+    from .eval import EvalOptions, evaluate
+    from .progress import progress_factory
+    options = EvalOptions(ctx_size=ctx_size, chunks=chunks, threads=threads, n_gpu_layers=n_gpu_layers,
+                          batch_size=batch_size, device=device.strip().lower(), dtype=dtype.strip().lower(),
+                          save_base=save_base, base_file=base_file, force=force)
+    result = evaluate(base, candidates, text_file, options, progress=progress_factory(quiet, unit="tokens"))
+    write_reports(result, json_out, markdown, plot, force=force)
+    _echo(table(result))
+    if details:
+        _echo(detail_lines(result))
+
+
 VERIFY_MODULES = ("torch", "transformers", "llama_cpp")
 
 
@@ -610,8 +723,18 @@ def _require(command: str, modules: tuple[str, ...], hint: str) -> None:
 def main(argv: List[str] | None = None) -> int:
     """Run one command; every termination signal unwinds it (cleanup runs) and exits 128 + signal."""
     from .signals import termination_as_exception
+    _reopen_closed_std_streams()
     with termination_as_exception():
         return _run(argv)
+
+
+def _reopen_closed_std_streams() -> None:
+    """Started with stdout or stderr closed (`2>&-`): Python leaves sys.stderr None, which every message
+    and progress bar would trip over (exit 70). Point it at /dev/null: the exit code still tells."""
+    import os
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
 
 
 def _click_classes(name: str) -> tuple[type, ...]:
@@ -644,9 +767,9 @@ def _run(argv: List[str] | None) -> int:
             _say("interrupted")
         return result if isinstance(result, int) else 0
     except UserError as e:
-        _say(f"error: {e.message}")
+        _say(f"error: {_one_line(e.message)}")
         if e.hint:
-            _say(f"hint: {e.hint}")
+            _say(f"hint: {_one_line(e.hint)}")
         return EXIT_BAD_INPUT
     except _click_classes("ClickException") as e:  # usage errors: usage line, "Error: ...", exit 2
         e.show()
@@ -664,6 +787,14 @@ def _run(argv: List[str] | None) -> int:
         return EXIT_BAD_INPUT
     except Exception as e:
         return _internal_error(e)
+
+
+def _one_line(text: str) -> str:
+    """A message as one printable line: the user's text inside it may hold newlines, other control
+    characters or unpaired surrogates, shown escaped (as repr() does)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _internal_error(e: Exception) -> int:

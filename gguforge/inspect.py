@@ -63,7 +63,7 @@ class GGUFContents:
 def load(path: Path) -> GGUFContents:
     """Header, metadata and tensor list of a GGUF file (all shards, given the first of a split file)."""
     path = Path(path)
-    reader = open_reader(path)
+    reader = open_reader(path, empty_tensors=True)
     metadata = {key: _kv(f) for key, f in reader.fields.items() if not key.startswith("GGUF.")}
     readers, files = [reader], [path]
     count = int(metadata["split.count"].value) if "split.count" in metadata else 1
@@ -71,7 +71,7 @@ def load(path: Path) -> GGUFContents:
         for shard in split_siblings(path, count)[1:]:
             if not shard.is_file():
                 raise UserError(f"{path} is split into {count} files, but {shard.name} is missing")
-            readers.append(open_reader(shard))
+            readers.append(open_reader(shard, empty_tensors=True))
             files.append(shard)
     tensors = [TensorInfo(t.name, tuple(int(d) for d in t.shape.tolist()), T(t.tensor_type), int(t.n_bytes), t)
                for r in readers for t in r.tensors]

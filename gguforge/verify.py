@@ -147,9 +147,14 @@ def load_hf(hf_dir):
     try:  # for Qwen3.5 ConditionalGeneration configs this maps to the text-only CausalLM class
         model, info = T.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
     except ValueError:
-        model, info = T.AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32,
-                                                                    output_loading_info=True)
-    missing = [k for k in info.get("missing_keys", ()) if "visual" not in k]
+        try:
+            model, info = T.AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32,
+                                                                        output_loading_info=True)
+        except ValueError:  # Qwen3-Omni, Qwen3-ASR: the text model is the thinker / language model
+            model, info = T.AutoModelForMultimodalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                                     output_loading_info=True)
+            model = getattr(model, "thinker", model)
+    missing = [k for k in info.get("missing_keys", ()) if "visual" not in k and "audio" not in k]
     if missing:
         warnings.append(f"HF model initialised {len(missing)} missing tensors at random, e.g. {missing[:3]}")
     model.eval()

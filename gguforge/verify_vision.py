@@ -19,7 +19,8 @@ What mtmd returns for the Qwen3-VL family (projector "qwen3vl_merger", tools/mtm
 one row per merged token, in raster order of the merged grid, holding the merger's output followed by
 each deepstack merger's output (ViT layer order) along the feature axis. transformers' vision model
 returns the same pieces separately (pooler_output and deepstack_features); they are concatenated in
-that order here and compared part by part as well.
+that order here and compared part by part as well. Qwen2-VL and Qwen2.5-VL ("qwen2vl_merger",
+"qwen2.5vl_merger", tools/mtmd/models/qwen2vl.cpp) have no deepstack: the rows are the merger's output.
 
 numpy only at import time; torch, transformers and llama_cpp are imported inside functions.
 """
@@ -44,7 +45,7 @@ DEFAULT_GRID = (6, 4)
 # Above this NMSE the image embeddings are taken to differ: an f32/f16 mmproj is at ~1e-7 on the mocks,
 # a q8_0 one at ~1.5e-4; a wrong image mean alone costs ~5e-2.
 DEFAULT_MAX_IMAGE_NMSE = 1e-3
-PROJECTORS = ("qwen3vl_merger",)  # the vision encoders gguforge writes (archs/vision.py)
+PROJECTORS = ("qwen3vl_merger", "qwen2vl_merger", "qwen2.5vl_merger")  # the vision encoders gguforge writes
 LLAMA_FLASH_ATTN_TYPE_DISABLED = 0  # llama.h enum llama_flash_attn_type: f16 K/V would add ~1e-7 of noise
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 SDIST = "llama-cpp-python==0.3.36"
 CACHE = Path(os.environ.get("GGUFORGE_TEST_CACHE", Path.home() / ".cache" / "gguforge-tests"))
-DEFAULT_TOOLS = ("llama-quantize", "llama-imatrix")
+DEFAULT_TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 
 # Only what the tools need: no server (its web UI needs npm), no tests/examples, no network code.
 CMAKE_OPTIONS = (
@@ -87,6 +87,18 @@ def build_dir() -> Path:
     return CACHE / "llama-tools" / SDIST.replace("==", "-")
 
 
+def source_tree() -> Path:
+    """The whole vendored llama.cpp tree (unpacked once, under the build lock), for tests that read its
+    sources and test data without building anything."""
+    root = build_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    if (root / "src" / "CMakeLists.txt").is_file():
+        return root / "src"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _source_tree(root)
+
+
 def llama_tools(*names: str) -> dict[str, Path]:
     """Paths of the named tools, building the missing ones (cmake; minutes on a cold cache)."""
     names = names or DEFAULT_TOOLS
@@ -96,7 +108,8 @@ def llama_tools(*names: str) -> dict[str, Path]:
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; the others wait and reuse it
         missing = [n for n in names if not (bin_dir / n).is_file()]
-        if missing:
+        if missing:  # the other default tools too: they share libllama, so one cmake run builds all cheaply
+            missing += [n for n in DEFAULT_TOOLS if n not in missing and not (bin_dir / n).is_file()]
             tree = _source_tree(root)
             build = root / "build"
             gen = ["-G", "Ninja"] if shutil.which("ninja") else []

@@ -35,7 +35,12 @@ def arch_classes() -> dict:
     """mock name (the gguf arch unless the spec names one) -> the architecture class, for every registered
     class with a mock spec."""
     from gguforge.archs import registered
-    return {cls.mock.name or cls.gguf_arch: cls for cls in registered().values() if cls.mock is not None}
+    return {mock_name(cls): cls for cls in registered().values() if cls.mock is not None}
+
+
+def mock_name(cls) -> str:
+    """The mock's name: the gguf arch, or the class's mock_name where several classes share one arch."""
+    return getattr(cls, "mock_name", None) or cls.gguf_arch
 
 
 ARCHS = tuple(sorted(arch_classes()))
@@ -338,11 +343,17 @@ def _wrapper_only_mock(arch: str, out: Path, kw: dict, layout: str, tdtype, dtyp
     from safetensors.torch import save_file
 
     _, _, cg_cfg_cls, cg_cls = _classes(arch)
-    vision = dict(VISION_STUB, out_hidden_size=kw["hidden_size"], deepstack_visual_indexes=[1])
-    cfg = cg_cfg_cls(text_config=kw, vision_config=vision, tie_word_embeddings=kw["tie_word_embeddings"])
+    cls = arch_classes()[arch]
+    vision = (cls.mock_vision_config(kw["hidden_size"]) if hasattr(cls, "mock_vision_config")
+              else dict(VISION_STUB, out_hidden_size=kw["hidden_size"], deepstack_visual_indexes=[1]))
+    wrapper = (cls.mock_wrapper_config(kw, vision) if hasattr(cls, "mock_wrapper_config")
+               else dict(text_config=kw, vision_config=vision))
+    cfg = cg_cfg_cls(**wrapper, tie_word_embeddings=kw["tie_word_embeddings"])
     torch.manual_seed(seed)
     model = cg_cls(cfg)
     sd, config = _initialise_and_save(model, arch, seed, full_precision, tdtype, dtype, out)
+    if hasattr(cls, "mock_extra_tensors"):  # parts transformers does not build at mock size (e.g. Omni's talker)
+        sd.update(cls.mock_extra_tensors(sd))
     if layout == "causal":
         save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     else:  # the published layout: experts [E, H, 2F] and [E, F, H]
@@ -351,7 +362,7 @@ def _wrapper_only_mock(arch: str, out: Path, kw: dict, layout: str, tdtype, dtyp
         config["transformers_version"] = "4.57.0"
         _save_shards(sd, out, n_shards=2)
     _dump_json(out / "config.json", config)
-    _dump_json(out / "preprocessor_config.json", PREPROCESSOR)
+    _dump_json(out / "preprocessor_config.json", dict(PREPROCESSOR, patch_size=vision["patch_size"]))
     return out
 
 

@@ -36,6 +36,16 @@ def mock_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained_model():
+    """A small Qwen3 (q256 mock) trained on structured English: learned structure, for tests where random
+    weights make every quant look alike. Built once per recipe, cached across sessions
+    (scripts/trained_mock.py); its folder also holds train.txt and a held-out eval.txt."""
+    pytest.importorskip("torch")
+    import trained_mock
+    return trained_mock.trained_model()
+
+
+@pytest.fixture(scope="session")
 def tree():
     """llama.cpp's source tree (from the llama-cpp-python sdist) for its convert_hf_to_gguf.py."""
     from helpers import llama_cpp_tree

@@ -153,8 +153,8 @@ def llama_cpp_tree(cache: Path = Path.home() / ".cache" / "gguforge-tests") -> P
 # llama.cpp's converter identifies tokenizers by hashing their output against a table of known
 # models; mock tokenizers are not in it, so tests name the pre-tokenizer for it.
 _REFERENCE_RUNNER = """
-import sys, runpy
-tree, pre = sys.argv.pop(1), sys.argv.pop(1)
+import sys, runpy, json
+tree, pre, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 sys.path.insert(0, tree)
 import importlib.machinery, types
 if "sentencepiece" not in sys.modules:  # Qwen2Model.set_vocab imports it before looking for tokenizer.model
@@ -167,15 +167,24 @@ if "sentencepiece" not in sys.modules:  # Qwen2Model.set_vocab imports it before
         sys.modules["sentencepiece"] = stub
 import conversion.base as base
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+for argv in runs:  # one process for several conversions: torch and transformers are imported once
+    sys.argv = argv
+    runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
 def run_reference_converter(tree: Path, model: Path, out: Path, outtype: str, pre: str, *extra: str):
+    return run_reference_converters(tree, pre, [(model, out, outtype, *extra)])
+
+
+def run_reference_converters(tree: Path, pre: str, runs):
+    """llama.cpp's converter for each (model, out, outtype, *extra) in `runs`, in one process (stops at the
+    first failure)."""
     env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py")}
-    return subprocess.run([sys.executable, "-c", _REFERENCE_RUNNER, str(tree), pre, str(tree / "convert_hf_to_gguf.py"),
-                           str(model), "--outfile", str(out), "--outtype", outtype, *extra],
+    script = str(tree / "convert_hf_to_gguf.py")
+    argvs = [[script, str(model), "--outfile", str(out), "--outtype", outtype, *extra]
+             for model, out, outtype, *extra in runs]
+    return subprocess.run([sys.executable, "-c", _REFERENCE_RUNNER, str(tree), pre, json.dumps(argvs)],
                           capture_output=True, text=True, env=env)
 
 
@@ -210,9 +219,18 @@ def llama_tool(name: str) -> Path:
 
 
 def llama_cpp_source() -> Path:
-    """The whole llama.cpp tree of the pinned sdist (incl. models/ggml-vocab-*), unpacked once
-    (scripts/llama_tools.py, where the tools are built from)."""
-    tools = _llama_tools()
-    root = tools.build_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    return tools._source_tree(root)
+    """The whole pinned llama.cpp tree (src/, models/ggml-vocab-*, ...), unpacked once under the tools'
+    cache (scripts/llama_tools.py), without building anything."""
+    return _llama_tools().source_tree()
+
+
+def small_row_chunks(monkeypatch, nbytes: int) -> None:
+    """Row chunks of about `nbytes` float32 bytes instead of gguforge.parallel.CHUNK_BYTES (16 MB), in every
+    loaded gguforge module that holds the constant, so that the mocks' tensors span many chunks."""
+    import gguforge.convert.pipeline  # noqa: F401  (load the users first, then patch them all)
+    import gguforge.quantize.run  # noqa: F401
+    patched = [name for name, mod in list(sys.modules.items())
+               if name.startswith("gguforge") and hasattr(mod, "CHUNK_BYTES")]
+    assert "gguforge.parallel" in patched
+    for name in patched:
+        monkeypatch.setattr(sys.modules[name], "CHUNK_BYTES", nbytes)

@@ -74,6 +74,45 @@ def test_qwen3_requires_its_q_k_norms(mock_model, tmp_path, capsys):
     assert "model.layers.1.self_attn.k_norm.weight" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("proj", ["q", "k", "v"])
+def test_qwen2_requires_its_q_k_v_biases(mock_model, tmp_path, capsys, proj):
+    """Qwen2's attention always has q/k/v biases (its config has no switch): one missing is refused, as
+    Qwen3 without its q/k norms."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+    model = tmp_path / "m"
+    shutil.copytree(mock_model("qwen2"), model)
+    weights = load_file(str(model / "model.safetensors"))
+    del weights[f"model.layers.1.self_attn.{proj}_proj.bias"]
+    save_file(weights, str(model / "model.safetensors"))
+    assert main(["convert-hf", str(model), "--outfile", str(tmp_path / "o.gguf")]) == 2
+    assert f"model.layers.1.self_attn.{proj}_proj.bias" in capsys.readouterr().err
+    assert not (tmp_path / "o.gguf").exists()
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["without-lm_head", "with-lm_head"])
+def test_config_without_tie_word_embeddings(tree, mock_model, tmp_path, tied):
+    """No tie_word_embeddings in config.json: as llama.cpp's converter, the checkpoint decides. Without
+    lm_head there is no output.weight (llama.cpp's loader then uses token_embd), with it output.weight is
+    written; both byte for byte as the reference converter. (transformers' Qwen2Config defaults to untied,
+    so it would load the first with a freshly initialised lm_head: `verify` shows that.)"""
+    import json
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(mock_model("qwen2", tied=tied), model)
+    config = json.loads((model / "config.json").read_text())
+    config.pop("tie_word_embeddings", None)
+    (model / "config.json").write_text(json.dumps(config))
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    assert main(["convert-hf", str(model), "--outfile", str(ours), "--outtype", "f16", "--quiet"]) == 0
+    assert ("output.weight" in {t.name for t in gguf.GGUFReader(ours).tensors}) is not tied
+    r = run_reference_converter(tree, model, ref, "f16", "qwen2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ours.read_bytes() == ref.read_bytes()
+
+
 def test_qwen3moe_with_dense_layers_is_refused(mock_model, tmp_path, capsys):
     import json
     import shutil

@@ -377,9 +377,11 @@ def test_gguf_counts_of_the_wrong_type(tmp_path, capsys, key, item, needle):
 
 
 def test_gguf_tensor_with_a_zero_dimension(tmp_path, capsys):
+    """A valid GGUF (ggml's reader accepts it): quantize refuses it; inspect and diff show it
+    (test_hardening.py)."""
     path = tmp_path / "zero.gguf"
     write_raw_gguf(path, {"general.architecture": (V.STRING, "qwen2moe", None)}, shape=(0, 32))
-    run_fails(["inspect", str(path)], capsys, "dimension of size 0")
+    run_fails(["quantize", str(path), str(tmp_path / "q.gguf"), "Q8_0"], capsys, "dimension of size 0")
 
 
 def test_metadata_writer_refuses_what_llama_cpp_cannot_read():

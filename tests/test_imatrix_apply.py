@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as T
 
 from gguforge.cli import main
 from gguforge.format.imatrix import Imatrix, ImatrixEntry, importance, read_imatrix, write_imatrix
-from helpers import llama_tool
+from helpers import llama_tool, small_row_chunks
 
 pytest.importorskip("torch")  # the mocks are built with transformers
 
@@ -414,10 +414,31 @@ def test_prune_layers_look_up_the_original_blocks(dense, tools, tmp_path):
 
 
 def test_many_presets_in_one_pass_with_an_imatrix(moe, tools, tmp_path):
-    """quantize IN 'OUT-{ftype}.gguf' A,B --imatrix: each output equals llama-quantize --imatrix of its own."""
-    assert main(["quantize", str(moe.f32), str(tmp_path / "m-{ftype}.gguf"), "Q4_K_M,Q2_K_S,IQ4_XS", "-q",
+    """quantize IN 'OUT-{ftype}.gguf' A,B --imatrix: each output equals llama-quantize --imatrix of its own.
+    A float type first: it looks up no importance data, so an output given another's lookup shows."""
+    assert main(["quantize", str(moe.f32), str(tmp_path / "m-{ftype}.gguf"), "F16,Q4_K_M,Q2_K_S,IQ4_XS", "-q",
                  "--threads", "2", "--imatrix", str(moe.imatrix)]) == 0
-    for preset in ("Q4_K_M", "Q2_K_S", "IQ4_XS"):
+    for preset in ("F16", "Q4_K_M", "Q2_K_S", "IQ4_XS"):
         theirs = tmp_path / f"llama-{preset}.gguf"
         llama_quantize(tools, moe.f32, theirs, preset, "--imatrix", moe.imatrix)
         assert_same_file(tmp_path / f"m-{preset.lower()}.gguf", theirs)
+
+
+# Row chunks of 3 KB: 3 rows of 256 values, so chunks start inside experts (64-row slices) and cross their
+# boundaries; convert-hf cuts the stacked experts one per chunk. The bytes must not change.
+SMALL_CHUNK_BYTES = 3 << 10
+
+
+@pytest.mark.parametrize("preset", ("Q4_K_M", "Q4_0", "IQ4_XS"))
+def test_small_row_chunks_match_unchunked_and_llama_quantize(moe, tools, preset, tmp_path, monkeypatch):
+    unchunked, theirs = tmp_path / "unchunked.gguf", tmp_path / "llama.gguf"
+    ours(moe.f32, unchunked, preset, "--imatrix", moe.imatrix)
+    llama_quantize(tools, moe.f32, theirs, preset, "--imatrix", moe.imatrix)
+    small_row_chunks(monkeypatch, SMALL_CHUNK_BYTES)
+    chunked, one_pass = tmp_path / "chunked.gguf", tmp_path / "one-pass.gguf"
+    ours(moe.f32, chunked, preset, "--imatrix", moe.imatrix)
+    assert main(["convert-hf", str(moe.checkpoint), "--outfile", str(one_pass), "--outtype", preset, "--imatrix",
+                 str(moe.imatrix), "-q", "--threads", "2"]) == 0
+    assert chunked.read_bytes() == unchunked.read_bytes()
+    assert_same_file(chunked, theirs)
+    assert_same_tensors(one_pass, theirs)  # (the converter writes its own metadata)

@@ -17,7 +17,7 @@ import pytest
 from gguforge.cli import main
 from gguforge.format import atomic
 
-from helpers import gguforge, qwen2moe_config, qwen2moe_tensors, write_checkpoint
+from helpers import gguforge, qwen2moe_config, qwen2moe_tensors, small_row_chunks, write_checkpoint
 
 PRESETS = ["Q4_K_M", "Q5_K_S", "Q6_K", "Q8_0", "Q4_0", "Q3_K_M", "IQ4_XS", "F16"]
 
@@ -58,11 +58,20 @@ def files(directory: Path) -> dict[str, bytes]:
 # quantize
 
 
-@pytest.mark.parametrize("split", [[], ["--split-max-size", "300K"]], ids=["single-file", "split"])
-def test_quantize_many_equals_separate_runs(bf16, tmp_path, split):
+SMALL_CHUNKS = "small-chunks"  # the one pass in row chunks of 3 KB (mock tensors span many), the separate runs not
+
+
+@pytest.mark.parametrize("split", [[], ["--split-max-size", "300K"], SMALL_CHUNKS],
+                         ids=["single-file", "split", SMALL_CHUNKS])
+def test_quantize_many_equals_separate_runs(bf16, tmp_path, monkeypatch, split):
     one, sep = tmp_path / "one-pass", tmp_path / "separate"
     one.mkdir(), sep.mkdir()
-    assert main(["quantize", str(bf16), str(one / "m-{FTYPE}.gguf"), ",".join(PRESETS), "-q", "-t", "2", *split]) == 0
+    small, split = split == SMALL_CHUNKS, [] if split == SMALL_CHUNKS else split
+    with monkeypatch.context() as m:
+        if small:
+            small_row_chunks(m, 3 << 10)
+        assert main(["quantize", str(bf16), str(one / "m-{FTYPE}.gguf"), ",".join(PRESETS), "-q", "-t", "2",
+                     *split]) == 0
     for preset in PRESETS:
         assert main(["quantize", str(bf16), str(sep / f"m-{preset}.gguf"), preset, "-q", "-t", "2", *split]) == 0
     ours, theirs = files(one), files(sep)
@@ -139,12 +148,17 @@ def test_quantize_many_failed_move_takes_back_the_others(small, tmp_path, monkey
 CONVERT_TYPES = ["Q4_K_M", "Q6_K", "Q8_0", "bf16", "f16", "Q4_0", "IQ4_NL"]
 
 
-@pytest.mark.parametrize("split", [[], ["--split-max-tensors", "7"]], ids=["single-file", "split"])
-def test_convert_many_equals_separate_runs(checkpoint, tmp_path, split):
+@pytest.mark.parametrize("split", [[], ["--split-max-tensors", "7"], SMALL_CHUNKS],
+                         ids=["single-file", "split", SMALL_CHUNKS])
+def test_convert_many_equals_separate_runs(checkpoint, tmp_path, monkeypatch, split):
     one, sep = tmp_path / "one-pass", tmp_path / "separate"
     one.mkdir(), sep.mkdir()
-    assert main(["convert-hf", str(checkpoint), "--outfile", str(one / "m-{ftype}.gguf"),
-                 "--outtype", ",".join(CONVERT_TYPES), "-q", "-t", "2", *split]) == 0
+    small, split = split == SMALL_CHUNKS, [] if split == SMALL_CHUNKS else split
+    with monkeypatch.context() as m:
+        if small:
+            small_row_chunks(m, 3 << 10)
+        assert main(["convert-hf", str(checkpoint), "--outfile", str(one / "m-{ftype}.gguf"),
+                     "--outtype", ",".join(CONVERT_TYPES), "-q", "-t", "2", *split]) == 0
     for outtype in CONVERT_TYPES:
         assert main(["convert-hf", str(checkpoint), "--outfile", str(sep / f"m-{outtype.lower()}.gguf"),
                      "--outtype", outtype, "-q", "-t", "2", *split]) == 0

@@ -141,7 +141,7 @@ def test_mock_loads_with_nontrivial_logits(arch, mock_model):
 
     d = mock_model(arch)
     cfg = json.loads((d / "config.json").read_text())
-    text = cfg.get("text_config", cfg)  # wrapper-only models (Qwen3-VL) nest it
+    text = cfg.get("text_config") or cfg.get("thinker_config", {}).get("text_config") or cfg  # (wrappers nest it)
     assert text["vocab_size"] == 512 and not cfg["tie_word_embeddings"]
     logits = _logits(d)
     assert logits.shape[-1] == 512 and torch.isfinite(logits).all()
@@ -357,4 +357,4 @@ def test_convert_then_verify(arch, layout, mock_model, tmp_path):
 
 # llama.cpp's M-RoPE on text positions differs slightly from transformers' for Qwen3-VL: 4e-6 with
 # our file and with llama.cpp's converter's (the two files are byte-identical: tests/test_qwen3vl.py).
-NMSE_BOUND = {"qwen3vl": 1e-5, "qwen3vlmoe": 1e-5}
+NMSE_BOUND = {"qwen3vl": 1e-5, "qwen3vlmoe": 1e-5, "qwen3omni": 1e-5, "qwen3asr": 1e-5}

@@ -9,8 +9,6 @@ tensor, and leave nothing behind. Torch-free: the checkpoints are written with n
 
 from __future__ import annotations
 
-import sys
-
 import gguf
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ import pytest
 from gguforge.cli import main
 from gguforge.errors import EXIT_BAD_INPUT
 
-from helpers import qwen2moe_config, qwen2moe_tensors, write_checkpoint
+from helpers import qwen2moe_config, qwen2moe_tensors, small_row_chunks, write_checkpoint
 
 CHUNK = 4096  # float32 bytes of rows per chunk in these tests
 H, FE, E = 256, 32, 4  # hidden size (K-quant rows), expert width, experts
@@ -38,14 +36,7 @@ CONVERT_OUTTYPES = {"f32": ("f32", "f16", "q8_0", "q4_k_m"), "bf16": ("bf16", "f
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """CHUNK_BYTES = CHUNK in every loaded gguforge module that holds it (the row chunker and its users)."""
-    import gguforge.convert.pipeline  # noqa: F401  (make sure the users are loaded, then patch them all)
-    import gguforge.quantize.run  # noqa: F401
-    patched = [name for name, mod in list(sys.modules.items())
-               if name.startswith("gguforge") and hasattr(mod, "CHUNK_BYTES")]
-    assert "gguforge.parallel" in patched
-    for name in patched:
-        monkeypatch.setattr(sys.modules[name], "CHUNK_BYTES", CHUNK)
+    small_row_chunks(monkeypatch, CHUNK)
 
 
 def chunk_of(row: int, n_rows: int, row_elems: int) -> tuple[int, int]:
@@ -109,6 +100,23 @@ def test_convert_refuses_nonfinite_in_any_chunk(small_chunks, tmp_path, capsys, 
         refused(capsys, ["convert-hf", root, "--outfile", out_dir / "m.gguf", "--outtype", outtype, "-q",
                          "--threads", (1, 3)[i % 2]], name)  # the sequential path and the thread pool
         assert sorted(p.name for p in out_dir.iterdir()) == [], outtype  # no output, no temp file
+
+
+# convert-hf --outtype A,B reads each chunk once for every output (pipeline.encode_chunks): types that widen
+# the rows first (its own scan), then ones that copy or narrow the stored values (encode_chunk's scans).
+MANY_OUTTYPES = {"f32": ("q8_0,q4_k_m", "f16,q4_0"), "bf16": ("q8_0,q4_k_m", "bf16,q4_k_s")}
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_convert_many_refuses_nonfinite_in_the_last_chunk(small_chunks, tmp_path, capsys, dtype, target):
+    root, name, _ = poisoned_checkpoint(tmp_path / "model", target, "last", bf16=dtype == "bf16")
+    for i, outtypes in enumerate(MANY_OUTTYPES[dtype]):
+        out_dir = tmp_path / f"out-{i}"
+        out_dir.mkdir()
+        refused(capsys, ["convert-hf", root, "--outfile", out_dir / "m-{ftype}.gguf", "--outtype", outtypes, "-q",
+                         "--threads", (1, 3)[i % 2]], name)
+        assert sorted(p.name for p in out_dir.iterdir()) == [], outtypes
 
 
 def nonfinite_count(path, name: str) -> int:

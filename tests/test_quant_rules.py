@@ -525,12 +525,17 @@ def test_leave_output_tensor():
 
 
 def test_output_and_token_embedding_types_skip_fallback():
+    """llama-quantize takes them as given (no tensor_type_fallback), then aborts on 896-wide rows for a
+    256-block type: refused here before anything is written. A type whose block divides the rows is used."""
     tensors, n = qwen25_05b()
     tensors.append(TensorIn("output.weight", (151936, 896), T.BF16))
-    opts = QuantOptions(output_tensor_type=T.Q4_K, token_embedding_type=T.Q5_K)
+    for opts in (QuantOptions(output_tensor_type=T.Q4_K), QuantOptions(token_embedding_type=T.Q5_K)):
+        with pytest.raises(UserError, match="not a multiple of its block of 256"):
+            plan_quantization(tensors, "Q4_K_M", arch="qwen2", n_layer_all=n, options=opts)
+    opts = QuantOptions(output_tensor_type=T.Q5_0, token_embedding_type=T.IQ4_NL)
     got = by_name(plan_quantization(tensors, "Q4_K_M", arch="qwen2", n_layer_all=n, options=opts))
-    assert (got["output.weight"].dst_type, got["output.weight"].fallback_from) == (T.Q4_K, None)
-    assert (got["token_embd.weight"].dst_type, got["token_embd.weight"].fallback_from) == (T.Q5_K, None)
+    assert (got["output.weight"].dst_type, got["output.weight"].fallback_from) == (T.Q5_0, None)
+    assert (got["token_embd.weight"].dst_type, got["token_embd.weight"].fallback_from) == (T.IQ4_NL, None)
 
 
 def test_output_tensor_type_on_tied_token_embd_goes_through_fallback():

@@ -170,6 +170,17 @@ class DecoderArch:
         """Called after the last tensor: emit or complain about anything still buffered."""
         return iter(())
 
+    def notes(self) -> list[str]:
+        """Lines the CLI prints with the conversion (e.g. parts of the checkpoint left out on purpose)."""
+        return []
+
+    def vocab_config(self, config: dict) -> dict:
+        """The config the vocabulary is read with (vocab_size pads it; *_token_id fill special tokens)."""
+        return config
+
+    def after_vocab(self, md: Metadata) -> None:
+        """Called after the tokenizer.* keys are written: changes an architecture's converter makes to them."""
+
     def extra_tensors(self) -> Emitted:
         """Tensors computed from the config rather than read (e.g. rope_freqs); written first, as
         llama.cpp's converter writes generate_extra_tensors() before the model's own."""

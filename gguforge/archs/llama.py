@@ -173,7 +173,8 @@ class Llama(DecoderArch):
 class Mistral(Llama):
     """Mistral 7B in the HF layout: Llama's tensors (its sliding window is not read, as by llama.cpp's converter)."""
 
-    mock = MockSpec(("MistralConfig", "MistralForCausalLM"), tokenizer="llama-bpe", name="mistral")
+    mock_name = "mistral"  # several classes write the llama arch: each has its own mock
+    mock = MockSpec(("MistralConfig", "MistralForCausalLM"), tokenizer="llama-bpe")
 
     @classmethod
     def mock_config(cls, s: MockSizes) -> dict:
@@ -185,7 +186,8 @@ class Mistral(Llama):
 class Mixtral(Llama):
     """Mixtral: Llama with per-expert w1/w2/w3 (block_sparse_moe) stacked into ffn_*_exps."""
 
-    mock = MockSpec(("MixtralConfig", "MixtralForCausalLM"), tokenizer="llama-bpe", name="mixtral")
+    mock_name = "mixtral"
+    mock = MockSpec(("MixtralConfig", "MixtralForCausalLM"), tokenizer="llama-bpe")
 
     @classmethod
     def mock_config(cls, s: MockSizes) -> dict:

@@ -42,7 +42,6 @@ class MockSpec:
     hub: bool = False  # a Hub layout exists: bf16 shards, MTP tensors, the vision wrapper if classes has one
     hub_packed_experts: bool = False  # the Hub checkpoint packs the trunk experts
     mtp_depth_in_config: bool = True  # the Hub config names mtp_num_hidden_layers
-    name: str = ""  # the mock's own name where several classes share a gguf arch (default: the gguf arch)
 
     @property
     def wrapped(self) -> bool:

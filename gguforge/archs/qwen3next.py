@@ -194,7 +194,8 @@ class Qwen3Next(MtpHead, Qwen2Moe):
     @staticmethod
     def _layer_number(name: str) -> int | None:
         parts = name.split(".")
-        return int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else None
+        layer = parts[2] if name.startswith("model.layers.") else ""
+        return int(layer) if layer.isascii() and layer.isdigit() else None
 
     # -- the dynamic part ---------------------------------------------------------------------
     def transform(self, name: str, tensor: Lazy) -> Emitted:

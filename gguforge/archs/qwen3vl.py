@@ -92,4 +92,5 @@ class Qwen3VLMoe(Deepstack, Qwen3Moe):
 
     def saved_before_transformers_5(self) -> bool:
         version = str(self.hparams.get("transformers_version") or "")
-        return not version or not version.split(".")[0].isdigit() or int(version.split(".")[0]) < 5
+        major = version.split(".")[0]
+        return not (major.isascii() and major.isdigit()) or int(major) < 5

@@ -188,21 +188,31 @@ class Qwen3VLVision(VisionEncoder):
             return
         yield from super().transform(name, tensor)
 
-    def add_metadata(self, md: Metadata) -> None:
-        """clip.* keys in the order of llama.cpp's converter (MmprojModel.set_gguf_parameters, then
-        Qwen3VLVisionModel.set_gguf_parameters)."""
+    def add_encoder_metadata(self, md: Metadata) -> None:
+        """The clip.* keys every vision encoder has, in the order of llama.cpp's converter
+        (MmprojModel.set_gguf_parameters), and the projector type."""
         md.u32("general.file_type", self.file_type)
         md.bool("clip.has_vision_encoder", True)
         md.u32("clip.vision.projection_dim", self.text_hidden)
         md.u32("clip.vision.image_size", self.image_size())
         md.u32("clip.vision.patch_size", self.dim("patch_size").size)
         md.u32("clip.vision.embedding_length", self.hidden.size)
-        md.u32("clip.vision.feed_forward_length", self.dim("intermediate_size").size)
+        md.u32("clip.vision.feed_forward_length", self.feed_forward_length)
         md.u32("clip.vision.block_count", self.block_count)
         md.u32("clip.vision.attention.head_count", self.dim("num_heads", "num_attention_heads").size)
         for key in ("image_mean", "image_std"):
             md.array(f"clip.vision.{key}", self.normalisation(key), GGUFValueType.FLOAT32)
         md.str("clip.projector_type", self.projector)
+
+    @property
+    def feed_forward_length(self) -> int:
+        """clip.vision.feed_forward_length (the MLP width: vision_config.intermediate_size)."""
+        return self.dim("intermediate_size").size
+
+    def add_metadata(self, md: Metadata) -> None:
+        """clip.* keys in the order of llama.cpp's converter (MmprojModel.set_gguf_parameters, then
+        Qwen3VLVisionModel.set_gguf_parameters)."""
+        self.add_encoder_metadata(md)
         md.bool("clip.use_gelu", True)
         md.u32("clip.vision.spatial_merge_size", self.merge_size)
         # The converter takes the text model's RMS epsilon for the ViT's LayerNorms (both are 1e-6).

@@ -82,7 +82,7 @@ class SourceTensor:
     def span(self, start: int, stop: int) -> tuple[int, int, int] | None:
         """(file descriptor, byte offset, byte count) of rows [start, stop), when they sit in a file
         that can be copied from directly (safetensors; not pickles)."""
-        if not isinstance(self._shard, Shard):
+        if not getattr(self._shard, "local", False):  # pickles and remote files are read, not copied
             return None
         row_bytes = self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
         return self._shard.fileno(), self.start + start * row_bytes, (stop - start) * row_bytes
@@ -98,8 +98,22 @@ class SourceTensor:
         return raw
 
 
+def header_length(path, head: bytes, size: int) -> int:
+    """The JSON header length a safetensors file starts with, checked against the file size."""
+    if len(head) < 8:
+        raise UserError(f"{path}: not a safetensors file (only {size} bytes)")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise UserError(f"{path}: safetensors header length {n} runs past the end of the "
+                        f"file ({size} bytes); the file is truncated or not safetensors")
+    return n
+
+
 class Shard:
-    """One safetensors file: parsed and validated header; data read with pread on demand."""
+    """One safetensors file: parsed and validated header; data read with pread on demand.
+    `read_into` is where a tensor's bytes come from (a remote file overrides it and `header_bytes`)."""
+
+    local = True  # a file on disk: its byte ranges can be handed to the kernel to copy
 
     def __init__(self, path: Path):
         self.path = path
@@ -107,21 +121,21 @@ class Shard:
         self.tensors: dict[str, SourceTensor] = {}
         self._parse_header()
 
-    def _parse_header(self) -> None:
+    def header_bytes(self) -> tuple[bytes, int]:
+        """(the JSON header, the file size)."""
         path = self.path
         try:
             size = path.stat().st_size
             with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise UserError(f"{path}: not a safetensors file (only {size} bytes)")
-                (n,) = struct.unpack("<Q", head)
-                if n > MAX_HEADER_BYTES or 8 + n > size:
-                    raise UserError(f"{path}: safetensors header length {n} runs past the end of the "
-                                    f"file ({size} bytes); the file is truncated or not safetensors")
-                raw = f.read(n)
+                n = header_length(path, f.read(8), size)
+                return f.read(n), size
         except OSError as e:
             raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+    def _parse_header(self) -> None:
+        path = self.path
+        raw, size = self.header_bytes()
+        n = len(raw)
         try:
             header = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -261,8 +275,12 @@ def inside(root: Path, name, index_path: Path) -> Path:
     return path
 
 
-def _index_shards(root: Path) -> list[tuple[Path, set[str] | None]]:
-    """Safetensors files to read and, when an index exists, the names each must hold."""
+def _index_shards(root: Path, listing: set[str] | None = None) -> list[tuple[Path, set[str] | None]]:
+    """Safetensors files to read and, when an index exists, the names each must hold. `listing`: the
+    files of a remote repository (whose small files alone are in `root`), instead of root's own."""
+    def present(name: str) -> bool:
+        return name in listing if listing is not None else (root / name).is_file()
+
     index_path = root / "model.safetensors.index.json"
     if index_path.is_file():
         try:
@@ -275,18 +293,23 @@ def _index_shards(root: Path) -> list[tuple[Path, set[str] | None]]:
         for name, fname in weight_map.items():
             inside(root, fname, index_path)
             by_file.setdefault(fname, set()).add(name)
-        missing = [f for f in sorted(by_file) if not (root / f).is_file()]
+        missing = [f for f in sorted(by_file) if not present(f)]
         if missing:
             raise UserError(f"{root}: shard {missing[0]} named in model.safetensors.index.json is missing"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
                             hint="the download is incomplete; fetch the missing files")
         return [(root / f, by_file[f]) for f in sorted(by_file)]
-    if (root / "model.safetensors").is_file():
+    if present("model.safetensors"):
         return [(root / "model.safetensors", None)]
-    parts = sorted(p for p in root.glob("*.safetensors") if p.is_file())
+    if listing is not None:
+        parts = sorted(root / f for f in listing if f.endswith(".safetensors") and "/" not in f)
+        pickles = any(f.startswith("pytorch_model") and f.endswith(".bin") or f.endswith(".pt") for f in listing)
+    else:
+        parts = sorted(p for p in root.glob("*.safetensors") if p.is_file())
+        pickles = any(root.glob("pytorch_model*.bin")) or any(root.glob("*.pt"))
     if parts:
         return [(p, None) for p in parts]
-    if any(root.glob("pytorch_model*.bin")) or any(root.glob("*.pt")):
+    if pickles:
         raise UserError(f"{root}: only pickle checkpoints (pytorch_model*.bin) found",
                         hint="pickle files can run arbitrary code; pass --allow-pickle to load their tensors "
                         "with torch (weights only), or convert them to safetensors first")
@@ -300,9 +323,14 @@ def open_checkpoint(root: Path, allow_pickle: bool = False) -> Checkpoint:
     config = load_config(root)
     if allow_pickle and not any(root.glob("*.safetensors")) and (pickles := pickle_files(root)):
         return Checkpoint(root, config, load_pickled_tensors(pickles))
+    return Checkpoint(root, config, shard_tensors((Shard(path), expected) for path, expected in _index_shards(root)))
+
+
+def shard_tensors(shards) -> dict[str, SourceTensor]:
+    """The tensors of (shard, names the index lists for it or None) pairs, checked against the index."""
     tensors: dict[str, SourceTensor] = {}
-    for path, expected in _index_shards(root):
-        shard = Shard(path)
+    for shard, expected in shards:
+        path = shard.path
         names = shard.tensors
         if expected is not None:
             absent = sorted(expected - names.keys())
@@ -319,7 +347,7 @@ def open_checkpoint(root: Path, allow_pickle: bool = False) -> Checkpoint:
             if name in tensors:
                 raise UserError(f"tensor {name!r} is stored twice ({tensors[name].path.name} and {path.name})")
             tensors[name] = t
-    return Checkpoint(root, config, tensors)
+    return tensors
 
 
 # -- pickle checkpoints (only with --allow-pickle) ----------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import queue
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -131,12 +132,15 @@ def _nonfinite(t: PlannedTensor) -> UserError:
 
 
 def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,
-               split: SplitOptions | None = None) -> None:
+               split: SplitOptions | None = None, tensor_done=None, resume=None) -> None:
+    """`tensor_done(i)`: called once every chunk of tensor i is encoded (its source bytes are not read again);
+    `resume`: a format.resume.Resume holding the tensors before its `first`."""
     threads = options.threads or os.cpu_count() or 1
     check = not options.allow_nonfinite
 
     def jobs():
-        for i, t in enumerate(plan.tensors):
+        for i in range(resume.first if resume else 0, len(plan.tensors)):
+            t = plan.tensors[i]
             for start, stop in row_chunks(t.tensor.n_rows, t.tensor.row_elems):
                 yield i, t, start, stop
 
@@ -154,13 +158,27 @@ def write_plan(plan: Plan, target: Path, options: ConvertOptions, progress=None,
             raise
 
     def chunks():
-        for (i, *_), (data, buffers) in ordered_parallel(jobs(), job, threads, ahead):
+        for (i, *_), (data, buffers) in announce_done(ordered_parallel(jobs(), job, threads, ahead), tensor_done):
             yield i, data
             for b in buffers:  # written by now: the buffers can be reused
                 pool.give(b)
 
     shards = plan.shards or plan_shards(target, plan.tensors, split)
-    write_shards(shards, plan.metadata, plan.tensors, chunks, progress)
+    write_shards(shards, plan.metadata, plan.tensors, chunks, progress, resume)
+
+
+def announce_done(results, tensor_done):
+    """ordered_parallel's results (in job order, jobs (i, ...)), calling tensor_done(i) when tensor i's last
+    chunk has been encoded, i.e. when the first result of a later tensor (or the end) arrives."""
+    last = None
+    for result in results:
+        i = result[0][0]
+        if tensor_done is not None and last is not None and i != last:
+            tensor_done(last)
+        last = i
+        yield result
+    if tensor_done is not None and last is not None:
+        tensor_done(last)
 
 
 def check_output(target: Path, model_dir: Path, force: bool) -> None:
@@ -178,11 +196,99 @@ def refuse_unwritable(plans) -> None:
             raise UserError(plan.refusal, hint=NEEDS_IMATRIX_HINT)
 
 
+@contextmanager
+def opened_checkpoint(model: str, options: ConvertOptions, revision: str | None = None, remote=None):
+    """The checkpoint a conversion reads: a directory, a hub id downloaded into the cache, or with `remote`
+    (checkpoint.remote.RemoteOptions) a hub id read over HTTP without a local copy."""
+    if remote is None:
+        yield open_checkpoint(resolve_model(model, revision), allow_pickle=options.allow_pickle)
+        return
+    from ..checkpoint.remote import open_remote
+    with open_remote(model, remote) as checkpoint:
+        yield checkpoint
+
+
+@contextmanager
+def write_progress(checkpoint, plans: list[Plan], progress_factory, names: str, first: int = 0):
+    """(advance, tensor_done) for the writer: the advance() it reports written bytes to (None: no bar), and
+    what it tells when a tensor is finished. A remote checkpoint is told the order its tensors will be
+    read in (from output tensor `first` on) and when each is finished, and its bar counts the bytes
+    received over the network instead."""
+    source = getattr(checkpoint, "source", None)
+    done = None
+    if source is not None:
+        from ..checkpoint.remote import read_order
+        reads = tensor_reads(plans)
+        source.schedule(read_order(checkpoint, [((), 0)] * first + reads[first:]))
+        done = source.finished
+    if progress_factory is None:
+        yield None, done
+    elif source is None:
+        with progress_factory(sum(p.nbytes for p in plans), f"writing {names}") as advance:
+            yield advance, done
+    else:
+        with progress_factory(source.total, f"reading {checkpoint.repo}, writing {names}") as advance:
+            source.http.progress = advance
+            yield None, done
+
+
+@contextmanager
+def resumable(checkpoint, plans: list[Plan], options: ConvertOptions, force: bool):
+    """convert-hf --remote --resume: the outputs' kept state (format/resume.py), None otherwise. `force`
+    discards a journal kept for another input or other options instead of refusing it."""
+    source = getattr(checkpoint, "source", None)
+    if source is None or not source.options.resume:
+        yield None
+        return
+    from ..format.resume import Resume
+    from ..format.split import output_files
+    resume = Resume([output_files(p.shards, p.metadata, p.tensors) for p in plans],
+                    resume_fingerprint(checkpoint, options), restart=force)
+    try:
+        yield resume
+    finally:
+        resume.close()
+
+
+def resume_fingerprint(checkpoint, options: ConvertOptions) -> dict:
+    """What decides the output bytes besides the outputs' headers (format/resume.py adds those)."""
+    import hashlib
+    from dataclasses import replace
+    from .. import __version__
+    imatrix = options.imatrix
+    if imatrix is not None:
+        digest = hashlib.sha256()
+        with open(imatrix.path, "rb") as f:
+            for piece in iter(lambda: f.read(1 << 20), b""):
+                digest.update(piece)
+        imatrix = [digest.hexdigest(), repr(replace(imatrix, path=""))]
+    return {"gguforge": __version__, "repo": checkpoint.repo, "commit": checkpoint.commit,
+            "files": [[f.name, f.size, f.etag] for f in checkpoint.source.files],
+            "options": repr(replace(options, threads=None, imatrix=None)), "imatrix": imatrix}
+
+
+def tensor_reads(plans: list[Plan]) -> list[tuple[tuple[str, ...], int]]:
+    """Per output tensor, in writing order: its source tensors, and how often a chunk job reads them (once,
+    or once per distinct kernel copy / stored-bits conversion when several outputs are written)."""
+    out = []
+    for i, t in enumerate(plans[0].tensors):
+        ts = [p.tensors[i] for p in plans]
+        direct = {(id(u.tensor), u.ggml_type) for u in ts if raw_copy_possible(u) or stored_bits_suffice(u)}
+        values = {id(u.tensor) for u in ts if not (raw_copy_possible(u) or stored_bits_suffice(u))}
+        out.append((t.tensor.sources, len(direct) + len(values)))
+    return out
+
+
 def convert_hf(model: str, outfile: str | None, options: ConvertOptions, *, force: bool = False,
                dry_run: bool = False, progress_factory=None, display_name: str | None = None,
-               split: SplitOptions | None = None):
-    root = resolve_model(model)
-    checkpoint = open_checkpoint(root, allow_pickle=options.allow_pickle)
+               split: SplitOptions | None = None, revision: str | None = None, remote=None):
+    """`revision`: of a hub id; `remote`: read the hub id over HTTP (checkpoint.remote.RemoteOptions)."""
+    with opened_checkpoint(model, options, revision, remote) as checkpoint:
+        return _convert_hf(checkpoint, model, outfile, options, force, dry_run, progress_factory, display_name, split)
+
+
+def _convert_hf(checkpoint, model, outfile, options, force, dry_run, progress_factory, display_name, split):
+    root = checkpoint.root
     if display_name is None and not Path(model).exists() and "/" in model:
         display_name = model  # the hub id: "Org/Name" gives general.organization and the file name
     plan = plan_conversion(checkpoint, options, display_name)
@@ -193,12 +299,10 @@ def convert_hf(model: str, outfile: str | None, options: ConvertOptions, *, forc
     refuse_unwritable([plan])
     for shard in plan.shards:
         check_output(shard.path, root, force)
-    with replacing(force):  # checked again when the output is moved into place (it may appear meanwhile)
-        if progress_factory is None:
-            write_plan(plan, target, options, split=split)
-        else:
-            with progress_factory(plan.nbytes, f"writing {target.name}") as advance:
-                write_plan(plan, target, options, advance, split=split)
+    with replacing(force), resumable(checkpoint, [plan], options, force) as resume:  # replacing: checked again
+        first = resume.first if resume else 0  # when the output is moved into place (it may appear meanwhile)
+        with write_progress(checkpoint, [plan], progress_factory, target.name, first) as (advance, done):
+            write_plan(plan, target, options, advance, split=split, tensor_done=done, resume=resume)
     return plan, target
 
 
@@ -230,23 +334,24 @@ def encode_chunks(ts: list[PlannedTensor], start: int, stop: int, check_finite: 
     return out
 
 
-def write_plans(plans: list[Plan], options: ConvertOptions, progress=None) -> None:
+def write_plans(plans: list[Plan], options: ConvertOptions, progress=None, tensor_done=None, resume=None) -> None:
     """Write every plan's (already sharded) output from one pass over the tensors; all or none appear."""
     threads = options.threads or os.cpu_count() or 1
     check = not options.allow_nonfinite
 
     def jobs():
-        for i in range(len(plans[0].tensors)):
+        for i in range(resume.first if resume else 0, len(plans[0].tensors)):
             ts = [p.tensors[i] for p in plans]
             for start, stop in row_chunks(ts[0].tensor.n_rows, ts[0].tensor.row_elems):
                 yield i, ts, start, stop
 
     def chunks():
-        for (i, *_), data in ordered_parallel(jobs(), lambda i, ts, start, stop: encode_chunks(ts, start, stop, check),
-                                              threads, 2 * threads):
+        results = ordered_parallel(jobs(), lambda i, ts, start, stop: encode_chunks(ts, start, stop, check),
+                                   threads, 2 * threads)
+        for (i, *_), data in announce_done(results, tensor_done):
             yield i, data
 
-    write_many_shards([(p.shards, p.metadata, p.tensors) for p in plans], chunks, progress)
+    write_many_shards([(p.shards, p.metadata, p.tensors) for p in plans], chunks, progress, resume)
 
 
 def split_outtypes(outtype: str) -> list[str]:
@@ -260,17 +365,24 @@ def split_outtypes(outtype: str) -> list[str]:
 
 def convert_hf_many(model: str, outfile: str | None, options: ConvertOptions, *, force: bool = False,
                     dry_run: bool = False, progress_factory=None, display_name: str | None = None,
-                    split: SplitOptions | None = None) -> list[tuple[Plan, Path]]:
+                    split: SplitOptions | None = None, revision: str | None = None,
+                    remote=None) -> list[tuple[Plan, Path]]:
     """convert_hf for every type in `options.outtype` ("Q4_K_M,Q6_K,Q8_0"): each output equals its own
     convert_hf run byte for byte, the checkpoint is read once, and all outputs appear together or none."""
-    from dataclasses import replace
     from ..format.text import has_ftype_field
     types = split_outtypes(options.outtype)
     if outfile and not Path(outfile).is_dir() and len(types) > 1 and not has_ftype_field(outfile):
         raise UserError(f"several output types need an --outfile with {{ftype}}, e.g. model-{{ftype}}.gguf, or a "
                         f"directory (got {outfile})")
-    root = resolve_model(model)
-    checkpoint = open_checkpoint(root, allow_pickle=options.allow_pickle)
+    with opened_checkpoint(model, options, revision, remote) as checkpoint:
+        return _convert_hf_many(checkpoint, model, outfile, options, types, force, dry_run, progress_factory,
+                                display_name, split)
+
+
+def _convert_hf_many(checkpoint, model, outfile, options, types, force, dry_run, progress_factory, display_name,
+                     split) -> list[tuple[Plan, Path]]:
+    from dataclasses import replace
+    root = checkpoint.root
     if display_name is None and not Path(model).exists() and "/" in model:
         display_name = model
     out: list[tuple[Plan, Path]] = []
@@ -302,11 +414,9 @@ def convert_hf_many(model: str, outfile: str | None, options: ConvertOptions, *,
         for shard in plan.shards:
             check_output(shard.path, root, force)
     plans = [plan for plan, _ in out]
-    with replacing(force):
-        if progress_factory is None:
-            write_plans(plans, options)
-        else:
-            names = ", ".join(target.name for _, target in out)
-            with progress_factory(sum(p.nbytes for p in plans), f"writing {names}") as advance:
-                write_plans(plans, options, advance)
+    with replacing(force), resumable(checkpoint, plans, options, force) as resume:
+        names = ", ".join(target.name for _, target in out)
+        with write_progress(checkpoint, plans, progress_factory, names, resume.first if resume else 0) as (advance,
+                                                                                                          done):
+            write_plans(plans, options, advance, done, resume)
     return out

@@ -192,7 +192,8 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
     if options.mmproj:
         arch = vision_encoder(arch, checkpoint, options)
     validate_checkpoint(checkpoint, arch, check_tensors=not options.vocab_only)
-    write_vocab = vocabulary(arch.vocab)(checkpoint.root, hparams, options.pre_tokenizer) if arch.vocab else None
+    write_vocab = (vocabulary(arch.vocab)(checkpoint.root, arch.vocab_config(hparams), options.pre_tokenizer)
+                   if arch.vocab else None)
     outtype = resolve_outtype(options.outtype.lower(), checkpoint)
     preset = None
     if outtype in CONVERTER_OUTTYPES:
@@ -225,6 +226,7 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
     md.u32("general.quantization_version", QUANT_VERSION)
     if write_vocab is not None:
         write_vocab(md)
+        arch.after_vocab(md)
     apply_overrides(md, options.metadata_overrides)
     if options.imatrix is not None and preset is None:
         raise UserError("--imatrix needs a quantize preset as --outtype (Q4_K_M, IQ4_XS, Q2_K_S, ...)",
@@ -232,6 +234,7 @@ def plan_conversion(checkpoint: Checkpoint, options: ConvertOptions, display_nam
     im = loaded or (load_imatrix(options.imatrix) if options.imatrix is not None else None)
     plan = Plan(arch, md, tensors, file_type, outtype.upper(), name, label, general, options.vocab_only)
     plan.imatrix = im
+    plan.warnings.extend(arch.notes())
     if preset is not None:
         plan.tensors = apply_preset(tensors, preset, md, ggml_out, im, plan)
         if options.imatrix is not None and im is None:

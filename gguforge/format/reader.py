@@ -123,8 +123,10 @@ def _fast_reader_class():
     return FastArrayReader
 
 
-def open_reader(path: Path):
-    """A validated gguf.GGUFReader for one file."""
+def open_reader(path: Path, *, empty_tensors: bool = False):
+    """A validated gguf.GGUFReader for one file. empty_tensors: accept tensors with a dimension of 0, as
+    ggml's reader does (gguf_init_from_file_impl refuses only negative ones); inspect and diff show them,
+    the converter and quantize do not take them."""
     GGUFReader = _fast_reader_class()
 
     path = Path(path)
@@ -144,7 +146,7 @@ def open_reader(path: Path):
         raise UserError(f"{path} is a big-endian GGUF file, which is not supported")
     _check_strings(path, reader)
     _check_counts(path, reader)
-    _check_tensor_shapes(path, reader)
+    _check_tensor_shapes(path, reader, empty_tensors)
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + int(t.n_bytes) > size:
@@ -190,12 +192,15 @@ def _check_counts(path: Path, reader) -> None:
                             f"({str(f.contents())[:40]})", hint="the file is corrupt")
 
 
-def _check_tensor_shapes(path: Path, reader) -> None:
-    """No dimension of size 0, and rows that hold whole blocks of the tensor's type."""
+def _check_tensor_shapes(path: Path, reader, empty_tensors: bool = False) -> None:
+    """No dimension of size 0 (unless `empty_tensors`), and rows that hold whole blocks of the tensor's type."""
     for t in reader.tensors:
         ne = [int(d) for d in t.shape.tolist()]
-        if not ne or min(ne) < 1:
-            raise UserError(f"{path}: tensor {t.name} has a dimension of size 0 ({ne})", hint="the file is corrupt")
+        if not ne:
+            raise UserError(f"{path}: tensor {t.name} has no dimensions", hint="the file is corrupt")
+        if min(ne) == 0 and not empty_tensors:
+            raise UserError(f"{path}: tensor {t.name} has a dimension of size 0 ({ne}), which this command "
+                            "cannot use", hint="gguforge inspect and diff show such files")
         block, _ = block_size(t.tensor_type)
         if ne[0] % block:
             raise UserError(f"{path}: tensor {t.name} has rows of {ne[0]} values, not a whole number of "

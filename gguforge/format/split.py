@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .writer import Metadata, OutputFiles, TensorEntry, write_gguf_outputs, write_gguf_shards
+from .writer import Metadata, OutputFiles, TensorEntry, write_gguf_outputs
 
 SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT = "split.no", "split.count", "split.tensors.count"
 SPLIT_KEYS = (SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT)
@@ -30,7 +30,7 @@ def parse_size(text: str) -> int:
     text = text.strip()
     unit = UNITS.get(text[-1:].upper(), 1) if text else 1
     digits = text[:-1] if unit != 1 else text
-    if not digits.isdigit():
+    if not (digits.isascii() and digits.isdigit()):  # str.isdigit() alone accepts '²', which int() refuses
         raise UserError(f"--split-max-size {text!r}: expected a whole number with an optional K, M or G "
                         "(for example 300M or 2G)")
     return int(digits) * unit
@@ -125,15 +125,20 @@ def split_siblings(first: Path, count: int) -> list[Path]:
 
 
 def write_shards(shards: list[Shard], metadata: Metadata, tensors: list[TensorEntry], chunks,
-                 progress=None) -> None:
+                 progress=None, resume=None) -> None:
     """Write the planned files (a single shard is a plain, unsplit file) atomically, all or none."""
-    write_gguf_shards([s.path for s in shards], shard_metadata(metadata, shards),
-                      [(s.start, s.stop) for s in shards], tensors, chunks, progress)
+    write_gguf_outputs([output_files(shards, metadata, tensors)], lambda: ((i, (data,)) for i, data in chunks()),
+                       progress, resume)
 
 
-def write_many_shards(outputs: list[tuple[list[Shard], Metadata, list[TensorEntry]]], chunks, progress=None) -> None:
+def output_files(shards: list[Shard], metadata: Metadata, tensors: list[TensorEntry]) -> OutputFiles:
+    """What the writer (and format/resume.py) needs of one planned output."""
+    return OutputFiles([s.path for s in shards], shard_metadata(metadata, shards), [(s.start, s.stop) for s in shards],
+                       tensors)
+
+
+def write_many_shards(outputs: list[tuple[list[Shard], Metadata, list[TensorEntry]]], chunks, progress=None,
+                      resume=None) -> None:
     """Several planned outputs (shards, metadata, tensors) from one stream: `chunks()` yields (tensor
     index, one data per output); every file of every output appears, or none."""
-    write_gguf_outputs([OutputFiles([s.path for s in shards], shard_metadata(metadata, shards),
-                                    [(s.start, s.stop) for s in shards], tensors)
-                        for shards, metadata, tensors in outputs], chunks, progress)
+    write_gguf_outputs([output_files(*o) for o in outputs], chunks, progress, resume)

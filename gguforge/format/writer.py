@@ -124,6 +124,9 @@ class Metadata:
     def set(self, key: str, value: Any, vtype: GGUFValueType, item_type: GGUFValueType | None = None):
         # Values come from configs, tokenizers and override files: refuse what the file format cannot
         # store, or llama.cpp could not use, here, once for every key.
+        key_problem = _value_problem(key, GGUFValueType.STRING)  # keys are GGUF strings too
+        if key_problem:
+            raise UserError(f"metadata key {key_problem} (check the --metadata file or the override options)")
         items = value if vtype == GGUFValueType.ARRAY else (value,)
         kind = item_type if vtype == GGUFValueType.ARRAY else vtype
         if not _all_fine(items, kind):  # (a vocabulary is 10^5 strings: look one by one only for the message)
@@ -328,33 +331,38 @@ class OutputFiles:
 
 
 def write_gguf_outputs(outputs: list[OutputFiles], chunks: Callable[[], Iterable[tuple[int, Any]]],
-                       progress: Callable[[int], None] | None = None) -> None:
+                       progress: Callable[[int], None] | None = None, resume=None) -> None:
     """Write several GGUF outputs (each possibly split) from one stream of chunks.
 
     Every output has the same number of tensors; `chunks()` yields (tensor index, one bytes-like or
     FileSpan per output) in tensor order. All files of all outputs are renamed into place together,
-    and none is left behind on failure.
+    and none is left behind on failure. With `resume` (format/resume.py: its files hold the headers and
+    tensors before `resume.first`), chunks start at tensor `resume.first`, each finished tensor is
+    journaled, and a failure keeps the files for the next run.
     """
     n_tensors = len(outputs[0].tensors)
     if any(len(o.tensors) != n_tensors for o in outputs):
         raise RuntimeError("outputs written together must have the same number of tensors")
     targets = [t for o in outputs for t in o.targets]
-    with atomic_outputs(targets) as files:
+    with atomic_outputs(targets) if resume is None else resume.files() as files:
         shard_files = []  # per output, the file each tensor goes to
         at = 0
         for o in outputs:
             mine = files[at:at + len(o.targets)]
             at += len(o.targets)
             for f, md, (a, b) in zip(mine, o.metadatas, o.groups):
-                f.write(encode_header(md, o.tensors[a:b]))
+                if resume is None:
+                    f.write(encode_header(md, o.tensors[a:b]))
             shard_files.append([mine[k] for k, (a, b) in enumerate(o.groups) for _ in range(a, b)])
-        current, written = 0, [0] * len(outputs)
+        current, written = (0 if resume is None else resume.first), [0] * len(outputs)
 
         def close_tensor(i):
             for o, fs, n in zip(outputs, shard_files, written):
                 if n != o.tensors[i].nbytes:
                     raise RuntimeError(f"{o.tensors[i].name}: wrote {n} bytes, planned {o.tensors[i].nbytes}")
                 fs[i].write(b"\0" * _pad(n))
+            if resume is not None:
+                resume.written(i)
 
         for index, datas in chunks():
             while index != current:
@@ -365,7 +373,7 @@ def write_gguf_outputs(outputs: list[OutputFiles], chunks: Callable[[], Iterable
                 written[k] += n
                 if progress:
                     progress(n)
-        if n_tensors:
+        if current < n_tensors:
             while True:
                 close_tensor(current)
                 if current == n_tensors - 1:

@@ -523,4 +523,4 @@ def compute_imatrix(model: str, text_file, options: ImatrixOptions | None = None
 
 def _block(gguf_name: str) -> int:
     parts = gguf_name.split(".")
-    return int(parts[1]) if parts[0] == "blk" and parts[1].isdigit() else -1
+    return int(parts[1]) if parts[0] == "blk" and parts[1].isascii() and parts[1].isdigit() else -1

@@ -51,7 +51,11 @@ def parse_kv_override(text: str) -> KvOverride:
         raise bad("no '='")
     if not key:
         raise bad("the key is empty")
-    if len(key.encode("utf-8", "surrogateescape")) > KEY_MAX:
+    try:
+        key_bytes = key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad("the key is not valid UTF-8") from None
+    if len(key_bytes) > KEY_MAX:
         raise bad(f"the key is longer than {KEY_MAX} bytes")
     if key in SPLIT_KEYS:
         raise bad(f"{key} is set by the split options")
@@ -120,7 +124,7 @@ def parse_prune_layers(text: str) -> list[int]:
     layers = []
     for part in text.split(","):
         digits = part.strip()
-        if not digits.isdigit():
+        if not (digits.isascii() and digits.isdigit()):
             raise UserError(f"--prune-layers {text!r}: {part!r} is not a block number",
                             hint="give comma-separated block numbers, e.g. --prune-layers 20,21")
         layers.append(int(digits))

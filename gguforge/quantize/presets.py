@@ -80,7 +80,7 @@ def parse_preset(name: str | Preset) -> Preset:
     key = ALIASES.get(key, key)
     if key in PRESETS:
         return PRESETS[key]
-    if key.isdigit():
+    if key.isascii() and key.isdigit():  # not '²' (isdigit() accepts it, int() does not)
         for preset in PRESETS.values():
             if preset.file_type == int(key):
                 return preset
@@ -94,16 +94,23 @@ def parse_preset(name: str | Preset) -> Preset:
     )
 
 
+def writable_types() -> list[T]:
+    """The ggml types gguforge can write a tensor in: those the native quantizer's type table holds."""
+    from .native import supported
+    return [t for t in T if supported(t)]
+
+
 def parse_ggml_type(name: str) -> T:
-    """A ggml type by name, case-insensitive ('q8_0', 'Q6_K', 'f16', ...), as --tensor-type etc. accept."""
+    """A ggml type gguforge can write, by name, case-insensitive ('q8_0', 'Q6_K', 'f16', ...), as
+    --tensor-type, --output-tensor-type and --token-embedding-type accept. ggml knows more (Q8_1, ...)."""
     key = name.strip().upper()
-    try:
-        return T[key]
-    except KeyError:
-        raise UserError(
-            f"unknown ggml type {name!r}",
-            hint="valid types: " + ", ".join(t.name for t in T),
-        ) from None
+    hint = "types gguforge can write: " + ", ".join(t.name.lower() for t in writable_types())
+    ggml_type = T.__members__.get(key)
+    if ggml_type is None:
+        raise UserError(f"unknown ggml type {name!r}", hint=hint)
+    if ggml_type not in writable_types():
+        raise UserError(f"gguforge cannot write {ggml_type.name} tensors (given as {name!r})", hint=hint)
+    return ggml_type
 
 
 def parse_tensor_type_option(option: str) -> tuple[str, T]:

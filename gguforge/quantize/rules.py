@@ -533,6 +533,18 @@ _FALLBACKS = {
 }
 
 
+def _explicit_type(name: str, ne0: int, ggml_type: T, option: str) -> T:
+    """--output-tensor-type / --token-embedding-type skip tensor_type_fallback in llama-quantize
+    (llama_tensor_get_type returns them as given), which then aborts in ggml_row_size on a row its block
+    does not divide: refused here before anything is written."""
+    if ggml_type not in NON_QUANTIZED_TYPES and ne0 % block_size(ggml_type) != 0:
+        fits = [t.name.lower() for t in (T.Q8_0, T.Q5_0, T.F16) if ne0 % block_size(t) == 0]
+        raise UserError(f"{option} {ggml_type.name.lower()}: the rows of {name} ({ne0} values) are not a multiple of "
+                        f"its block of {block_size(ggml_type)} (llama-quantize aborts on this)",
+                        hint=f"choose a type whose block divides {ne0}, e.g. {fits[0]}")
+    return ggml_type
+
+
 def shape_fallback(ne0: int, target: T) -> T:
     """tensor_type_fallback: a type whose block size divides the row length ne0."""
     if ne0 % block_size(target) == 0:
@@ -702,9 +714,11 @@ def _plan_one(tensor: TensorIn, category: Category, preset: Preset, model: _Mode
     # per_layer_token_embd, which is a big separate table.
     if options.token_embedding_type is not None and category == Category.TOKEN_EMBD:
         if not (name == "per_layer_token_embd.weight" and _first_override(name, overrides)):
-            return planned(options.token_embedding_type, "--token-embedding-type")
+            return planned(_explicit_type(name, ne0, options.token_embedding_type, "--token-embedding-type"),
+                           "--token-embedding-type")
     if options.output_tensor_type is not None and category == Category.OUTPUT:
-        return planned(options.output_tensor_type, "--output-tensor-type")
+        return planned(_explicit_type(name, ne0, options.output_tensor_type, "--output-tensor-type"),
+                       "--output-tensor-type")
 
     if preset.is_float:
         # llama.cpp runs no rules, overrides or fallback when the default type is not quantized.

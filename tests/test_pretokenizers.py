@@ -1,0 +1,157 @@
+"""Every entry of the known split-regex table (convert/vocab.py KNOWN_SPLIT_REGEXES: tokenizer.json regex ->
+llama.cpp pre-tokenizer name), checked against the pinned llama.cpp tree, whatever entries the table holds:
+
+- llama.cpp knows the name (src/llama-vocab.cpp llama_vocab::impl::load: `tokenizer_pre == "NAME"` gives a
+  LLAMA_VOCAB_PRE_TYPE), and the regex is the tokenizer.json regex llama.cpp records for that type (the
+  "original regex from tokenizer.json" comment of llm_tokenizer_bpe's constructor, or its active regex);
+- on every test input of llama.cpp's vocab tests (models/ggml-vocab-*.gguf.inp), the regex splits text
+  exactly as llama.cpp's own regex list for that type does (applied one after the other, as
+  unicode_regex_split does);
+- where llama.cpp ships the vocabulary of that name (models/ggml-vocab-NAME.gguf), a byte-level BPE
+  tokenizer built from it with the regex as its split gives the token ids of models/ggml-vocab-NAME.gguf.out
+  (written by convert_hf_to_gguf_update.py from the original tokenizer, add_special_tokens=False).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from gguforge.convert.vocab import KNOWN_SPLIT_REGEXES
+
+from helpers import llama_cpp_source
+
+regex = pytest.importorskip("regex")  # the engine Hugging Face tokenizers' Split regexes behave like
+tokenizers = pytest.importorskip("tokenizers")
+
+SEPARATOR = "\n__ggml_vocab_test__\n"
+ENTRIES = sorted(KNOWN_SPLIT_REGEXES.items(), key=lambda item: item[1])
+
+
+@pytest.fixture(scope="module")
+def tree() -> Path:
+    return llama_cpp_source()
+
+
+@pytest.fixture(scope="module")
+def vocab_cpp(tree) -> str:
+    return (tree / "src" / "llama-vocab.cpp").read_text(encoding="utf-8")
+
+
+def cpp_string(body: str) -> str:
+    """The text of a C++ string literal's body (the escapes llama-vocab.cpp's regexes use)."""
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r", "t": "\t"}.get(m.group(1), m.group(1)), body)
+
+
+def loader_branch(vocab_cpp: str, name: str) -> tuple[str, str]:
+    """(the LLAMA_VOCAB_PRE_TYPE_* llama.cpp's loader gives tokenizer.ggml.pre == name, the settings it
+    makes with it: ignore_merges, add_bos ...)."""
+    for names, pre_type, settings in re.findall(
+            r"if\s*\(((?:\s*(?:\|\|)?\s*tokenizer_pre\s*==\s*\"[^\"]*\")+)\s*\)\s*\{\s*"
+            r"pre_type\s*=\s*(LLAMA_VOCAB_PRE_TYPE_\w+);([^}]*)", vocab_cpp):
+        if name in re.findall(r"\"([^\"]*)\"", names):
+            return pre_type, settings
+    pytest.fail(f"llama.cpp does not know the pre-tokenizer {name!r}")
+
+
+def pre_type_of(vocab_cpp: str, name: str) -> str:
+    return loader_branch(vocab_cpp, name)[0]
+
+
+def regexes_of(vocab_cpp: str, pre_type: str) -> tuple[list[str], list[str]]:
+    """(tokenizer.json regexes quoted in comments, regexes llama.cpp runs) of the constructor's case."""
+    start = vocab_cpp.index(f"case {pre_type}:", vocab_cpp.index("struct llm_tokenizer_bpe"))
+    body = vocab_cpp[start:vocab_cpp.index("break;", start)]
+    exprs = body[body.index("regex_exprs = {") + len("regex_exprs = {"):body.index("};")]
+    original, active = [], []
+    for line in exprs.splitlines():
+        line = line.strip()
+        commented = line.startswith("//")
+        literal = re.fullmatch(r"(?://\s*)?\"((?:[^\"\\]|\\.)*)\",?", line)
+        if literal:
+            (original if commented else active).append(cpp_string(literal.group(1)))
+    assert active, f"no regex for {pre_type}"
+    return original, active
+
+
+def split(text: str, expressions: list[str]) -> list[str]:
+    """Split as Split(behavior=Isolated) / unicode_regex_split: matches and the gaps between them."""
+    pieces = [text]
+    for expression in expressions:
+        compiled, out = regex.compile(expression), []
+        for piece in pieces:
+            at = 0
+            for m in compiled.finditer(piece):
+                out += [piece[at:m.start()]] if m.start() > at else []
+                out += [m.group()] if m.end() > m.start() else []
+                at = m.end()
+            out += [piece[at:]] if at < len(piece) else []
+        pieces = out
+    return pieces
+
+
+def vocab_test(tree: Path, name: str) -> tuple[list[str], list[list[int]]] | None:
+    inp, out = tree / "models" / f"ggml-vocab-{name}.gguf.inp", tree / "models" / f"ggml-vocab-{name}.gguf.out"
+    if not (inp.is_file() and out.is_file()):
+        return None
+    texts = inp.read_text(encoding="utf-8").split(SEPARATOR)[:-1]
+    ids = [[int(i) for i in line.split()] for line in out.read_text(encoding="utf-8").split("\n")[:-1]]
+    assert len(texts) == len(ids)
+    return texts, ids
+
+
+def all_test_inputs(tree: Path) -> list[str]:
+    texts = set()
+    for path in sorted((tree / "models").glob("ggml-vocab-*.gguf.inp")):
+        texts.update(path.read_text(encoding="utf-8").split(SEPARATOR)[:-1])
+    return sorted(texts)
+
+
+def test_the_table_is_checked_at_all():
+    assert {"qwen2", "llama-bpe"} <= set(KNOWN_SPLIT_REGEXES.values())
+
+
+@pytest.mark.parametrize("ours, name", ENTRIES, ids=[name for _, name in ENTRIES])
+def test_regex_is_the_one_llama_cpp_records(vocab_cpp, ours, name):
+    original, active = regexes_of(vocab_cpp, pre_type_of(vocab_cpp, name))
+    assert ours in original + active, f"{name}: {ours!r} is none of llama.cpp's {original + active}"
+
+
+@pytest.mark.parametrize("ours, name", ENTRIES, ids=[name for _, name in ENTRIES])
+def test_regex_splits_llama_cpp_test_inputs_as_llama_cpp(tree, vocab_cpp, ours, name):
+    _, active = regexes_of(vocab_cpp, pre_type_of(vocab_cpp, name))
+    texts = all_test_inputs(tree)
+    assert len(texts) > 40
+    for text in texts:
+        assert split(text, [ours]) == split(text, active), (name, text)
+
+
+def bpe_tokenizer(vocab_gguf: Path, expression: str, ignore_merges: bool):
+    """A byte-level BPE tokenizer from a llama.cpp vocab file, pre-tokenizing with `expression`;
+    ignore_merges: a whole pre-token that is a token is taken as is (llama.cpp's flag for the type)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from gguforge.format.reader import open_reader  # (gguf-py's own reader takes ~10x as long on 150k strings)
+    fields = open_reader(vocab_gguf).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
+    tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=ignore_merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(expression), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+@pytest.mark.parametrize("ours, name", ENTRIES, ids=[name for _, name in ENTRIES])
+def test_vocab_test_inputs_tokenize_to_llama_cpp_expected_ids(tree, vocab_cpp, ours, name):
+    found = vocab_test(tree, name)
+    if found is None:
+        pytest.skip(f"llama.cpp ships no vocab test for {name}")
+    texts, expected = found
+    ignore_merges = "ignore_merges = true" in loader_branch(vocab_cpp, name)[1]
+    tokenizer = bpe_tokenizer(tree / "models" / f"ggml-vocab-{name}.gguf", ours, ignore_merges)
+    for text, ids in zip(texts, expected):
+        assert tokenizer.encode(text, add_special_tokens=False).ids == ids, (name, text)
