@@ -596,6 +596,8 @@ def imatrix_cmd(
     fuse_qkv: bool = typer.Option(False, "--fuse-qkv", help="name entries for a convert-hf --fuse-qkv file"),
     fuse_gate_up_exps: bool = typer.Option(False, "--fuse-gate-up-exps",
                                            help="name entries for a convert-hf --fuse-gate-up-exps file"),
+    pre_tokenizer: Optional[str] = typer.Option(None, "--pre-tokenizer",
+                                                help="name the pre-tokenizer by hand (as convert-hf)"),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, max=MAX_THREADS,
                                           help="torch CPU threads (default: torch's)"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
@@ -624,7 +626,8 @@ def imatrix_cmd(
     options = ImatrixOptions(chunk_size=chunk, chunks=chunks, process_output=process_output, device=device,
                              dtype=dtype.strip().lower(), threads=threads, batch_size=batch_size,
                              ubatch_size=ubatch_size,
-                             convert=ConvertOptions(fuse_qkv=fuse_qkv, fuse_gate_up_exps=fuse_gate_up_exps))
+                             convert=ConvertOptions(fuse_qkv=fuse_qkv, fuse_gate_up_exps=fuse_gate_up_exps,
+                                                    pre_tokenizer=pre_tokenizer))
     run = compute_imatrix(model, text_file, options, progress=progress_factory(quiet, unit="tokens"))
     with replacing(force):
         write_imatrix(target, run.imatrix, fmt)

@@ -32,7 +32,8 @@ from pathlib import Path
 
 
 def arch_classes() -> dict:
-    """gguf arch name -> the architecture class, for every registered class with a mock spec."""
+    """mock name (the gguf arch unless the spec names one) -> the architecture class, for every registered
+    class with a mock spec."""
     from gguforge.archs import registered
     return {mock_name(cls): cls for cls in registered().values() if cls.mock is not None}
 
@@ -61,6 +62,13 @@ QWEN35_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
     r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Llama 3's pre-tokenizer regex (llama.cpp "llama-bpe"): digits in groups of up to three.
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+REGEXES = {"qwen2": QWEN2_REGEX, "qwen35": QWEN35_REGEX, "llama-bpe": LLAMA3_REGEX}
+TOKENIZER_CLASSES = {"qwen2": "Qwen2Tokenizer", "qwen35": "Qwen3_5Tokenizer", "llama-bpe": "PreTrainedTokenizerFast"}
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 USER_TOKENS = ["<think>", "</think>"]  # added but not special (USER_DEFINED in GGUF)
@@ -98,7 +106,7 @@ def tokenizer_json(arch: str) -> str:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
     from tokenizers.models import BPE
 
-    regex = QWEN35_REGEX if spec(arch).tokenizer == "qwen35" else QWEN2_REGEX
+    regex = REGEXES[spec(arch).tokenizer]
     tok = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
                         fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()  # as in Qwen's tokenizer.json (test texts are NFC already)
@@ -138,7 +146,7 @@ def write_tokenizer(arch: str, out: Path) -> dict[str, int]:
         "pad_token": "<|endoftext|>",
         "split_special_tokens": False,
         # transformers rebuilds the pipeline from this class; its regex equals ours.
-        "tokenizer_class": "Qwen3_5Tokenizer" if spec(arch).tokenizer == "qwen35" else "Qwen2Tokenizer",
+        "tokenizer_class": TOKENIZER_CLASSES[spec(arch).tokenizer],
         "unk_token": None,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -11,6 +11,7 @@ import pytest
 from gguforge.cli import main
 
 from helpers import run_reference_converter
+import make_mocks
 
 pytest.importorskip("torch")
 
@@ -22,6 +23,9 @@ VARIANTS = [  # (arch, mock kwargs)
                                               "original_max_position_embeddings": 1024}}),
     ("qwen3moe", {}),
     ("qwen3moe", {"tied": True, "num_experts": 8}),
+    ("llama", {"tied": True}),  # GQA 8:1, head_dim != hidden/heads, llama3 rope scaling -> rope_freqs
+    ("mistral", {}),
+    ("mixtral", {"tied": True, "num_experts": 8}),
 ]
 IDS = [a + "".join(f"-{k}" for k in kw) for a, kw in VARIANTS]
 
@@ -33,7 +37,7 @@ def test_whole_file_equals_reference_converter(tree, mock_model, tmp_path, arch,
     for outtype in ("q8_0", "f16"):
         ours, ref = tmp_path / f"ours-{outtype}.gguf", tmp_path / f"ref-{outtype}.gguf"
         assert main(["convert-hf", str(model), "--outfile", str(ours), "--outtype", outtype, "--quiet"]) == 0
-        r = run_reference_converter(tree, model, ref, outtype, "qwen2")
+        r = run_reference_converter(tree, model, ref, outtype, make_mocks.spec(arch).tokenizer)
         assert r.returncode == 0, r.stderr[-2000:]
         a, b = gguf.GGUFReader(ours), gguf.GGUFReader(ref)
         assert [t.name for t in a.tensors] == [t.name for t in b.tensors], outtype

@@ -81,6 +81,7 @@ FUSED = ("--fuse-qkv", "--fuse-gate-up-exps")
     ("qwen2", ("--process-output",)),  # q/k/v biases; output.weight recorded too
     ("qwen2moe", ()),  # shared expert and its gate
     ("qwen3vl", ()),  # a model that exists only inside its vision-language wrapper
+    ("mixtral", ()),  # block_sparse_moe experts under transformers' in-memory names
 ])
 def test_gguforge_imatrix_matches_llama_imatrix(mock_model, llama_imatrix, tmp_path, arch, extra):
     from gguforge.format.imatrix import read_imatrix

@@ -317,7 +317,7 @@ def test_embedded_model_is_small_and_reproducible(tmp_path):
 
 def test_make_mock_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError):
-        make_mocks.make_mock("llama", tmp_path / "x")
+        make_mocks.make_mock("gpt-j", tmp_path / "x")  # no such mock
     with pytest.raises(ValueError):
         make_mocks.make_mock("qwen2moe", tmp_path / "x", layout="hub")
     with pytest.raises(ValueError):

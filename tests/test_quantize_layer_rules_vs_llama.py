@@ -33,7 +33,8 @@ POSITION_RULES = {"Q4_K_M": ("attn_v.weight", "ffn_down"), "Q4_K_S": ("attn_v.we
                   "Q5_K_M": ("attn_v.weight", "ffn_down"), "Q3_K_M": ("attn_v.weight", "ffn_down"),
                   "IQ4_NL": ("ffn_down",)}
 # (arch, layers, routed experts): 18 layers -> 9 attn_v in the hybrid; n - n/8 != 7n/8 for 9, 18, 20
-DEEP = [("qwen35", 18, None), ("qwen2moe", 20, 4)]
+DEEP = [("qwen35", 18, None), ("qwen2moe", 20, 4),
+        ("llama", 18, None)]  # the arch llama-quantize's rules were written for: GQA 8:1 (n_gqa rules), rope_freqs
 
 
 @pytest.fixture(scope="module", autouse=True)

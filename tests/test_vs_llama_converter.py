@@ -13,13 +13,9 @@ from helpers import read_gguf, run_reference_converter
 # (Not a difference: tokenizer.ggml.pre. llama.cpp names pre-tokenizers by hashing the tokenizer's
 # output against a table of released models and refuses the mock tokenizers; the runner hands it the
 # name gguforge must derive, so a wrong name from gguforge still fails here.)
-KNOWN_METADATA_DIFFERENCES = {
-    "tokenizer.ggml.add_eos_token": (
-        False, None,
-        "a TemplateProcessing post-processor whose single template ends with the sequence: gguforge says "
-        "add_eos_token = false, llama.cpp's converter leaves the key out; llama.cpp reads a missing key "
-        "as false for BPE vocabularies, so the loaded model is the same"),
-}
+# key -> (ours, llama.cpp's, why): none left (a TemplateProcessing post-processor ending with the sequence
+# now leaves add_eos_token out, as gguf-py's SpecialVocab does)
+KNOWN_METADATA_DIFFERENCES: dict = {}
 
 
 def metadata(path) -> dict:
@@ -97,8 +93,7 @@ TOKENIZER_VARIANTS = {
     "config-flags": (lambda t: t.update(post_processor=None),
                      lambda c: c.update(add_bos_token=True, add_eos_token=True, bos_token="<|im_start|>"),
                      True, []),
-    "template-processing": (template_processing, lambda c: c.update(bos_token="<|endoftext|>"), False,
-                            ["tokenizer.ggml.add_eos_token"]),
+    "template-processing": (template_processing, lambda c: c.update(bos_token="<|endoftext|>"), False, []),
 }
 
 

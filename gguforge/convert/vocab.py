@@ -19,16 +19,9 @@ from ..errors import UserError
 from ..checkpoint.read import read_json_object
 from ..format.writer import Metadata
 
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# Qwen3.5 adds combining marks (\p{M}) to the letter classes.
-QWEN35_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
-                r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-# split regex (as written in tokenizer.json) -> llama.cpp pre-tokenizer name
-KNOWN_SPLIT_REGEXES = {QWEN2_REGEX: "qwen2", QWEN35_REGEX: "qwen35", LLAMA3_REGEX: "llama-bpe"}
+# llama.cpp's pre-tokenizer names and the definitions they are recognised from (convert/pretokenizers.py)
+from .pretokenizers import (KNOWN_SPLIT_REGEXES, LLAMA3_REGEX, QWEN2_REGEX, QWEN35_REGEX,  # noqa: F401,E402
+                            all_names, recognise)
 
 SPECIAL_TOKEN_KINDS = {  # tokenizer_config key prefix -> GGUF key
     "bos": "tokenizer.ggml.bos_token_id",
@@ -50,34 +43,21 @@ class Vocab:
     special_ids: dict[str, int]
     add_flags: dict[str, bool]
     chat_template: str | None
+    scores: list[float] | None = None  # SentencePiece-style vocabularies
+    model: str = "gpt2"  # tokenizer.ggml.model
+    add_space_prefix: bool | None = None  # written first, as LlamaModel.set_vocab does
 
 
-def _steps(node: dict | None) -> list[dict]:
-    if not node:
-        return []
-    if node.get("type") == "Sequence":
-        return [s for sub in node.get("pretokenizers", []) for s in _steps(sub)]
-    return [node]
-
-
-def detect_pre_tokenizer(tokenizer: dict) -> str:
-    """Name llama.cpp uses for this tokenizer's pre-tokenization, derived from its definition."""
-    steps = _steps(tokenizer.get("pre_tokenizer"))
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
-        return "gpt-2"
-    if kinds == ["Split", "ByteLevel"]:
-        split, byte_level = steps
-        pattern = split.get("pattern") if isinstance(split.get("pattern"), dict) else {}
-        regex = pattern.get("Regex", pattern.get("String"))
-        if (split.get("behavior") == "Isolated" and not split.get("invert")
-                and not byte_level.get("use_regex", True) and not byte_level.get("add_prefix_space")
-                and isinstance(regex, str) and regex in KNOWN_SPLIT_REGEXES):
-            return KNOWN_SPLIT_REGEXES[regex]
+def detect_pre_tokenizer(tokenizer: dict, model_type: str | None = None, bos_token: str | None = None) -> str:
+    """Name llama.cpp uses for this tokenizer's pre-tokenization, derived from its definition (and, where
+    several names share one, from the model family: config.json model_type, the BOS token)."""
+    name = recognise(tokenizer, model_type, bos_token)
+    if name is not None:
+        return name
     found = json.dumps(tokenizer.get("pre_tokenizer"), ensure_ascii=False)
     raise UserError(f"unrecognised pre-tokenizer: {found[:400]}",
                     hint="if it matches one llama.cpp knows, name it with --pre-tokenizer "
-                         f"(known here: {', '.join(sorted(set(KNOWN_SPLIT_REGEXES.values()) | {'gpt-2'}))})")
+                         f"(known here: {', '.join(all_names())})")
 
 
 def looks_special(token: str) -> bool:
@@ -209,12 +189,28 @@ def load_vocab(root: Path, hparams: dict, pre_tokenizer: str | None = None) -> V
     if not merges:
         raise UserError(f"{path}: BPE model has no merges (llama.cpp cannot load a BPE vocabulary without them)")
 
-    tok_config = read_json_object(root / "tokenizer_config.json") if (root / "tokenizer_config.json").is_file() else {}
+    tok_config = read_tokenizer_config(root)
+    special_ids, add_flags = special_tokens(tok, tok_config, hparams, size)
+    return Vocab(tokens, [int(t) for t in types], merges,
+                 pre_tokenizer or detect_pre_tokenizer(tok, hparams.get("model_type"),
+                                                       _token_content(tok_config.get("bos_token"))),
+                 special_ids, add_flags,
+                 _chat_template(root, tok_config))
+
+
+def read_tokenizer_config(root: Path) -> dict:
+    return read_json_object(root / "tokenizer_config.json") if (root / "tokenizer_config.json").is_file() else {}
+
+
+def special_tokens(tok: dict, tok_config: dict, hparams: dict, size: int) -> tuple[dict[str, int], dict[str, bool]]:
+    """({kind: token id}, {kind: add it}) as gguf-py's SpecialVocab finds them: token contents named in
+    tokenizer_config.json resolved through tokenizer.json's added tokens, then config.json's *_token_id;
+    the add flags from tokenizer.json's post-processor, then tokenizer_config.json's add_*_token."""
     content_ids = {t["content"]: int(t["id"]) for t in tok.get("added_tokens", [])}
     special_ids: dict[str, int] = {}
     for kind in SPECIAL_TOKEN_KINDS:
         content = _token_content(tok_config.get(f"{kind}_token"))
-        if content is not None and content in content_ids:
+        if content is not None and content in content_ids and content_ids[content] < size:
             special_ids[kind] = content_ids[content]
     for kind in SPECIAL_TOKEN_KINDS:  # config ids only fill kinds the tokenizer config left open
         value = hparams.get(f"{kind}_token_id")
@@ -224,6 +220,7 @@ def load_vocab(root: Path, hparams: dict, pre_tokenizer: str | None = None) -> V
     add_flags: dict[str, bool] = {}
     post = tok.get("post_processor") or {}
     post_steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    bos, eos = (_token_content(tok_config.get(f"{k}_token")) for k in ("bos", "eos"))
     for step in post_steps:
         if not isinstance(step, dict):
             continue
@@ -231,16 +228,17 @@ def load_vocab(root: Path, hparams: dict, pre_tokenizer: str | None = None) -> V
             add_flags.setdefault("bos", False)
             add_flags.setdefault("eos", False)
         elif step.get("type") == "TemplateProcessing":
-            single = step.get("single") if isinstance(step.get("single"), list) else []
-            add_flags.setdefault("bos", bool(single) and "SpecialToken" in single[0])
-            add_flags.setdefault("eos", len(single) > 1 and "SpecialToken" in single[-1])
+            single = [t for t in step.get("single") or [] if isinstance(t, dict)]
+            if len(single) > 1:  # [special] $A [special]: a special token at either end is added
+                first, last = (s.get("SpecialToken", {}).get("id") for s in (single[0], single[-1]))
+                if first:
+                    add_flags["bos"] = first in (bos, _token_content(tok_config.get("cls_token"))) or not tok_config
+                if last:
+                    add_flags["eos"] = last == eos or not tok_config
     for kind in ("bos", "eos", "sep"):
         if kind not in add_flags and isinstance(tok_config.get(f"add_{kind}_token"), bool):
             add_flags[kind] = tok_config[f"add_{kind}_token"]
-
-    return Vocab(tokens, [int(t) for t in types], merges,
-                 pre_tokenizer or detect_pre_tokenizer(tok), special_ids, add_flags,
-                 _chat_template(root, tok_config))
+    return special_ids, add_flags
 
 
 def _chat_template(root: Path, tok_config: dict) -> str | None:
@@ -262,11 +260,16 @@ def _chat_template(root: Path, tok_config: dict) -> str | None:
 
 
 def add_vocab_metadata(md: Metadata, vocab: Vocab) -> None:
-    md.str("tokenizer.ggml.model", "gpt2")
+    if vocab.add_space_prefix is not None:
+        md.bool("tokenizer.ggml.add_space_prefix", vocab.add_space_prefix)
+    md.str("tokenizer.ggml.model", vocab.model)
     md.str("tokenizer.ggml.pre", vocab.pre)
     md.array("tokenizer.ggml.tokens", vocab.tokens, GGUFValueType.STRING)
+    if vocab.scores is not None:
+        md.array("tokenizer.ggml.scores", vocab.scores, GGUFValueType.FLOAT32)
     md.array("tokenizer.ggml.token_type", vocab.types, GGUFValueType.INT32)
-    md.array("tokenizer.ggml.merges", vocab.merges, GGUFValueType.STRING)
+    if vocab.merges:
+        md.array("tokenizer.ggml.merges", vocab.merges, GGUFValueType.STRING)
     for kind, token_id in vocab.special_ids.items():  # in the order found, as gguf.SpecialVocab writes them
         md.u32(SPECIAL_TOKEN_KINDS[kind], token_id)
     for kind, flag in vocab.add_flags.items():
@@ -297,7 +300,15 @@ def bpe_vocabulary(root: Path, hparams: dict, pre_tokenizer: str | None) -> Call
     return lambda md: add_vocab_metadata(md, vocab)
 
 
+def load_vocab_of(kind: str, root: Path, hparams: dict, pre_tokenizer: str | None = None) -> Vocab:
+    """The vocabulary of a built-in kind as data (for tokenizing: its BOS and add flags)."""
+    from . import spm
+    loaders = {"llama": spm.load_llama_family, "spm": lambda r, h, p: spm.load_sentencepiece(r, h)}
+    return loaders.get(kind, load_vocab)(root, hparams, pre_tokenizer)
+
+
 def vocabulary(kind: str) -> VocabLoader:
+    from . import spm  # noqa: F401  (registers the SentencePiece kinds)
     if kind not in VOCABULARIES:
         raise UserError(f"no vocabulary loader for {kind!r}", hint="known: " + ", ".join(sorted(VOCABULARIES)))
     return VOCABULARIES[kind]

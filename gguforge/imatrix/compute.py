@@ -41,7 +41,7 @@ from ..archs.options import ConvertOptions
 from ..checkpoint.read import Checkpoint, open_checkpoint, resolve_model
 from ..convert.plan import map_tensors
 from ..convert.validate import validate_checkpoint
-from ..convert.vocab import load_vocab
+from ..convert.vocab import load_vocab_of
 from ..errors import UserError
 from ..format.imatrix import Imatrix, ImatrixEntry
 
@@ -226,15 +226,16 @@ def read_text(path: Path) -> str:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def tokenize(root: Path, hparams: dict, text: str, pre_tokenizer: str | None = None) -> tuple[list[int], int | None]:
+def tokenize(root: Path, hparams: dict, text: str, pre_tokenizer: str | None = None,
+             kind: str = "bpe") -> tuple[list[int], int | None]:
     """(tokens, BOS id or None): the text as llama.cpp's common_tokenize(add_special=true,
     parse_special=false) gives it for the converted vocabulary, through the HF tokenizer."""
     import transformers
     from transformers import AutoTokenizer
 
     transformers.utils.logging.set_verbosity_error()  # the whole text is longer than the model's context
-    vocab = load_vocab(root, hparams, pre_tokenizer)
-    add_bos = bool(vocab.add_flags.get("bos", False))  # llama.cpp's default for the qwen2/qwen35 pre-tokenizers
+    vocab = load_vocab_of(kind, root, hparams, pre_tokenizer)
+    add_bos = bool(vocab.add_flags.get("bos", vocab.model == "llama"))  # llama.cpp's default: SPM adds BOS
     bos = vocab.special_ids.get("bos") if add_bos else None
     if add_bos and bos is None:
         raise UserError("the tokenizer adds a BOS token but names none (tokenizer_config.json bos_token)")
@@ -458,7 +459,7 @@ def compute_imatrix(model: str, text_file, options: ImatrixOptions | None = None
     except ImportError:
         raise UserError("gguforge imatrix needs torch and transformers",
                         hint='pip install "gguforge[verify]" (install torch==2.13.0 first)') from None
-    tokens, bos = tokenize(root, checkpoint.hparams, text, o.convert.pre_tokenizer)
+    tokens, bos = tokenize(root, checkpoint.hparams, text, o.convert.pre_tokenizer, arch.vocab)
     chunking = Chunking.of(len(tokens), o)
     if o.threads:
         torch.set_num_threads(o.threads)
