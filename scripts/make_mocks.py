@@ -446,6 +446,8 @@ def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None =
     torch.manual_seed(seed)
     model = lm_cls(cfg)
     sd, config = _initialise_and_save(model, arch, seed, full_precision, tdtype, dtype, out)
+    if hasattr(arch_classes()[arch], "mock_saved"):  # what the released checkpoints hold beyond save_pretrained
+        sd, config = arch_classes()[arch].mock_saved(model, sd, config)
 
     if "layer_types" in config:  # Hub configs carry the interval too (transformers pops it)
         config["full_attention_interval"] = 2
