@@ -114,12 +114,21 @@ class Qwen4Exp(Qwen35Moe):
                             "so one PLE layer")
         return [i - 1 for i in ids]
 
+    def linear_dims(self) -> tuple[int, int, int, int]:
+        gate = self.hparams.get("output_gate_type") or self.hparams.get("hidden_act")
+        if gate != "sigmoid":  # llama.cpp's qwen4exp graph gates the Gated DeltaNet output with a sigmoid
+            raise UserError(f"config.json: output_gate_type {gate!r}: llama.cpp's qwen4exp implements 'sigmoid' only")
+        return super().linear_dims()
+
     def ngram_heads(self) -> int:
         return (int(self.hp("ngram_size")) - 1) * int(self.hp("heads_per_ngram"))
 
     def ple_row(self):
         """The row width of the n-gram table: ple_embed_dim split over the n-gram heads."""
         P, nh = self.dim("ple_embed_dim", "hidden_size"), self.ngram_heads()
+        if P.size != self.hidden.size:  # llama.cpp's loader reads ple_key / ple_value as [hidden_size, ...]
+            raise UserError(f"config.json: {P.why} differs from {self.hidden.why}; llama.cpp's qwen4exp "
+                            "needs them equal")
         if nh <= 0 or P.size % nh:
             raise UserError(f"config.json: {P.why} is not a multiple of (ngram_size-1)*heads_per_ngram={nh}")
         return P.size // nh
@@ -261,11 +270,12 @@ class Qwen4Exp(Qwen35Moe):
     @classmethod
     def mock_config(cls, s: MockSizes) -> dict:
         """Hyper-connection and indexer sizes that are not powers of two; the PLE table in 12 shards (names
-        that sort out of index order: shard_10 before shard_2) of rows 32 wide (q8_0 blocks)."""
+        that sort out of index order: shard_10 before shard_2) of rows 32 wide (q8_0 blocks: the hidden
+        size over 2 n-gram heads)."""
         cfg = dict(super().mock_config(s), hc_count=3, hc_lowrank=12, indexer_n_heads=3, indexer_kv_heads=1,
                    indexer_head_dim=24, indexer_budget=12, indexer_compress_ratio=3,
-                   ple_layer_ids=[s.layers - 1], ngram_size=3, heads_per_ngram=3, ple_embed_dim=6 * 32,
-                   ngram_vocab_size_base=40, make_ngram_vocab_size_divisible_by=48, split_ngram_parts=12)
+                   ple_layer_ids=[s.layers - 1], ngram_size=3, heads_per_ngram=1, ngram_vocab_size_base=40,
+                   make_ngram_vocab_size_divisible_by=24, split_ngram_parts=12, output_gate_type="sigmoid")
         cfg.pop("full_attention_interval", None)
         return cfg
 
