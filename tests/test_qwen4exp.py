@@ -2,7 +2,7 @@
 llama.cpp's gguf-py/gguf/constants.py (gguf 0.19 has none of them), llama.cpp's runtime and transformers.
 
 The mock (transformers' Qwen4ExpForCausalLM): hc_count 3 and hc_lowrank 12, an indexer of 3 heads of 24 with a
-budget of 12 tokens in blocks of 3, PLE on layer 3 (1-based) with its n-gram table in 12 shards of rows 32 wide
+budget of 96 tokens in blocks of 3, PLE on layer 3 (1-based) with its n-gram table in 12 shards of rows 32 wide
 (file order shard_0, shard_1, shard_10, shard_11, shard_2, ...: not the index order), int64 hash constants up to
 1.7e16 (beyond float64's 2^53), the sigmoid output gate of the release.
 
@@ -121,14 +121,15 @@ def test_names_defined_here_are_llama_cpps(tree, mock_model, tmp_path):
     assert keys - {"qwen4exp.ple.image_token_id"} <= set(gguf_fields(out))  # (a text-only config has no image id)
 
 
-@pytest.mark.parametrize("budget,nmse,top1", [(None, 5e-3, 0.9), (96, 1e-9, 1.0)])
-def test_llama_cpp_logits_match_transformers(mock_model, tmp_path, budget, nmse, top1):
-    """QSA on (12 of the 64 tokens) and off in effect (a budget that covers the text)."""
+def test_llama_cpp_logits_match_transformers_with_qsa_selecting(mock_model, tmp_path):
+    """A budget of 12 of the 64 tokens: QSA selects blocks (llama.cpp's selection differs from transformers'
+    in places). The mock's own budget covers the text: test_mocks.py's convert-then-verify matrix checks
+    that case at NMSE < 1e-8 (measured 5e-13)."""
     pytest.importorskip("llama_cpp")
     from gguforge.verify import verify
-    model = mock_model("qwen4exp", **({"config": {"indexer_budget": budget}} if budget else {}))
+    model = mock_model("qwen4exp", config={"indexer_budget": 12})
     report = verify(model, convert(model, tmp_path / "m.gguf"))
-    assert report.nmse <= nmse and report.top1_agreement >= top1 and report.tokenizer_ok, report.format()
+    assert report.nmse <= 5e-3 and report.top1_agreement >= 0.9 and report.tokenizer_ok, report.format()
 
 
 def _rewrite(model, dst, edit_tensors=None, edit_config=None):

@@ -269,11 +269,12 @@ class Qwen4Exp(Qwen35Moe):
     # -- test mocks --------------------------------------------------------------------------------
     @classmethod
     def mock_config(cls, s: MockSizes) -> dict:
-        """Hyper-connection and indexer sizes that are not powers of two; the PLE table in 12 shards (names
+        """Hyper-connection and indexer sizes that are not powers of two (the QSA budget, 96 tokens, covers the
+        64-token verify text: llama.cpp's block selection differs from transformers'); the PLE table in 12 shards (names
         that sort out of index order: shard_10 before shard_2) of rows 32 wide (q8_0 blocks: the hidden
         size over 2 n-gram heads)."""
         cfg = dict(super().mock_config(s), hc_count=3, hc_lowrank=12, indexer_n_heads=3, indexer_kv_heads=1,
-                   indexer_head_dim=24, indexer_budget=12, indexer_compress_ratio=3,
+                   indexer_head_dim=24, indexer_budget=96, indexer_compress_ratio=3,
                    ple_layer_ids=[s.layers - 1], ngram_size=3, heads_per_ngram=1, ngram_vocab_size_base=40,
                    make_ngram_vocab_size_divisible_by=24, split_ngram_parts=12, output_gate_type="sigmoid")
         cfg.pop("full_attention_interval", None)
