@@ -275,7 +275,7 @@ def mtp_tensors(model, arch: str, seed: int) -> dict:
     import torch
 
     cfg = model.config
-    full = cfg.layer_types.index("full_attention")
+    full = next(i for i, t in enumerate(cfg.layer_types) if t in ("full_attention", "indexed_attention"))
     layer_cls = type(model.model.layers[full])
     layer = layer_cls(cfg, full)  # same class/config as a trunk full-attention block
     H = cfg.hidden_size

@@ -9,6 +9,8 @@ budget of 96 tokens in blocks of 3, PLE on layer 3 (1-based) with its n-gram tab
 Measured (f32, this mock, 64-token verify text): llama.cpp vs transformers NMSE 1.3e-3, top-1 96.9% with QSA
 selecting 12 of 64 tokens (llama.cpp's and transformers' block selection differ); 5e-13 when the budget covers the
 text. The reference's file (compress ratios all 0, see below) runs dense attention: NMSE 1.4e-2, top-1 78%.
+The Hub layout (Qwen4ExpForConditionalGeneration) adds the Qwen3-VL ViT: its mmproj equals the reference's, and
+mtmd's image embeddings match transformers' vision tower at NMSE 1.8e-7 (f32).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ RATIOS = "qwen4exp.attention.compress_ratios"
 PLE_PREFIX = "model.layers.2.ple.ple_embedding."
 
 
-def convert(model, out, outtype: str = "f32"):
-    assert main(["convert-hf", str(model), "--outfile", str(out), "--outtype", outtype, "-q"]) == 0
+def convert(model, out, outtype: str = "f32", *extra: str):
+    assert main(["convert-hf", str(model), "--outfile", str(out), "--outtype", outtype, "-q", *extra]) == 0
     return out
 
 
@@ -42,25 +44,37 @@ def shard_data(model) -> dict[str, np.ndarray]:
     return load_file(str(model / "model.safetensors"))
 
 
+# (layout, outtype, --mmproj): the CausalLM mock, and the Hub layout (ConditionalGeneration: bf16 shards, packed
+# experts, an MTP head the reference drops, the Qwen3-VL ViT)
+CASES = [("causal", o, False) for o in OUTTYPES] + [("hub", "bf16", False), ("hub", "f32", True), ("hub", "q8_0", True)]
+
+
 @pytest.fixture(scope="module")
 def reference_files(tree, mock_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen4exp-reference")
-    runs = [(mock_model("qwen4exp"), root / f"{outtype}.gguf", outtype) for outtype in OUTTYPES]
+    runs = [(mock_model("qwen4exp", layout=layout), root / f"{layout}-{outtype}-{mmproj}.gguf", outtype,
+             *(("--mmproj",) if mmproj else ())) for layout, outtype, mmproj in CASES]
     r = run_reference_converters(tree, "qwen35", runs)
     assert r.returncode == 0, r.stderr[-2000:]
-    return {outtype: run[1] for outtype, run in zip(OUTTYPES, runs)}
+    return {case: run[1] for case, run in zip(CASES, runs)}
 
 
-@pytest.mark.parametrize("outtype", OUTTYPES)
-def test_tensors_and_metadata_equal_the_reference_converter(reference_files, mock_model, tmp_path, outtype):
+@pytest.mark.parametrize("layout,outtype,mmproj", CASES)
+def test_tensors_and_metadata_equal_the_reference_converter(reference_files, mock_model, tmp_path, layout, outtype,
+                                                            mmproj):
     """Byte-identical but for attention.compress_ratios: the reference reads the config through transformers,
     whose Qwen4ExpTextConfig renames "full_attention" to "indexed_attention", so its comparison with
     "full_attention" writes 0 for every layer (QSA off in llama.cpp); gguforge writes the ratio on the attention
-    layers."""
+    layers. The mmproj files are byte-identical."""
     from gguf import GGUFReader
-    model = mock_model("qwen4exp")
-    ours, ref = convert(model, tmp_path / "ours.gguf", outtype), reference_files[outtype]
+    model = mock_model("qwen4exp", layout=layout)
+    ours, ref = tmp_path / "ours.gguf", reference_files[(layout, outtype, mmproj)]
+    convert(model, ours, outtype, *(("--mmproj",) if mmproj else ()))
     a, b = ours.read_bytes(), ref.read_bytes()
+    if mmproj:
+        assert a == b
+        assert gguf_fields(ours)["clip.projector_type"] == "qwen3vl_merger"
+        return
     assert len(a) == len(b)
     field = GGUFReader(str(ref)).fields[RATIOS]
     start, stop = field.offset, field.offset + sum(p.nbytes for p in field.parts)
@@ -75,7 +89,19 @@ def test_tensors_and_metadata_equal_the_reference_converter(reference_files, moc
     assert "output_norm.weight" not in tensors and "blk.0.attn_norm.weight" not in tensors
     assert {"blk.1.indexer.q_proj.weight", "blk.1.indexer.k_proj.weight", "output_hc_up.weight",
             "blk.2.ple_conv1d.weight"} <= set(tensors)
-    assert not any("ple_embedding" in n or "mtp" in n for n in tensors)
+    assert not any("ple_embedding" in n or "mtp" in n or "nextn" in n for n in tensors)
+
+
+def test_mmproj_image_embeddings_match_transformers(mock_model, tmp_path):
+    pytest.importorskip("llama_cpp.mtmd_cpp")
+    from gguforge import verify_vision
+    model = mock_model("qwen4exp", layout="hub")
+    text, mm = tmp_path / "text.gguf", tmp_path / "mm.gguf"
+    convert(model, text)
+    convert(model, mm, "f32", "--mmproj")
+    vision = verify_vision.verify_vision(model, text, mm)
+    assert not vision.problems and vision.nmse <= 1e-5, vision.format()
+    assert (vision.n_tokens, vision.n_embd, vision.n_deepstack) == (24, 64, 0)
 
 
 def test_ple_table_in_shard_index_order_and_hash_constants_exact(mock_model, tmp_path):

@@ -12,7 +12,8 @@ Differences from Qwen3.5-MoE:
   a depthwise conv1d (squeezed), int64 hash constants written as exact UINT64 metadata (never as tensors),
   and its n-gram table stored as split_ngram_parts shards, streamed into one per_layer_token_embd tensor
   in shard-index order (concat_rows: one block of rows resident at a time);
-- there is no MTP export (the reference sets no_mtp).
+- there is no MTP export (the reference sets no_mtp);
+- `--mmproj` writes the Qwen3-VL ViT of the ConditionalGeneration checkpoints (inherited from Qwen3.5).
 gguf-py 0.19 knows none of these names: they are defined here (NAMES), as llama.cpp's
 gguf-py/gguf/constants.py spells them (tests/test_qwen4exp.py checks them against the pinned tree).
 """
@@ -90,7 +91,8 @@ HASH_CONSTANTS = {"layer_multipliers": "PerLayerEmbedding.LAYER_MULTIPLIERS",
 class Qwen4Exp(Qwen35Moe):
     gguf_arch = ARCH
     defines_gguf_arch = True  # gguf-py 0.19 lacks the arch: its names are NAMES / KEYS above
-    mock = MockSpec(("Qwen4ExpTextConfig", "Qwen4ExpForCausalLM"), tokenizer="qwen35")
+    mock = MockSpec(("Qwen4ExpTextConfig", "Qwen4ExpForCausalLM", "Qwen4ExpConfig", "Qwen4ExpForConditionalGeneration"),
+                    tokenizer="qwen35", hub=True, hub_packed_experts=True)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
