@@ -158,6 +158,19 @@ def test_llama_cpp_logits_match_transformers_with_qsa_selecting(mock_model, tmp_
     assert report.nmse <= 5e-3 and report.top1_agreement >= 0.9 and report.tokenizer_ok, report.format()
 
 
+@pytest.mark.parametrize("preset", ["Q4_K_M", "Q6_K"])
+def test_one_pass_presets_equal_llama_quantize(mock_model, tmp_path, preset):
+    """(llama-quantize keeps indexer.q_proj / k_proj in their float type, as for MiniMax.)"""
+    pytest.importorskip("llama_cpp")
+    from helpers import llama_quantize
+    from test_quantize_vs_llama import assert_same_tensors
+    model = mock_model("qwen4exp")
+    ours, theirs = convert(model, tmp_path / "one-pass.gguf", preset.lower()), tmp_path / "llama.gguf"
+    llama_quantize(convert(model, tmp_path / "f32.gguf"), theirs, preset)
+    assert_same_tensors(ours, theirs, same_order=False)
+    assert read_gguf(ours)["blk.1.indexer.q_proj.weight"].tensor_type == 0  # F32
+
+
 def _rewrite(model, dst, edit_tensors=None, edit_config=None):
     from safetensors.numpy import load_file, save_file
     shutil.copytree(model, dst)
