@@ -196,6 +196,8 @@ BAD = {
                     "ngram_heads_offsets"),
     "ple layer 0": (None, lambda c: c.update(ple_layer_ids=[0]), "1-based"),
     "ple layer past the end": (None, lambda c: c.update(ple_layer_ids=[5]), "out of range"),
+    "ple on an attention layer": (None, lambda c: c.update(ple_layer_ids=[4]), "linear-attention layers only"),
+    "two ple layers": (None, lambda c: c.update(ple_layer_ids=[1, 3]), "one PLE layer"),
 }
 
 

@@ -111,6 +111,9 @@ class Qwen4Exp(Qwen35Moe):
             raise UserError(f"config.json: ple_layer_ids must be a list of integers, got {ids!r}")
         if bad := [i for i in ids if not 1 <= i <= n]:
             raise UserError(f"config.json: ple_layer_ids {bad} out of range: they are 1-based layer ids in [1, {n}]")
+        if attn := [i for i in ids if not self.recurrent_layers()[i - 1]]:
+            raise UserError(f"config.json: ple_layer_ids {attn} name attention layers; PLE runs on linear-attention "
+                            "layers only")
         if len(ids) > 1:
             raise UserError(f"config.json: ple_layer_ids {ids}: llama.cpp's qwen4exp holds one n-gram table, "
                             "so one PLE layer")
