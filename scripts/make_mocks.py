@@ -283,7 +283,7 @@ def mtp_tensors(model, arch: str, seed: int) -> dict:
     import torch
 
     cfg = model.config
-    full = cfg.layer_types.index("full_attention")
+    full = next(i for i, t in enumerate(cfg.layer_types) if t in ("full_attention", "indexed_attention"))
     layer_cls = type(model.model.layers[full])
     layer = layer_cls(cfg, full)  # same class/config as a trunk full-attention block
     H = cfg.hidden_size
@@ -454,6 +454,8 @@ def make_mock(arch: str, out_dir, *, layout: str = "causal", dtype: str | None =
     torch.manual_seed(seed)
     model = lm_cls(cfg)
     sd, config = _initialise_and_save(model, arch, seed, full_precision, tdtype, dtype, out)
+    if hasattr(arch_classes()[arch], "mock_saved"):  # what the released checkpoints hold beyond save_pretrained
+        sd, config = arch_classes()[arch].mock_saved(model, sd, config)
 
     if "layer_types" in config:  # Hub configs carry the interval too (transformers pops it)
         config["full_attention_interval"] = 2

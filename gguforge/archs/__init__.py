@@ -30,9 +30,10 @@ def builtin_modules() -> list[str]:
 
 def register(*hf_architectures: str):
     """Class decorator: convert checkpoints whose config names one of `hf_architectures` with this class.
-    Its gguf_arch must be an architecture gguf-py (and so llama.cpp) knows."""
+    Its gguf_arch must be an architecture gguf-py (and so llama.cpp) knows, or the class must define the
+    names gguf-py lacks itself (defines_gguf_arch, e.g. qwen4exp: checked against llama.cpp's constants.py)."""
     def add(cls):
-        if cls.gguf_arch not in gguf.MODEL_ARCH_NAMES.values():
+        if cls.gguf_arch not in gguf.MODEL_ARCH_NAMES.values() and not cls.__dict__.get("defines_gguf_arch"):
             raise TypeError(f"{cls.__name__}.gguf_arch {cls.gguf_arch!r} is not an architecture gguf-py knows")
         for name in hf_architectures:
             _registry[name] = cls

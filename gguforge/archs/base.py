@@ -166,6 +166,11 @@ class DecoderArch:
             raise UnmappedTensor(name)
         yield rule.gguf, rule.apply(tensor, name)
 
+    def integer_tensor(self, name: str) -> bool:
+        """Whether `name` is an integer tensor the architecture reads exactly itself (e.g. hash constants that
+        become metadata); every other tensor must be F32, F16 or BF16."""
+        return False
+
     def finish(self) -> Emitted:
         """Called after the last tensor: emit or complain about anything still buffered."""
         return iter(())

@@ -113,7 +113,7 @@ def validate_checkpoint(checkpoint: Checkpoint, arch, check_tensors: bool = True
         renamed = arch.rename(name)
         if renamed is None:
             continue
-        if tensor.dtype not in FLOAT_DTYPES:
+        if tensor.dtype not in FLOAT_DTYPES and not arch.integer_tensor(renamed):
             raise UserError(f"{name}: dtype {tensor.dtype} cannot be converted",
                             hint="only F32, F16 and BF16 weights are supported")
         if 0 in tensor.shape:
