@@ -59,3 +59,14 @@ def test_missing_model_offline_is_a_clear_error(hf_home, tmp_path):
     assert "tiny-org/not-downloaded: not in the local Hugging Face cache" in r.stderr
     assert "HF_HUB_OFFLINE" in r.stderr and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["tokenizer.model", "added_tokens.json", "hf_quant_config.json"])
+def test_hub_patterns_bring_what_conversion_reads(name):
+    """Hub downloads and --remote fetch the small files by HUB_PATTERNS: a SentencePiece vocabulary
+    (convert/spm.py) or modelopt's quantization config (checkpoint/dequant.py) left out would make a hub
+    conversion fail, or differ from converting a local copy of the same repository."""
+    from fnmatch import fnmatch
+
+    from gguforge.checkpoint.read import HUB_PATTERNS
+    assert any(fnmatch(name, pattern) for pattern in HUB_PATTERNS)

@@ -455,7 +455,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.*",
                 "vocab.json", "merges.txt", "README.md",
-                "preprocessor_config.json", "processor_config.json"]  # image mean/std: --mmproj, verify --mmproj
+                "preprocessor_config.json", "processor_config.json",  # image mean/std: --mmproj, verify --mmproj
+                "tokenizer.model", "added_tokens.json",  # SentencePiece vocabularies (convert/spm.py)
+                "hf_quant_config.json"]  # modelopt's quantization config (checkpoint/dequant.py)
 
 
 def resolve_model(model: str, revision: str | None = None) -> Path:
