@@ -160,11 +160,13 @@ def writable() -> list[str]:
 def test_writable_types_are_those_the_quantizer_encodes():
     """The list the messages give is the native quantizer's type table: each one encodes a row."""
     from gguforge.quantize.encode import encode
-    from gguforge.quantize.native import block_info
+    from gguforge.quantize.native import block_info, requires_imatrix
     assert {"Q8_0", "Q4_K", "F16", "IQ4_XS"} <= set(writable()) and "Q8_1" not in writable()
+    row = np.linspace(-1, 1, 256, dtype=np.float32).reshape(1, 256)
     for name in writable():
         n, nbytes = block_info(T[name])
-        assert encode(np.linspace(-1, 1, 256, dtype=np.float32).reshape(1, 256), T[name]).nbytes == 256 // n * nbytes
+        imatrix = np.linspace(0.5, 2, 256, dtype=np.float32) if requires_imatrix(T[name]) else None
+        assert encode(row, T[name], imatrix=imatrix).nbytes == 256 // n * nbytes
 
 
 @pytest.mark.parametrize("option", [["--tensor-type", "attn_q=q8_1"], ["--token-embedding-type", "iq2_xxs"],

@@ -9,6 +9,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import make_mocks
@@ -79,6 +80,19 @@ MOCK_CASES = [(arch, "hub" if make_mocks.spec(arch).hub else "causal", outtype)
               for arch, outtype in zip(make_mocks.ARCHS, ["auto", "f16", "Q4_K_M"] * len(make_mocks.ARCHS))]
 
 
+def integer_tensor_bytes(model: Path) -> int:
+    """Bytes of the checkpoint's integer tensors (read while planning, as metadata, not on the schedule)."""
+    from safetensors import safe_open
+    total = 0
+    for path in model.glob("*.safetensors"):
+        with safe_open(str(path), framework="numpy") as f:
+            for name in f.keys():
+                part = f.get_slice(name)
+                if part.get_dtype().startswith(("I", "U")):
+                    total += int(np.prod(part.get_shape())) * int(part.get_dtype()[1:]) // 8
+    return total
+
+
 @pytest.mark.parametrize("arch,layout,outtype", MOCK_CASES, ids=[f"{a}-{l}-{o}" for a, l, o in MOCK_CASES])
 def test_every_architecture_mock_converts_remotely_to_the_local_bytes(arch, layout, outtype, mock_model, hub,
                                                                       tmp_path, stats):
@@ -87,9 +101,10 @@ def test_every_architecture_mock_converts_remotely_to_the_local_bytes(arch, layo
     repo = f"mock-org/{arch}-{layout}"
     hub.repos[repo] = model
     assert remote(hub, tmp_path / "r.gguf", repo, outtype) == local(model, tmp_path / "l.gguf", repo, outtype)
-    # the plan foresaw every read: nothing was fetched outside the schedule; held bytes stayed within the
-    # window plus one block per reading thread (a block it needs before the read-ahead got to it)
-    assert stats["direct"] == 0 and stats["blocks"] > 4
+    # the plan foresaw every tensor read: nothing was fetched outside the schedule but the integer tensors
+    # planning reads as metadata (qwen4exp's hash constants); held bytes stayed within the window plus one
+    # block per reading thread (a block it needs before the read-ahead got to it)
+    assert stats["direct"] == integer_tensor_bytes(model) and stats["blocks"] > 4
     assert stats["peak_live"] <= FAST["window"] + (os.cpu_count() or 1) * RemoteOptions(**FAST).block
 
 
