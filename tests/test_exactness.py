@@ -94,7 +94,8 @@ def tensors(path):
     return {t.name: t for t in gguf.GGUFReader(path).tensors}
 
 
-@pytest.mark.parametrize("arch,dtype,base", [("qwen35", "float32", "f32"), ("qwen2moe", "float16", "f16")])
+@pytest.mark.parametrize("arch,dtype,base", [("qwen35", "float32", "f32"), ("qwen2moe", "float16", "f16"),
+                                             ("qwen35moe", "float32", "f32")])  # [1, n] shexp gates
 @pytest.mark.parametrize("preset", ["Q4_K_M", "Q6_K"])
 def test_one_pass_preset_quantizes_the_stored_values(mock_model, tmp_path, arch, dtype, base, preset):
     """From an f32 checkpoint a preset equals llama-quantize of the F32 GGUF (from f16: of the F16 GGUF),
@@ -111,6 +112,7 @@ def test_one_pass_preset_quantizes_the_stored_values(mock_model, tmp_path, arch,
     assert list(a) == list(tensors(float_file))  # the converter's order
     for name in b:
         assert a[name].tensor_type == b[name].tensor_type, name
+        assert list(a[name].shape) == list(b[name].shape), name  # llama-quantize writes [1, n] as [n]
         assert a[name].data.tobytes() == b[name].data.tobytes(), name
     assert main(["convert-hf", str(model), "--outfile", str(via_bf16), "--outtype", "bf16", "-q"]) == 0
     llama_quantize(via_bf16, rounded, preset)

@@ -23,7 +23,7 @@ from ..quantize.encode import encode
 from ..quantize.presets import UNSUPPORTED, Preset, parse_preset, preset_names
 from ..quantize.imatrix import (NEEDS_IMATRIX_HINT, LoadedImatrix, add_metadata as add_imatrix_metadata,
                                 check_required, coverage_for, load_imatrix, mtp_first_block, without_imatrix_refusal)
-from ..quantize.rules import TensorIn, model_is_70b, model_n_gqa, plan_quantization
+from ..quantize.rules import TensorIn, model_is_70b, model_n_gqa, plan_quantization, written_shape
 from . import fuse as fusion
 from .metadata import GeneralInfo, add_general_metadata, apply_overrides, general_info, model_id_for
 from ..archs.options import ConvertOptions
@@ -363,7 +363,8 @@ def apply_preset(tensors: list[PlannedTensor], preset: Preset, md: Metadata, bas
         exact = lazy.stored is not None and lazy.stored[0] == base.name
         if p.dst_type != t.ggml_type and base in (T.F16, T.BF16) and not exact:
             lazy = lazy.per_rows(_round_through(base), dtype=np.float32)
-        out.append(PlannedTensor(t.name, t.shape, p.dst_type, lazy, weights.get(t.name)))
+        # llama-quantize's shapes too: `[1, n]` (Qwen3.5-MoE's ffn_gate_inp_shexp) is written `[n]`
+        out.append(PlannedTensor(t.name, written_shape(t.shape), p.dst_type, lazy, weights.get(t.name)))
     return out
 
 

@@ -119,6 +119,11 @@ def ggml_n_dims(shape: Sequence[int]) -> int:
     return 1
 
 
+def written_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape llama-quantize writes (gguf.cpp stores ggml_n_dims dimensions): `[1, n]` becomes `[n]`."""
+    return tuple(shape[len(shape) - ggml_n_dims(shape):])
+
+
 @dataclass(frozen=True)
 class SizeSummary:
     n_elements: int

@@ -31,8 +31,8 @@ from .imatrix import (NEEDS_IMATRIX_HINT, Coverage, LoadedImatrix, add_metadata 
                       without_imatrix_refusal)
 from .overrides import apply_kv_overrides, check_prune_layers, overridden_getter, parse_kv_override
 from .presets import Preset, guessed_file_type, parse_preset
-from .rules import (QuantOptions, TensorIn, TensorPlan, ggml_n_dims, llama_quantize_order, model_is_70b, model_n_gqa,
-                    plan_quantization, prune_and_renumber)
+from .rules import (QuantOptions, TensorIn, TensorPlan, llama_quantize_order, model_is_70b, model_n_gqa,
+                    plan_quantization, prune_and_renumber, written_shape)
 
 
 
@@ -115,9 +115,7 @@ def copied_file_type(source: SourceGGUF) -> int:
 
 
 def output_entry(plan: TensorPlan) -> TensorEntry:
-    """llama-quantize writes ggml_n_dims dimensions: trailing ne=1 (leading in numpy order) dropped."""
-    n_dims = ggml_n_dims(plan.shape)
-    return TensorEntry(plan.name, plan.shape[len(plan.shape) - n_dims:], plan.dst_type)
+    return TensorEntry(plan.name, written_shape(plan.shape), plan.dst_type)
 
 
 # ---------------------------------------------------------------------------------------------
