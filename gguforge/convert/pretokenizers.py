@@ -48,6 +48,17 @@ EXAONE_MOE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{
 MINICPM5_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 UFAKZEKA_REGEX = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# GPT-4o's o200k split (Xenova/gpt-4o, Llama 4, MiniMax-M2): case-aware words with the contraction attached
+_UPPER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"
+_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+GPT4O_REGEX = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTION}|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTION}"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Mistral's tekken: the same words without contractions, single digits
+TEKKEN_REGEX = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
+                r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Cohere's Tiny Aya: digits in groups of three from the right, then GPT-4o's split
+TINY_AYA_DIGITS = r"\d{1,3}(?=(?:\d{3})*\b)"
 DEEPSEEK_CJK = "[一-龥ࠀ-一가-퟿]+"
 DEEPSEEK3_WORDS = ("[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
                    "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+")
@@ -100,6 +111,9 @@ TABLE: tuple[PreTokenizer, ...] = (
     PreTokenizer("exaone-moe", (split(EXAONE_MOE_REGEX), BYTES)),
     PreTokenizer("minicpm5", (split("\\p{N}{1,3}"), split(MINICPM5_REGEX), BYTES)),
     PreTokenizer("ufakzeka", (split(UFAKZEKA_REGEX), BYTES)),
+    PreTokenizer("gpt-4o", (split(GPT4O_REGEX), BYTES), families={"llama4": "llama4", "minimax_m2": "minimax-m2"}),
+    PreTokenizer("tekken", (split(TEKKEN_REGEX), BYTES)),
+    PreTokenizer("tiny_aya", (split(TINY_AYA_DIGITS), split(GPT4O_REGEX), BYTES)),
 )
 
 # tokenizer_config.json bos_token -> the name llama.cpp writes for a definition's family with that BOS
