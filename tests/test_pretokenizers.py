@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from gguforge.convert.pretokenizers import BYTES, TABLE
+from gguforge.convert.pretokenizers import BYTES, TABLE, all_names, recognise
 
 from helpers import llama_cpp_source
 
@@ -84,7 +84,7 @@ def regexes_of(vocab_cpp: str, pre_type: str) -> tuple[list[str], list[str]]:
         if literal:
             (original if commented else active).append(cpp_string(literal.group(1)))
     for quoted in re.findall(r"//\s*original regex from tokenizer\.json:?\s*\n?\s*(?://\s*)?\"((?:[^\"\\]|\\.)*)\"", body):
-        original.append(cpp_string(quoted))
+        original += [cpp_string(quoted)] if cpp_string(quoted) not in original else []
     assert active, f"no regex for {pre_type}"
     return original, active
 
@@ -124,6 +124,30 @@ def all_test_inputs(tree: Path) -> list[str]:
 
 def test_the_table_is_checked_at_all():
     assert {"qwen2", "llama-bpe", "gpt-4o", "tiny_aya"} <= {name for _, name in ENTRIES}
+
+
+def test_every_name_the_table_writes_is_one_llama_cpp_loads(vocab_cpp):
+    for name in all_names():
+        loader_branch(vocab_cpp, name)
+
+
+def _definition(*regexes: str) -> dict:
+    """A pre_tokenizer as the tokenizer.json files of these models write it: Splits, then ByteLevel."""
+    return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        *({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False} for r in regexes),
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}}
+
+
+# (llama.cpp pre-tokenizer name, config.json model_type) of the models convert_hf_to_gguf.py's hash table names
+# (its `# ref:` lines): Xenova/gpt-4o (no config), Llama-4-Scout, MiniMax-M2, Mistral-Nemo, tiny-aya-base,
+# North-Mini-Code; the pinned tree notes each one's tokenizer.json regexes in llm_tokenizer_bpe.
+@pytest.mark.parametrize("name, model_type", [("gpt-4o", None), ("llama4", "llama4"), ("minimax-m2", "minimax_m2"),
+                                              ("tekken", "mistral"), ("tiny_aya", "cohere2"),
+                                              ("cohere2moe", "cohere2_moe")])
+def test_case_split_definitions_are_named_as_llama_cpp_names_them(vocab_cpp, name, model_type):
+    original, active = regexes_of(vocab_cpp, pre_type_of(vocab_cpp, name))
+    assert len(original) == len(active)  # llama.cpp notes the tokenizer.json regex of each one it runs
+    assert recognise(_definition(*original), model_type) == name
 
 
 @pytest.mark.parametrize("ours, name", ENTRIES, ids=[name for _, name in ENTRIES])

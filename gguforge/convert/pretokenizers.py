@@ -113,7 +113,8 @@ TABLE: tuple[PreTokenizer, ...] = (
     PreTokenizer("ufakzeka", (split(UFAKZEKA_REGEX), BYTES)),
     PreTokenizer("gpt-4o", (split(GPT4O_REGEX), BYTES), families={"llama4": "llama4", "minimax_m2": "minimax-m2"}),
     PreTokenizer("tekken", (split(TEKKEN_REGEX), BYTES)),
-    PreTokenizer("tiny_aya", (split(TINY_AYA_DIGITS), split(GPT4O_REGEX), BYTES)),
+    PreTokenizer("tiny_aya", (split(TINY_AYA_DIGITS), split(GPT4O_REGEX), BYTES),
+                 families={"cohere2_moe": "cohere2moe"}),
 )
 
 # tokenizer_config.json bos_token -> the name llama.cpp writes for a definition's family with that BOS
