@@ -59,7 +59,20 @@ FAMILIES = {
                                    {"type": "Digits", "individual_digits": False}, split("[0-9][0-9][0-9]"))),
     "deepseek-coder": ("llama", None, seq(split("[\r\n]"), split("\\s?\\p{L}+"), split("\\s?\\p{P}+"), split(CJK),
                                           {"type": "Digits", "individual_digits": True}, byte_level(False))),
+    # deepseek-llm-7b-base: the Splits llama.cpp runs as they are (llm_tokenizer_bpe DEEPSEEK_LLM, read from the
+    # pinned tree when used), then one digit a piece (llama.cpp's \p{N}+ gives the same ids: the vocabulary has
+    # no multi-digit token)
+    "deepseek-llm": ("llama", None, lambda: seq(*(split(r) for r in deepseek_llm_splits()),
+                                                {"type": "Digits", "individual_digits": True}, byte_level(False))),
 }
+
+
+def deepseek_llm_splits() -> list[str]:
+    from test_pretokenizers import regexes_of
+    _, active = regexes_of((source_tree() / "src" / "llama-vocab.cpp").read_text(encoding="utf-8"),
+                           "LLAMA_VOCAB_PRE_TYPE_DEEPSEEK_LLM")
+    assert active[-1] == "\\p{N}+"
+    return active[:-1]
 
 
 def source_tree() -> Path:
@@ -90,6 +103,7 @@ def cases_of(path: Path) -> list[tuple[str, list[int]]]:
 def rebuild_bpe(ref, family: str, out: Path) -> dict:
     """tokenizer.json, tokenizer_config.json and config.json of the vocabulary in `ref`."""
     model_type, normalizer, pre = FAMILIES[family]
+    pre = pre() if callable(pre) else pre
     tokens, types = field(ref, "tokenizer.ggml.tokens"), field(ref, "tokenizer.ggml.token_type")
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": ty != 3, "special": ty == 3}

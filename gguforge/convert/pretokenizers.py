@@ -60,6 +60,10 @@ TEKKEN_REGEX = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}
 # Cohere's Tiny Aya: digits in groups of three from the right, then GPT-4o's split
 TINY_AYA_DIGITS = r"\d{1,3}(?=(?:\d{3})*\b)"
 DEEPSEEK_CJK = "[一-龥ࠀ-一가-퟿]+"
+# DeepSeek LLM's cased-letter class (Latin, Greek, Cyrillic, Armenian, Georgian, Cherokee, Glagolitic, Coptic,
+# fullwidth, Deseret, Osage, Old Hungarian, Warang Citi, Adlam ranges) and its ASCII/fullwidth punctuation
+DEEPSEEK_LLM_LETTERS = r"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+"
+DEEPSEEK_LLM_PUNCT = r"\s?[!-/:-~！-／：-～‘-‟　-。]+"
 DEEPSEEK3_WORDS = ("[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
                    "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+")
 
@@ -103,6 +107,8 @@ TABLE: tuple[PreTokenizer, ...] = (
     PreTokenizer("qwen35", (split(QWEN35_REGEX), BYTES)),
     PreTokenizer("deepseek-coder", (split("[\r\n]"), split("\\s?\\p{L}+"), split("\\s?\\p{P}+"),
                                     split(DEEPSEEK_CJK), ("Digits", True), BYTES)),
+    PreTokenizer("deepseek-llm", (split("[\r\n]"), split(DEEPSEEK_LLM_LETTERS), split(DEEPSEEK_LLM_PUNCT),
+                                  split("\\s+$"), split(DEEPSEEK_CJK), ("Digits", True), BYTES)),
     PreTokenizer("deepseek-v3", (split("\\p{N}{1,3}"), split("[一-龥぀-ゟ゠-ヿ]+"), split(DEEPSEEK3_WORDS), BYTES),
                  families={"hunyuan_v1_dense": "hunyuan-dense"}),
     PreTokenizer("jais-2", (split(JAIS2_REGEX), BYTES)),
