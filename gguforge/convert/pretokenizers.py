@@ -1,4 +1,4 @@
-"""llama.cpp's BPE pre-tokenizer names, recognised from the tokenizer's own definition.
+r"""llama.cpp's BPE pre-tokenizer names, recognised from the tokenizer's own definition.
 
 llama.cpp's converter hashes the token ids of a test string against a table of known models
 (convert_hf_to_gguf.py get_vocab_base_pre); llama.cpp's loader then maps the name to a pre-split
@@ -12,12 +12,25 @@ they split text): the table gives the name llama.cpp writes for a family, picked
 model_type, and a default. DeepSeek-R1-Distill-Qwen keeps Qwen2's definition with DeepSeek's special
 tokens: its BOS `<｜begin▁of▁sentence｜>` picks `deepseek-r1-qwen`, as llama.cpp's hash does.
 
-Not here: names whose tokenizer.json definition the pinned tree does not record and that are not
-verified against llama.cpp's test data (deepseek-llm: llama-vocab.cpp's letter class is an adapted
-one the HF tokenizers library cannot even compile; bloom/poro/viking, chameleon, kimi-k2 (tiktoken),
-superbpe, afmoe, youtu, spark2_5, laguna, gemma4/sarvam-moe (SentencePiece-style BPE); tekken, gpt-4o,
-llama4, minimax-m2, tiny_aya: their case-class regexes do not split llama.cpp's test inputs as
-llama.cpp's adapted ones do, tests/test_pretokenizers.py): they stay an error naming --pre-tokenizer.
+Each regex is the one the tokenizer.json writes: where llama.cpp's llm_tokenizer_bpe runs an adapted copy
+(std::regex lacks \p classes and (?i:)), the original it notes beside it. For gpt-4o / llama4 / minimax-m2,
+tekken and tiny_aya llama.cpp rewrites the case classes ([\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]...) as ASCII
+lookaheads, so its split differs from the tokenizer's on text with non-ASCII cased letters or marks; the
+name is still the one llama.cpp's converter writes (tests/test_pretokenizers.py). deepseek-llm's Splits are
+the ones llama.cpp runs, then one digit a piece: llama.cpp's \p{N}+ gives the same ids, its vocabulary has
+no multi-digit token (tests/test_vocab_files.py rebuilds ggml-vocab-deepseek-llm with it).
+
+Not here, an error naming --pre-tokenizer (the pinned tree records no tokenizer.json definition for them, or
+they have none): kimi-k2 (a tiktoken model with no tokenizer.json; llama.cpp splits it with a hand-written
+matcher in unicode.cpp), superbpe (llama.cpp's zero-width digit-group split has no recorded original),
+afmoe (llama.cpp's \p{AFMoE_digits} is a hand-written matcher), youtu and spark2_5 (only adapted regexes
+recorded), laguna (an extra line split before Qwen2's), bloom / poro-chat / gpt3-finnish / viking and
+chameleon (llama.cpp's regexes are hand-simplified, the tokenizer.json ones are not recorded), gemma4 /
+sarvam-moe (SentencePiece-style BPE with no pre-tokenizer: not a byte-level vocabulary), and the names that
+share a definition with a recognised one under a model_type the tree does not record (falcon3, pixtral,
+midm-2.0, smaug-bpe, kanana2, talkie, grok-2, solar-open, kormo, f2llmv2, llada-moe, gigachat, a.x-4.0,
+mellum, mellum2, minerva-7b, megrez, trillion, granite-docling, joyai-llm, hy_v4, glm5, the jina/roberta
+embedding names ...): their tokenizers convert under the shared name.
 """
 
 from __future__ import annotations
