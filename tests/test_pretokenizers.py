@@ -1,4 +1,4 @@
-"""Every entry of the pre-tokenizer table that is only Split regexes before the byte-level mapping
+r"""Every entry of the pre-tokenizer table that is only Split regexes before the byte-level mapping
 (convert/pretokenizers.py TABLE: tokenizer.json regexes -> llama.cpp pre-tokenizer name), checked against the
 pinned llama.cpp tree, whatever entries the table holds:
 
