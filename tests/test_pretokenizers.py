@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from gguforge.convert.pretokenizers import BYTES, TABLE, all_names, recognise
+from gguforge.convert.pretokenizers import BOS_FAMILIES, BYTES, TABLE, all_names, recognise
 
 from helpers import llama_cpp_source
 
@@ -129,6 +129,16 @@ def test_the_table_is_checked_at_all():
 def test_every_name_the_table_writes_is_one_llama_cpp_loads(vocab_cpp):
     for name in all_names():
         loader_branch(vocab_cpp, name)
+
+
+def test_a_family_name_is_one_llama_cpp_splits_as_the_definition_name(vocab_cpp):
+    """A name picked by model_type or BOS for a shared definition runs the same regexes in llama.cpp."""
+    def runs(name):
+        return regexes_of(vocab_cpp, pre_type_of(vocab_cpp, name))[1]
+    picked = [(e.name, n) for e in TABLE for n in e.families.values()] + [(d, n) for (d, _), n in BOS_FAMILIES.items()]
+    assert len(picked) > 20
+    for default, name in picked:
+        assert runs(name) == runs(default), (default, name)
 
 
 def _definition(*regexes: str) -> dict:

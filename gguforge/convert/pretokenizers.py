@@ -28,8 +28,8 @@ recorded), laguna (an extra line split before Qwen2's), bloom / poro-chat / gpt3
 chameleon (llama.cpp's regexes are hand-simplified, the tokenizer.json ones are not recorded), gemma4 /
 sarvam-moe (SentencePiece-style BPE with no pre-tokenizer: not a byte-level vocabulary), and the names that
 share a definition with a recognised one under a model_type the tree does not record (falcon3, pixtral,
-midm-2.0, smaug-bpe, kanana2, talkie, grok-2, solar-open, kormo, f2llmv2, llada-moe, gigachat, a.x-4.0,
-mellum, mellum2, minerva-7b, megrez, trillion, granite-docling, joyai-llm, hy_v4, glm5, the jina/roberta
+midm-2.0, smaug-bpe, kanana2, talkie, grok-2, kormo, f2llmv2, llada-moe, gigachat, a.x-4.0,
+mellum, mellum2, minerva-7b, megrez, trillion, granite-docling, joyai-llm, glm5, the jina/roberta
 embedding names ...): their tokenizers convert under the shared name.
 """
 
@@ -116,14 +116,14 @@ TABLE: tuple[PreTokenizer, ...] = (
                  families={"dbrx": "dbrx", "falcon_h1": "falcon-h1", "lfm2": "lfm2", "glm4": "glm4",
                            "glm4_moe": "glm4", "chatglm": "chatglm-bpe"}),
     PreTokenizer("qwen2", (split(QWEN2_REGEX), BYTES),
-                 families={"stablelm": "stablelm2", "hunyuan_v1_moe": "hunyuan"}),
+                 families={"stablelm": "stablelm2", "hunyuan_v1_moe": "hunyuan", "solar_open": "solar-open"}),
     PreTokenizer("qwen35", (split(QWEN35_REGEX), BYTES)),
     PreTokenizer("deepseek-coder", (split("[\r\n]"), split("\\s?\\p{L}+"), split("\\s?\\p{P}+"),
                                     split(DEEPSEEK_CJK), ("Digits", True), BYTES)),
     PreTokenizer("deepseek-llm", (split("[\r\n]"), split(DEEPSEEK_LLM_LETTERS), split(DEEPSEEK_LLM_PUNCT),
                                   split("\\s+$"), split(DEEPSEEK_CJK), ("Digits", True), BYTES)),
     PreTokenizer("deepseek-v3", (split("\\p{N}{1,3}"), split("[一-龥぀-ゟ゠-ヿ]+"), split(DEEPSEEK3_WORDS), BYTES),
-                 families={"hunyuan_v1_dense": "hunyuan-dense"}),
+                 families={"hunyuan_v1_dense": "hunyuan-dense", "hy_v4": "hy_v4"}),
     PreTokenizer("jais-2", (split(JAIS2_REGEX), BYTES)),
     PreTokenizer("bailingmoe", (split(BAILINGMOE_REGEX), BYTES), families={"bailing_moe_v2": "bailingmoe2"}),
     PreTokenizer("seed-coder", (split(SEED_CODER_REGEX), BYTES)),
