@@ -15,8 +15,9 @@ tokens: its BOS `<｜begin▁of▁sentence｜>` picks `deepseek-r1-qwen`, as lla
 Each regex is the one the tokenizer.json writes: where llama.cpp's llm_tokenizer_bpe runs an adapted copy
 (std::regex lacks \p classes and (?i:)), the original it notes beside it. For gpt-4o / llama4 / minimax-m2,
 tekken and tiny_aya llama.cpp rewrites the case classes ([\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]...) as ASCII
-lookaheads, so its split differs from the tokenizer's on text with non-ASCII cased letters or marks; the
-name is still the one llama.cpp's converter writes (tests/test_pretokenizers.py). deepseek-llm's Splits are
+lookaheads over its collapsed category text; its runtime still tokenizes all of its test inputs as the
+tokenizers library does with the original, except tiny_aya's digit groups next to a non-ASCII letter
+(std::regex's \b is ASCII) (tests/test_pretokenizers.py). deepseek-llm's Splits are
 the ones llama.cpp runs, then one digit a piece: llama.cpp's \p{N}+ gives the same ids, its vocabulary has
 no multi-digit token (tests/test_vocab_files.py rebuilds ggml-vocab-deepseek-llm with it).
 
