@@ -79,15 +79,19 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> int:
-    text = render()
+def write_or_check(header: Path, text: str, argv: list[str]) -> int:
+    """Write the generated header, or with --check say whether the shipped one is up to date (exit 1 if not)."""
     if "--check" in argv:
-        same = HEADER.is_file() and HEADER.read_text() == text
-        print(f"{HEADER.relative_to(ROOT)}: {'up to date' if same else 'differs from the pinned tree'}")
+        same = header.is_file() and header.read_text() == text
+        print(f"{header.relative_to(ROOT)}: {'up to date' if same else 'differs from the pinned tree'}")
         return 0 if same else 1
-    HEADER.write_text(text)
-    print(f"wrote {HEADER.relative_to(ROOT)}")
+    header.write_text(text)
+    print(f"wrote {header.relative_to(ROOT)}")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return write_or_check(HEADER, render(), argv)
 
 
 if __name__ == "__main__":

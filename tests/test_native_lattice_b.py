@@ -196,8 +196,10 @@ def test_iq3_tables_built_once_and_shared_by_threads():
     assert r.stdout == "".join(native.quantize(x, t, threads=1).tobytes().hex() for t in WEIGHTED)
 
 
-def test_shipped_grids_are_the_pinned_trees():
-    """native_iq3_tables.h is what scripts/gen_native_tables.py extracts from the pinned llama.cpp."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "gen_native_tables.py"
+@pytest.mark.parametrize("generator", ["gen_native_tables.py", "gen_lattice_grids.py"])
+def test_shipped_grids_are_the_pinned_trees(generator):
+    """native_iq3_tables.h / native_iq2_grids.h are what the generators extract from the pinned llama.cpp
+    (gen_lattice_grids.py also checks the grids against ggml-quants.c's packed lattice lists)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / generator
     r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
