@@ -35,11 +35,8 @@ ARCH_BATCH = {"qwen3": BATCH, "qwen2moe": BATCH, "qwen3-bos": 64}  # 64: each ch
 
 @pytest.fixture(scope="module")
 def perplexity_tool():
-    try:
-        from helpers import llama_tool
-        return llama_tool("llama-perplexity")
-    except Exception as e:  # no compiler / cmake / network: cannot build the reference
-        pytest.skip(f"llama-perplexity could not be built: {e}")
+    from helpers import llama_tool_or_skip
+    return llama_tool_or_skip("llama-perplexity")
 
 
 @pytest.fixture(scope="module")

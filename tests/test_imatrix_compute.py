@@ -30,11 +30,8 @@ def calibration_text(n_lines: int = 120, seed: int = 3) -> str:
 
 @pytest.fixture(scope="module")
 def llama_imatrix():
-    try:
-        from helpers import llama_tool
-        return llama_tool("llama-imatrix")
-    except Exception as e:  # no compiler / cmake / network: cannot build the reference
-        pytest.skip(f"llama-imatrix could not be built: {e}")
+    from helpers import llama_tool_or_skip
+    return llama_tool_or_skip("llama-imatrix")
 
 
 def run_llama_imatrix(tool: Path, model: Path, text: Path, out: Path, *extra: str) -> None:
