@@ -32,7 +32,7 @@ from typing import Any, Iterator
 from ..errors import UserError
 from ..signals import termination_as_exception
 from .atomic import commit, expect, temp_prefix, unlink_quietly
-from .writer import WRITE_ERRORS, OutputFiles, _pad, _umask, encode_header
+from .writer import OutputFiles, _pad, _umask, encode_header, synced
 
 PART_SUFFIX = "resume.part"
 JOURNAL_SUFFIX = "resume.json"
@@ -219,22 +219,8 @@ class Resume:
                     f.seek(end)
                     files.append(f)
                 self.files_open = files
-                try:
+                with synced(files, self.targets[0]):
                     yield files
-                    for f in files:
-                        f.flush()
-                        os.fsync(f.fileno())
-                except OSError as e:
-                    if e.errno in WRITE_ERRORS:
-                        raise UserError(f"cannot write {self.targets[0]}: {e.strerror} (disk full or file size "
-                                        "limit)") from None
-                    raise
-                finally:
-                    for f in files:
-                        try:
-                            f.close()
-                        except OSError:
-                            pass
                 try:
                     commit([str(p) for p in self.parts], self.targets, expected)
                 except OSError as e:

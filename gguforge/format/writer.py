@@ -266,6 +266,28 @@ WRITE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 @contextmanager
+def synced(files: list[Any], target: Path) -> Iterator[None]:
+    """The block fills and writes `files`; when it completes they are flushed and fsynced, and they are
+    closed in every case. A full disk or a file size limit, while opening, writing or syncing, is one
+    line naming `target`."""
+    try:
+        yield
+        for f in files:
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno in WRITE_ERRORS:
+            raise UserError(f"cannot write {target}: {e.strerror} (disk full or file size limit)") from None
+        raise
+    finally:
+        for f in files:
+            try:
+                f.close()
+            except OSError:  # its buffer could not be written: the error above already says why
+                pass
+
+
+@contextmanager
 def atomic_outputs(targets: list[Path]) -> Iterator[list[Any]]:
     """Binary files beside each target, moved onto them only when all are complete (else all removed).
 
@@ -278,27 +300,13 @@ def atomic_outputs(targets: list[Path]) -> Iterator[list[Any]]:
     with termination_as_exception():  # for library callers too: a signal unwinds, cleanup runs
         try:
             expected = [expect(t) for t in targets]
-            try:
+            with synced(files, targets[0]):
                 for target in targets:
                     fd, tmp = create_temp(target)
                     temps.append(tmp)
                     os.fchmod(fd, 0o666 & ~_umask())
                     files.append(os.fdopen(fd, "wb", buffering=8 << 20))
                 yield files
-                for f in files:
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError as e:
-                if e.errno in WRITE_ERRORS:
-                    raise UserError(f"cannot write {targets[0]}: {e.strerror} (disk full or file size limit)") \
-                        from None
-                raise
-            finally:
-                for f in files:
-                    try:
-                        f.close()
-                    except OSError:  # its buffer could not be written: the error above already says why
-                        pass
             try:
                 commit(temps, targets, expected)
             except OSError as e:
