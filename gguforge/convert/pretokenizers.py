@@ -140,12 +140,6 @@ TABLE: tuple[PreTokenizer, ...] = (
 # tokenizer_config.json bos_token -> the name llama.cpp writes for a definition's family with that BOS
 BOS_FAMILIES = {("qwen2", "<｜begin▁of▁sentence｜>"): "deepseek-r1-qwen"}
 
-# split regex -> default name, for the definitions that are one Split + ByteLevel (tests compare these
-# with llama-vocab.cpp's regexes)
-KNOWN_SPLIT_REGEXES = {e.steps[0][1]: e.name for e in TABLE
-                       if len(e.steps) == 2 and e.steps[0][0] == "Split" and e.steps[1] == BYTES}
-
-
 def all_names() -> list[str]:
     """Every name this table can write."""
     names = {e.name for e in TABLE} | {n for e in TABLE for n in e.families.values()} | set(BOS_FAMILIES.values())

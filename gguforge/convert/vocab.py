@@ -20,8 +20,7 @@ from ..checkpoint.read import read_json_object
 from ..format.writer import Metadata
 
 # llama.cpp's pre-tokenizer names and the definitions they are recognised from (convert/pretokenizers.py)
-from .pretokenizers import (KNOWN_SPLIT_REGEXES, LLAMA3_REGEX, QWEN2_REGEX, QWEN35_REGEX,  # noqa: F401,E402
-                            all_names, recognise)
+from .pretokenizers import QWEN2_REGEX, all_names, recognise  # noqa: F401,E402 (QWEN2_REGEX: the tests' name)
 
 SPECIAL_TOKEN_KINDS = {  # tokenizer_config key prefix -> GGUF key
     "bos": "tokenizer.ggml.bos_token_id",
